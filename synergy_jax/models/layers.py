@@ -1,0 +1,217 @@
+"""Transformer building blocks shared by the three towers.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``position``,
+``patch``) so that sharding rules (``synergy_jax.parallel``) can place them on a mesh without knowing the model.
+Parameters are always float32; ``dtype`` is the compute dtype (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Activations named as in Hugging Face configs (`hidden_act`). "gelu" is the exact erf form, as torch's.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+    """An initializer whose parameter is annotated with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm over the hidden axis with an explicit epsilon (Flax's default 1e-6 matches none of the towers)."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """Scaled dot-product attention on ``(batch, length, heads, head_dim)`` inputs.
+
+    Goes through ``jax.nn.dot_product_attention`` (fused kernels where the backend has them). That API has no
+    dropout on the attention probabilities, so only when such dropout is active (RoBERTa in training mode) the
+    explicit softmax path below is used; it computes the same function as Hugging Face's eager attention.
+    """
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, value)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with separate q/k/v projections, laid out (embed, heads, kv) for tensor parallelism."""
+
+    num_heads: int
+    init_std: float
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        hidden = x.shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by num_attention_heads {self.num_heads}")
+        head_dim = hidden // self.num_heads
+        kernel_init = nn.initializers.normal(self.init_std)
+
+        def project(name: str) -> jax.Array:
+            return nn.DenseGeneral(
+                features=(self.num_heads, head_dim),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=logical(kernel_init, ("embed", "heads", "kv")),
+                bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(x)
+
+        query, key, value = project("query"), project("key"), project("value")
+        use_dropout = not deterministic and self.dropout_rate > 0.0
+        dropout_rng = self.make_rng("dropout") if use_dropout else None
+        out = attention(query, key, value, mask, self.dropout_rate, dropout_rng)
+        return nn.DenseGeneral(
+            features=hidden,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(kernel_init, ("heads", "kv", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """Dense(hidden -> mlp) -> activation -> Dense(mlp -> hidden)."""
+
+    mlp_dim: int
+    activation: str
+    init_std: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = x.shape[-1]
+        kernel_init = nn.initializers.normal(self.init_std)
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(kernel_init, ("embed", "mlp")),
+            bias_init=logical(nn.initializers.zeros, ("mlp",)),
+            name="fc1",
+        )(x)
+        x = ACTIVATIONS[self.activation](x)
+        return nn.Dense(
+            hidden,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(kernel_init, ("mlp", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """What distinguishes one tower's transformer block from another's."""
+
+    num_heads: int
+    mlp_dim: int
+    activation: str
+    layer_norm_eps: float
+    init_std: float
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    pre_norm: bool = True
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LN (CLIP, AST) or post-LN (RoBERTa) transformer block.
+
+    pre-LN:  x = x + drop(attn(ln1(x)));  x = x + drop(mlp(ln2(x)))
+    post-LN: x = ln1(x + drop(attn(x)));  x = ln2(x + drop(mlp(x)))
+    """
+
+    spec: BlockSpec
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        spec = self.spec
+        ln1 = layer_norm(spec.layer_norm_eps, self.dtype, "ln1")
+        ln2 = layer_norm(spec.layer_norm_eps, self.dtype, "ln2")
+        attn = MultiHeadAttention(spec.num_heads, spec.init_std, spec.attention_dropout, self.dtype, name="attn")
+        mlp = Mlp(spec.mlp_dim, spec.activation, spec.init_std, self.dtype, name="mlp")
+        drop = nn.Dropout(spec.hidden_dropout, deterministic=deterministic)
+        if spec.pre_norm:
+            x = x + drop(attn(ln1(x), mask, deterministic))
+            return x + drop(mlp(ln2(x)))
+        x = ln1(x + drop(attn(x, mask, deterministic)))
+        return ln2(x + drop(mlp(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of ``num_layers`` identical blocks, optionally rematerialised (activations recomputed in backward)."""
+
+    spec: BlockSpec
+    num_layers: int
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
+        for i in range(self.num_layers):
+            x = block_cls(self.spec, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+        return x
+
+
+def transformer_forward_flops(num_tokens: int, hidden: int, mlp_dim: int, num_layers: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one sample through ``num_layers`` blocks.
+
+    Counts q/k/v/out projections, the two attention matmuls and the MLP; ignores norms, softmax and
+    activations (the usual convention, e.g. for ViT-B/16 at 224 px this gives the well-known 35.1 GFLOPs
+    together with the patch embedding).
+    """
+    projections = 2 * num_tokens * hidden * (4 * hidden + 2 * mlp_dim)
+    attention_matmuls = 2 * 2 * num_tokens * num_tokens * hidden
+    return num_layers * (projections + attention_matmuls)
+
+
+def compute_dtype(name: str) -> Dtype:
+    """Maps a config string ('float32', 'bfloat16') to a jnp dtype, with a clear error for anything else."""
+    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if name not in allowed:
+        raise ValueError(f"unknown compute dtype {name!r}; use one of {sorted(allowed)}")
+    return allowed[name]

@@ -1,0 +1,423 @@
+"""Hugging Face checkpoints in and out: `config.json` + `model.safetensors` <-> (Linen module, params).
+
+Conversion is strict both ways. Every tensor of the checkpoint is either converted or matched by an ignore rule
+that states why (CLIP's text tower, AST's AudioSet head, ...); every parameter of the module is either filled
+from the checkpoint or explicitly initialised with a logged reason (RoBERTa's pooler, absent from the hub
+checkpoints, starts random as in the reference). Anything else is an error that names the key.
+
+Names are mapped from the FILE's keys (transformers v5 renames some weights only at load time), and both the
+bare-model layout and the task-model layout (`roberta.`, `audio_spectrogram_transformer.`, CLIPModel's
+`vision_model.`) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import numpy as np
+import safetensors.numpy
+
+from synergy_jax.models import TOWERS, TowerKind, build_tower, tower_kind
+from synergy_jax.models.hf_config import TowerConfig
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+ParamPath = tuple[str, ...]
+HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the architecture its config describes."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor layout transforms: (HF -> Flax, Flax -> HF) pairs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform(lambda x: x, lambda x: x)
+# torch Linear weight [out, in] <-> Dense kernel [in, out].
+LINEAR = Transform(lambda w: w.T, lambda k: k.T)
+# torch Conv2d [out, in, kh, kw] <-> Flax Conv [kh, kw, in, out].
+CONV = Transform(lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
+# AST's cls/distillation tokens [1, 1, H] and position table [1, N, H] are stored with leading unit axes.
+DROP_LEADING_AXES = {
+    1: Transform(lambda x: x.reshape(x.shape[1:]), lambda x: x[None]),
+    2: Transform(lambda x: x.reshape(x.shape[2:]), lambda x: x[None, None]),
+}
+
+
+def heads_in(num_heads: int) -> Transform:
+    """q/k/v weight [heads*kv, embed] <-> kernel [embed, heads, kv]."""
+    return Transform(
+        lambda w: w.T.reshape(w.shape[1], num_heads, w.shape[0] // num_heads),
+        lambda k: k.reshape(k.shape[0], -1).T,
+    )
+
+
+def heads_bias(num_heads: int) -> Transform:
+    """q/k/v bias [heads*kv] <-> [heads, kv]."""
+    return Transform(lambda b: b.reshape(num_heads, -1), lambda b: b.reshape(-1))
+
+
+def heads_out(num_heads: int) -> Transform:
+    """attention output weight [embed, heads*kv] <-> kernel [heads, kv, embed]."""
+    return Transform(
+        lambda w: w.T.reshape(num_heads, w.shape[1] // num_heads, w.shape[0]),
+        lambda k: k.reshape(-1, k.shape[-1]).T,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One checkpoint tensor <-> one parameter."""
+
+    hf_key: str
+    path: ParamPath
+    transform: Transform = IDENTITY
+
+
+def dense_rules(hf: str, path: ParamPath, weight: Transform = LINEAR, bias: Transform = IDENTITY) -> list[Rule]:
+    return [Rule(f"{hf}.weight", (*path, "kernel"), weight), Rule(f"{hf}.bias", (*path, "bias"), bias)]
+
+
+def norm_rules(hf: str, path: ParamPath) -> list[Rule]:
+    return [Rule(f"{hf}.weight", (*path, "scale")), Rule(f"{hf}.bias", (*path, "bias"))]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockNames:
+    """Hugging Face sub-module names of one transformer block, per tower family."""
+
+    query: str
+    key: str
+    value: str
+    out: str
+    ln1: str
+    ln2: str
+    fc1: str
+    fc2: str
+
+
+def block_rules(hf_layer: str, path: ParamPath, names: BlockNames, num_heads: int) -> list[Rule]:
+    rules = []
+    for flax_name in ("query", "key", "value"):
+        rules += dense_rules(
+            f"{hf_layer}.{getattr(names, flax_name)}", (*path, "attn", flax_name), heads_in(num_heads), heads_bias(num_heads)
+        )
+    rules += dense_rules(f"{hf_layer}.{names.out}", (*path, "attn", "out"), heads_out(num_heads))
+    rules += norm_rules(f"{hf_layer}.{names.ln1}", (*path, "ln1"))
+    rules += norm_rules(f"{hf_layer}.{names.ln2}", (*path, "ln2"))
+    rules += dense_rules(f"{hf_layer}.{names.fc1}", (*path, "mlp", "fc1"))
+    rules += dense_rules(f"{hf_layer}.{names.fc2}", (*path, "mlp", "fc2"))
+    return rules
+
+
+def encoder_rules(hf_layers: str, config: TowerConfig, names: BlockNames) -> list[Rule]:
+    return [
+        rule
+        for i in range(config.num_hidden_layers)
+        for rule in block_rules(f"{hf_layers}.{i}", ("encoder", f"layer_{i}"), names, config.num_attention_heads)
+    ]
+
+
+CLIP_BLOCK = BlockNames(
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+    "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
+)  # fmt: skip
+ROBERTA_BLOCK = BlockNames(
+    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+    "attention.output.LayerNorm", "output.LayerNorm", "intermediate.dense", "output.dense",
+)  # fmt: skip
+AST_BLOCK = BlockNames(
+    "attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense",
+    "layernorm_before", "layernorm_after", "intermediate.dense", "output.dense",
+)  # fmt: skip
+
+
+def clip_vision_rules(config: TowerConfig) -> list[Rule]:
+    return [
+        Rule("embeddings.class_embedding", ("class_embedding",)),
+        Rule("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), CONV),
+        Rule("embeddings.position_embedding.weight", ("position_embedding",)),
+        *norm_rules("pre_layrnorm", ("pre_layernorm",)),
+        *encoder_rules("encoder.layers", config, CLIP_BLOCK),
+        *norm_rules("post_layernorm", ("post_layernorm",)),
+    ]
+
+
+def roberta_rules(config: TowerConfig) -> list[Rule]:
+    return [
+        Rule("embeddings.word_embeddings.weight", ("word_embeddings", "embedding")),
+        Rule("embeddings.position_embeddings.weight", ("position_embeddings", "embedding")),
+        Rule("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding")),
+        *norm_rules("embeddings.LayerNorm", ("embeddings_layernorm",)),
+        *encoder_rules("encoder.layer", config, ROBERTA_BLOCK),
+        *dense_rules("pooler.dense", ("pooler",)),
+    ]
+
+
+def ast_rules(config: TowerConfig) -> list[Rule]:
+    return [
+        Rule("embeddings.cls_token", ("cls_token",), DROP_LEADING_AXES[2]),
+        Rule("embeddings.distillation_token", ("distillation_token",), DROP_LEADING_AXES[2]),
+        *dense_rules("embeddings.patch_embeddings.projection", ("patch_embedding",), CONV),
+        Rule("embeddings.position_embeddings", ("position_embedding",), DROP_LEADING_AXES[1]),
+        *encoder_rules("encoder.layer", config, AST_BLOCK),
+        *norm_rules("layernorm", ("final_layernorm",)),
+    ]
+
+
+def init_dense_normal(std: float) -> Callable[[jax.Array, tuple[int, ...]], np.ndarray]:
+    """transformers' `_init_weights` for Linear layers: kernel ~ N(0, std), bias 0."""
+
+    def init(rng: jax.Array, shape: tuple[int, ...]) -> np.ndarray:
+        if len(shape) == 1:
+            return np.zeros(shape, np.float32)
+        return np.asarray(jax.random.normal(rng, shape, np.float32) * std)
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one family of Hugging Face checkpoints maps onto one tower."""
+
+    kind: TowerKind
+    rules: Callable[[TowerConfig], list[Rule]]
+    prefixes: tuple[str, ...]  # where the tower's keys may sit in the file; the first is what export writes
+    ignored: dict[str, str]  # fnmatch pattern over full file keys -> why the tensor is not used
+    # Dense layers the checkpoint may lack (param prefix -> why); they get transformers' Linear init.
+    initialisable: dict[ParamPath, str] = dataclasses.field(default_factory=dict)
+
+
+_BUFFERS = "non-persistent buffer in older checkpoints; recomputed from the input"
+ARCHITECTURES: dict[str, Architecture] = {
+    "clip_vision_model": Architecture(
+        TOWERS["vision"],
+        clip_vision_rules,
+        prefixes=("", "vision_model."),
+        ignored={"*position_ids": _BUFFERS},
+    ),
+    "roberta": Architecture(
+        TOWERS["text"],
+        roberta_rules,
+        prefixes=("", "roberta."),
+        ignored={
+            "lm_head.*": "masked-language-model head; Synergy-CLIP uses the encoder and its pooler only",
+            "classifier.*": "sequence-classification head; not part of the encoder",
+            "*position_ids": _BUFFERS,
+            "*token_type_ids": _BUFFERS,
+        },
+        initialisable={
+            ("pooler",): "the checkpoint has no pooler (the hub RoBERTa checkpoints ship without one): initialised "
+            "N(0, initializer_range) with zero bias, as transformers does and as the reference trained it",
+        },
+    ),
+    "audio-spectrogram-transformer": Architecture(
+        TOWERS["audio"],
+        ast_rules,
+        prefixes=("", "audio_spectrogram_transformer."),
+        ignored={"classifier.*": "AudioSet classification head; dropped as in the reference"},
+    ),
+}
+# CLIPModel checkpoints (openai/clip-vit-*): the vision tower is read from `vision_config` / `vision_model.`.
+_CLIP_FULL_IGNORED = {
+    "text_model.*": "CLIP's text tower; Synergy-CLIP encodes text with RoBERTa",
+    "visual_projection.weight": "CLIP's own image projection; Synergy-CLIP learns its own",
+    "text_projection.weight": "CLIP's own text projection; not used",
+    "logit_scale": "CLIP's temperature; Synergy-CLIP has three of its own",
+    "*position_ids": _BUFFERS,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a checkpoint directory.
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
+    """A local directory, or a hub id fetched into (or found in) the local Hugging Face cache."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the directory that holds config.json and model.safetensors")
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(str(path_or_hub_id), allow_patterns=list(HF_FILES)))
+    except Exception as err:  # noqa: BLE001 - any hub failure gets the same actionable message
+        raise FileNotFoundError(
+            f"{str(path_or_hub_id)!r} is not a local directory, and the Hugging Face hub (or its local cache) "
+            f"could not provide it ({type(err).__name__}: {err}). Pass a directory holding config.json and "
+            f"model.safetensors, e.g. one made with `huggingface-cli download {path_or_hub_id}` on a machine "
+            "that reaches the hub."
+        ) from err
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; it is not a Hugging Face model directory")
+    return json.loads(config_file.read_text())
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` (or of its shards, via the index), as numpy arrays."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        present = sorted(p.name for p in directory.iterdir())
+        hint = (
+            " Only PyTorch pickles are present: convert once in an environment with torch, e.g. "
+            "`AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
+            if any(name.endswith(".bin") for name in present)
+            else ""
+        )
+        raise FileNotFoundError(f"{directory} has no model.safetensors (files: {present}).{hint}")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(safetensors.numpy.load_file(str(file)))
+    return tensors
+
+
+def architecture_for(hf_config: dict[str, Any]) -> tuple[Architecture, dict[str, Any], dict[str, str], tuple[str, ...]]:
+    """(architecture, the tower's config dict, ignore rules, key prefixes) for a config.json."""
+    model_type = hf_config.get("model_type")
+    if model_type == "clip":
+        arch = ARCHITECTURES["clip_vision_model"]
+        return arch, hf_config.get("vision_config") or {}, _CLIP_FULL_IGNORED, ("vision_model.",)
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"unknown architecture model_type={model_type!r} (architectures={hf_config.get('architectures')}); "
+            f"supported: {sorted(ARCHITECTURES) + ['clip']}"
+        )
+    arch = ARCHITECTURES[model_type]
+    return arch, hf_config, arch.ignored, arch.prefixes
+
+
+def detect_prefix(keys: set[str], rules: list[Rule], prefixes: tuple[str, ...]) -> str:
+    """The prefix under which this checkpoint stores the tower (the one that matches the most rule keys)."""
+    matches = {prefix: sum(f"{prefix}{rule.hf_key}" in keys for rule in rules) for prefix in prefixes}
+    best = max(prefixes, key=lambda prefix: matches[prefix])
+    if matches[best] == 0:
+        example = rules[0].hf_key
+        raise CheckpointError(
+            f"none of the expected tensors are in the checkpoint (looked for e.g. {example!r} under prefixes "
+            f"{list(prefixes)}); first keys in the file: {sorted(keys)[:5]}"
+        )
+    return best
+
+
+def abstract_params(module: nn.Module, config: TowerConfig) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    """Flattened parameter shapes of a module, without allocating anything."""
+    inputs = tower_kind(config).example_inputs(config)
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
+    return flax.traverse_util.flatten_dict(nn.unbox(variables)["params"])
+
+
+def _under(path: ParamPath, prefixes: dict[ParamPath, str]) -> str | None:
+    for prefix, reason in prefixes.items():
+        if path[: len(prefix)] == prefix:
+            return reason
+    return None
+
+
+def load_hf_tower(
+    path_or_hub_id: str | Path, *, dtype: str = "float32", remat: bool = False, rng: jax.Array | None = None
+) -> tuple[nn.Module, Params]:
+    """Builds the tower from the checkpoint's own config.json and converts its weights.
+
+    Returns `(module, params)` with `params` a plain nested dict of float32 numpy arrays (host memory: callers
+    place them on a mesh), such that `module.apply({'params': params}, *inputs)` gives
+    `(last_hidden_state, pooled)`. `dtype`/`remat` are the run-time knobs of the config. `rng` seeds any
+    parameter the checkpoint lacks but may lack (RoBERTa's pooler); default PRNGKey(0).
+    """
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+    arch, tower_hf_config, ignored, prefixes = architecture_for(read_config(directory))
+    config = arch.kind.config_cls.from_hf_dict(tower_hf_config, dtype=dtype, remat=remat)
+    module = build_tower(config)
+    shapes = abstract_params(module, config)
+    tensors = read_tensors(directory)
+    rules = arch.rules(config)
+    prefix = detect_prefix(set(tensors), rules, prefixes)
+
+    params: dict[ParamPath, np.ndarray] = {}
+    used: set[str] = set()
+    for rule in rules:
+        key = f"{prefix}{rule.hf_key}"
+        if key not in tensors:
+            continue
+        value = np.asarray(rule.transform.to_flax(tensors[key].astype(np.float32)))
+        expected = tuple(shapes[rule.path].shape)
+        if value.shape != expected:
+            raise CheckpointError(
+                f"{directory}: tensor {key!r} has shape {tuple(tensors[key].shape)}, which converts to "
+                f"{value.shape}, but the config implies {expected} for params{list(rule.path)}"
+            )
+        params[rule.path] = value
+        used.add(key)
+
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    missing = [path for path in shapes if path not in params]
+    for i, path in enumerate(missing):
+        reason = _under(path, arch.initialisable)
+        if reason is None:
+            hf_keys = [f"{prefix}{rule.hf_key}" for rule in rules if rule.path == path]
+            raise CheckpointError(f"{directory}: checkpoint lacks {hf_keys} needed for params{list(path)}")
+        params[path] = init_dense_normal(config.initializer_range)(jax.random.fold_in(rng, i), tuple(shapes[path].shape))
+        log.warning("%s: params%s initialised: %s", directory.name, list(path), reason)
+
+    unused = sorted(set(tensors) - used)
+    unexplained = [key for key in unused if not any(fnmatch.fnmatchcase(key, p) for p in ignored)]
+    if unexplained:
+        raise CheckpointError(
+            f"{directory}: {len(unexplained)} checkpoint tensors are not used by the {arch.kind.modality} tower and "
+            f"no rule says why (refusing to drop them silently): {unexplained[:10]}"
+        )
+    for pattern, reason in ignored.items():
+        count = sum(fnmatch.fnmatchcase(key, pattern) for key in unused)
+        if count:
+            log.info("%s: ignored %d tensors matching %r: %s", directory.name, count, pattern, reason)
+    return module, flax.traverse_util.unflatten_dict(params)
+
+
+def save_hf_tower(module: nn.Module, params: Params, out_dir: str | Path) -> Path:
+    """Writes `config.json` + `model.safetensors` that `transformers.AutoModel.from_pretrained` loads."""
+    config: TowerConfig = module.config
+    arch = next(a for a in ARCHITECTURES.values() if isinstance(config, a.kind.config_cls))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(params))
+    rules = arch.rules(config)
+    expected = {rule.path for rule in rules}
+    if set(flat) != expected:
+        raise CheckpointError(
+            f"params do not match a {config.architecture}: missing {sorted(expected - set(flat))[:5]}, "
+            f"unexpected {sorted(set(flat) - expected)[:5]}"
+        )
+    prefix = arch.prefixes[0]
+    tensors = {
+        f"{prefix}{rule.hf_key}": np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[rule.path], np.float32)))
+        for rule in rules
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
