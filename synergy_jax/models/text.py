@@ -18,6 +18,10 @@ from synergy_jax.models import layers
 from synergy_jax.models.hf_config import TowerConfig
 
 
+# The reference tokenises every text to 32 tokens (max_length=32, padding='max_length').
+REFERENCE_TEXT_LENGTH = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class RobertaConfig(TowerConfig):
     """Field names and defaults as transformers.RobertaConfig."""
@@ -54,8 +58,8 @@ class RobertaConfig(TowerConfig):
         """Longest sequence the position table covers (positions start after padding_idx)."""
         return self.max_position_embeddings - self.pad_token_id - 1
 
-    def forward_flops(self, seq_len: int = 32) -> int:
-        """Matmul FLOPs of one sequence of `seq_len` tokens, pooler included (32 = the reference's length)."""
+    def forward_flops(self, seq_len: int = REFERENCE_TEXT_LENGTH) -> int:
+        """Matmul FLOPs of one sequence of `seq_len` tokens, pooler included."""
         blocks = layers.transformer_forward_flops(
             seq_len, self.hidden_size, self.intermediate_size, self.num_hidden_layers
         )
@@ -87,7 +91,7 @@ def position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
 
 
-def example_inputs(config: RobertaConfig, batch: int = 1, length: int = 32) -> tuple[jax.Array, ...]:
+def example_inputs(config: RobertaConfig, batch: int = 1, length: int = REFERENCE_TEXT_LENGTH) -> tuple[jax.Array, ...]:
     """Zero inputs of the right shape, for shape inference and initialisation."""
     length = min(length, config.max_text_length)
     return jnp.zeros((batch, length), jnp.int32), jnp.ones((batch, length), jnp.int32)
