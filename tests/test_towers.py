@@ -126,12 +126,14 @@ def test_remat_changes_nothing_but_memory(modality):
     remat_module = build_tower(config.replace(remat=True))
 
     def loss(m, p):
+        # A random linear read-out: sum(h**2) would be ~constant after a final LayerNorm (gradients ~ noise).
         hidden, pooled = m.apply({"params": p}, *inputs)
-        return jnp.sum(hidden**2) + jnp.sum(pooled)
+        weights = jax.random.normal(jax.random.PRNGKey(7), hidden.shape)
+        return jnp.sum(hidden * weights) + jnp.sum(pooled * weights[:, 0])
 
     grads = jax.jit(jax.grad(lambda p: loss(module, p)))(params)
     remat_grads = jax.jit(jax.grad(lambda p: loss(remat_module, p)))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, remat_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, remat_grads)
     remat_primitive = re.compile(r"\b(remat2|checkpoint)\[")  # the primitive's name differs across jax versions
     assert remat_primitive.search(str(jax.make_jaxpr(lambda p: loss(remat_module, p))(params)))
     assert not remat_primitive.search(str(jax.make_jaxpr(lambda p: loss(module, p))(params)))
