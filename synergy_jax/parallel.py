@@ -1,0 +1,104 @@
+"""Device meshes and shardings: `--mesh=DxM` -> a ('data', 'model') mesh, logical-axis rules -> NamedShardings.
+
+Parameters carry logical axis names (see synergy_jax/models/layers.py). A rule set maps names to mesh axes:
+
+- `replicate`: every parameter on every device (the default for Base; pure data parallelism).
+- `fsdp`: the `embed` dimension of every parameter split over 'data' (ZeRO-3 style); XLA all-gathers a layer's
+  weights when it runs and reduce-scatters its gradients. For Large on small-HBM chips.
+- `tp`: Megatron-style tensor parallelism over 'model': q/k/v and the first MLP kernel split by output columns
+  (`heads`, `mlp`), the attention-output and second MLP kernel split by input rows (`heads`, `mlp`), embeddings
+  split by `vocab`. On a Dx1 mesh it is the same as `replicate`.
+- `fsdp_tp`: both.
+
+A dimension that does not divide evenly over its mesh axis stays unsplit (e.g. a 3-row token-type table), and a
+mesh axis is used at most once per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+AXES = ("data", "model")
+
+RULES: dict[str, dict[str, str]] = {
+    "replicate": {},
+    "fsdp": {"embed": "data"},
+    "tp": {"heads": "model", "mlp": "model", "vocab": "model"},
+    "fsdp_tp": {"embed": "data", "heads": "model", "mlp": "model", "vocab": "model"},
+}
+
+
+def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
+    """'8x1', '-1x2', '2x-1' -> (data, model) sizes whose product is `num_devices` (-1 = the rest)."""
+    parts = spec.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 2 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"--mesh={spec!r} is not of the form DxM (e.g. 8x1, 4x2, -1x1 for 'all devices on data')")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise ValueError(f"--mesh={spec!r}: {num_devices} devices are not divisible by {known}")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"--mesh={spec!r} asks for {sizes[0]}x{sizes[1]}={math.prod(sizes)} devices but this job has "
+            f"{num_devices} ({jax.default_backend()}); use e.g. --mesh={num_devices}x1 or --mesh=-1x1"
+        )
+    return sizes[0], sizes[1]
+
+
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ('data', 'model') mesh for a DxM spec over all (or the given) devices, with Auto axes."""
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    if devices is None:
+        return jax.make_mesh(parse_mesh(spec, jax.device_count()), AXES, axis_types=auto)
+    shape = parse_mesh(spec, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def logical_to_mesh_spec(
+    names: Sequence[str | None], shape: Sequence[int], rules: dict[str, str], mesh: Mesh
+) -> jax.P:
+    """The mesh PartitionSpec of one parameter from its logical names, its shape and a rule set."""
+    used: set[str] = set()
+    spec: list[str | None] = []
+    for name, size in zip(names, shape):
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            spec.append(None)
+            continue
+        used.add(axis)
+        spec.append(axis)
+    return jax.P(*spec)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules: str | dict[str, str]) -> Any:
+    """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters, unboxed structure."""
+    if isinstance(rules, str) and rules not in RULES:
+        raise ValueError(f"unknown sharding rules {rules!r}; known: {sorted(RULES)}")
+    rule_set = RULES[rules] if isinstance(rules, str) else rules
+
+    def leaf_sharding(leaf: Any) -> NamedSharding:
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            raise TypeError(f"parameter without logical axis names (shape {getattr(leaf, 'shape', None)})")
+        return NamedSharding(mesh, logical_to_mesh_spec(leaf.names, leaf.value.shape, rule_set, mesh))
+
+    return jax.tree.map(leaf_sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch fields are split over 'data' along their leading axis, replicated over 'model'."""
+    return NamedSharding(mesh, jax.P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, jax.P())

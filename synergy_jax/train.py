@@ -1,0 +1,242 @@
+"""Train state, optimizer and the jitted, sharded tri-modal train step.
+
+The step is one pure function `(state, batch) -> (state, metrics)`, jitted once with explicit in/out shardings and
+a donated state. Parameters and optimizer state are born sharded: shapes come from `jax.eval_shape`, shardings from
+the parameters' logical axis names and a rule set, and `jax.jit(init, out_shardings=...)` creates them in place.
+
+Gradient accumulation runs inside the step under `lax.scan`. Microbatch i takes rows i, i+k, i+2k, ... of the
+batch, so every device keeps its own rows (no data movement). The contrastive batch is the microbatch: with `global`
+negatives each microbatch is contrasted across all devices, with `local` negatives within each device's part of it
+(the reference: 35 per GPU, 2 GPUs, 4 accumulation steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from synergy_jax import losses, parallel
+from synergy_jax.models.synergy import PAIRS, SynergyCLIP
+
+Params = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The reference's optimizer (torch AdamW defaults, lr 5e-6, constant) and the options on top of it."""
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=5e-6,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            weight_decay_on="all",  # 'all' (the reference: biases, norms and temperatures too) or 'matrices'
+            schedule="constant",  # or 'warmup_cosine'
+            warmup_steps=0,
+            total_steps=0,  # length of the cosine decay (warmup included); required by 'warmup_cosine'
+            final_learning_rate_ratio=0.0,
+            clip_grad_norm=0.0,  # 0: no clipping (the reference)
+        )
+    )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.schedule == "warmup_cosine":
+        if config.total_steps <= config.warmup_steps:
+            raise ValueError("optimizer.schedule='warmup_cosine' needs optimizer.total_steps > optimizer.warmup_steps")
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            decay_steps=config.total_steps,
+            end_value=config.learning_rate * config.final_learning_rate_ratio,
+        )
+    raise ValueError(f"unknown optimizer.schedule {config.schedule!r}; use 'constant' or 'warmup_cosine'")
+
+
+def weight_decay_mask(which: str) -> Callable[[Params], Params] | None:
+    if which == "all":
+        return None
+    if which == "matrices":  # the common choice: no decay on biases, norm scales and temperatures
+        return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    raise ValueError(f"unknown optimizer.weight_decay_on {which!r}; use 'all' or 'matrices'")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (decoupled decay, as torch.optim.AdamW) with optional global-norm clipping."""
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mask=weight_decay_mask(config.weight_decay_on),
+    )
+    if config.clip_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), adamw)
+    return adamw
+
+
+def state_shardings(
+    model: SynergyCLIP, tx: optax.GradientTransformation, mesh: Mesh, rules: str, example: Batch
+) -> TrainState:
+    """NamedShardings of every leaf of the train state, derived from shapes only (nothing is allocated)."""
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), example)["params"]
+    params = parallel.param_shardings(boxed, mesh, rules)
+    opt_abstract = jax.eval_shape(tx.init, nn.unbox(boxed))
+    replicated = parallel.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, opt_abstract, params,
+                                transform_non_params=lambda _: replicated)  # fmt: skip
+    return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
+
+
+def create_train_state(
+    model: SynergyCLIP,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: str,
+    example: Batch,
+    rng: jax.Array,
+    pretrained: dict[str, Params] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """(state, shardings): parameters and optimizer state created directly in their shardings.
+
+    `pretrained` maps top-level parameter names (e.g. 'vision_model') to host (numpy) parameter trees, which are
+    placed shard by shard into the fresh state; the rest (projections, temperatures) keeps its initialisation.
+    """
+    shardings = state_shardings(model, tx, mesh, rules, example)
+    init_rng, state_rng = jax.random.split(rng)
+
+    def init(rng: jax.Array) -> TrainState:
+        params = nn.unbox(model.init(rng, example)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+    state = jax.jit(init, out_shardings=shardings)(init_rng)
+    for name, tree in (pretrained or {}).items():
+        if name not in state.params:
+            raise KeyError(f"pretrained weights for unknown parameter group {name!r}; known: {sorted(state.params)}")
+        expected = jax.tree.map(lambda x: x.shape, state.params[name])
+        given = jax.tree.map(lambda x: x.shape, tree)
+        if expected != given:
+            raise ValueError(f"pretrained {name} does not match the model config: shapes {given} vs {expected}")
+        placed = jax.device_put(tree, shardings.params[name])
+        state = state.replace(params={**state.params, name: placed})
+    return state, shardings
+
+
+def split_microbatches(batch: Batch, steps: int, mesh: Mesh) -> Batch:
+    """(k*B, ...) -> (k, B, ...) with microbatch i = rows i, i+k, ...: each device keeps its own rows."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, jax.P(None, "data")))
+
+    return jax.tree.map(split, batch)
+
+
+def check_batch(batch_size: int, mesh: Mesh, accum_steps: int) -> None:
+    """Fails early, naming the numbers, when a batch cannot be split over the mesh and the microbatches."""
+    data = mesh.shape["data"]
+    if batch_size % (data * accum_steps):
+        raise ValueError(
+            f"batch size {batch_size} must be divisible by data-axis size {data} x accumulation steps {accum_steps}"
+        )
+
+
+def make_train_step(
+    model: SynergyCLIP,
+    tx: optax.GradientTransformation,
+    loss_config: losses.LossConfig,
+    mesh: Mesh,
+    shardings: TrainState,
+    accum_steps: int = 1,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The jitted step. A non-finite loss or gradient leaves the state untouched and sets metrics['nonfinite']."""
+    loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        embeddings, log_scales = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
+        metrics = loss_on_mesh(embeddings, log_scales)
+        return metrics["loss"], metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params: Params, batch: Batch, rng: jax.Array) -> tuple[Params, Metrics]:
+        if accum_steps == 1:
+            (_, metrics), grads = grad_fn(params, batch, rng)
+            return grads, metrics
+
+        def accumulate(grad_sum: Params, inputs: tuple[jax.Array, Batch]) -> tuple[Params, Metrics]:
+            index, microbatch = inputs
+            (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+        microbatches = split_microbatches(batch, accum_steps, mesh)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), microbatches))
+        return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = gradients(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updated = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        log_scales = model.apply({"params": state.params}, method=SynergyCLIP.logit_scales)
+        metrics = {
+            **metrics,
+            **{f"logit_scale/{pair}": jnp.exp(log_scales[pair]) for pair in PAIRS},
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.float32),
+        }
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return new_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(
+    model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh, shardings: TrainState
+) -> Callable[[Params, Batch], tuple[Metrics, dict[str, jax.Array]]]:
+    """Deterministic forward: (pair losses on the batch, normalised embeddings sharded on 'data')."""
+    loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
+
+    def evaluate(params: Params, batch: Batch) -> tuple[Metrics, dict[str, jax.Array]]:
+        embeddings, log_scales = model.apply({"params": params}, batch, deterministic=True)
+        return loss_on_mesh(embeddings, log_scales), embeddings
+
+    return jax.jit(
+        evaluate,
+        in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    )
