@@ -1,0 +1,180 @@
+"""Training-time augmentation, seeded by the numpy Generator Grain hands each element.
+
+Image (numpy/PIL, the reference's torchvision pipeline, REFERENCE_SPEC §2.2, with torchvision's PIL-backend
+algorithms): Resize((S, S)) -> RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3), bilinear) ->
+RandomChoice[HorizontalFlip p 0.5, VerticalFlip p 0.15] -> RandomApply(ColorJitter(0.075 x 4), p 0.5) ->
+[0, 1] -> CLIP mean/std. Evaluation does Resize -> [0, 1] -> CLIP mean/std only.
+
+Audio (feature domain; the reference augments the waveform, spec §2.3 step 3, before the fbank we precompute).
+Each of its four operations is drawn independently with p = 0.2, in a random order, as `utils.audio_augment`:
+  white noise x + 0.005 N(0, 1)  ->  add the noise's exact expected mel power (through DC removal, pre-emphasis,
+                                     window, FFT and filters), drawn per frame and bin from a Gamma law with the
+                                     exact mean and variance of that power; signal/noise cross terms average out (ignored)
+  circular shift by 10 %         ->  roll the real frames by round(0.1 x frames) (exact up to the one frame that
+                                     straddles the wrap point and the sub-frame remainder)
+  time stretch rate 0.85         ->  resample the real frames' power along time by 1/0.85 (linear interpolation),
+                                     then truncate to the fixed length as the reference's extractor would; pitch is
+                                     kept, as the phase vocoder keeps it
+  polarity inversion -x          ->  nothing: |FFT(-x)|^2 = |FFT(x)|^2, so it never changed the reference's features
+Padded frames stay padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from synergy_jax import audio
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+HFLIP_P, VFLIP_P = 0.5, 0.15
+JITTER_P, JITTER = 0.5, 0.075
+
+AUDIO_P = 0.2
+NOISE_STD, SHIFT_FRACTION, STRETCH_RATE = 0.005, 0.1, 0.85
+
+
+# ----------------------------------------------------------------------------------------------- image
+
+
+def resize(image: Image.Image, size: int) -> Image.Image:
+    """torchvision Resize((size, size)) on a PIL image: bilinear, aspect ratio squashed."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def to_normalized_array(image: Image.Image) -> np.ndarray:
+    """ToTensor + Normalize(CLIP mean, std), kept channels-last: (H, W, 3) float32."""
+    return (np.asarray(image, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, w, h) by torchvision's RandomResizedCrop.get_params: 10 tries, then a centre crop."""
+    area = width * height
+    log_ratio = np.log(CROP_RATIO)
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def adjust_hue(image: Image.Image, hue: float) -> Image.Image:
+    """torchvision's PIL adjust_hue: shift the HSV hue byte (wrapping), hue in [-0.5, 0.5]."""
+    h, s, v = image.convert("HSV").split()
+    shifted = ((np.asarray(h, np.int32) + int(hue * 255)) % 256).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert("RGB")
+
+
+def color_jitter(image: Image.Image, rng: np.random.Generator, strength: float = JITTER) -> Image.Image:
+    """ColorJitter(b, c, s, h = strength): factors drawn first, the four ops applied in a random order."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, 3)
+    hue = rng.uniform(-strength, strength)
+    for op in rng.permutation(4):
+        if op == 0:
+            image = ImageEnhance.Brightness(image).enhance(brightness)
+        elif op == 1:
+            image = ImageEnhance.Contrast(image).enhance(contrast)
+        elif op == 2:
+            image = ImageEnhance.Color(image).enhance(saturation)
+        else:
+            image = adjust_hue(image, hue)
+    return image
+
+
+def augment_image(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """The reference's training image transform up to ToTensor (see module docstring)."""
+    image = resize(image, size)
+    left, top, w, h = random_resized_crop_box(rng, *image.size)
+    image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:  # RandomChoice picks one flip, which then fires with its own p
+        if rng.random() < HFLIP_P:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    elif rng.random() < VFLIP_P:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if rng.random() < JITTER_P:
+        image = color_jitter(image, rng)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------- audio
+
+
+@functools.lru_cache(maxsize=8)
+def noise_mel_statistics(config: audio.FbankConfig, noise_std: float = NOISE_STD) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, Gamma shape) per mel bin of white noise's mel power through the exact Kaldi front-end.
+
+    With G the linear map samples -> one-sided DFT of a frame (DC removal, pre-emphasis, window, zero-padded FFT)
+    and b a mel filter, the energy is a Gaussian quadratic form: mean = s^2 sum_k b_k C_kk and
+    variance = s^4 b^T (|C|^2 + |S|^2) b with C = G G^H, S = G G^T (bins are correlated through the window).
+    The Gamma law with that mean and variance stands in for the exact distribution.
+    """
+    n = config.frame_length
+    dc_removal = np.eye(n) - np.full((n, n), 1.0 / n)
+    preemphasis = np.eye(n) - config.preemphasis * np.eye(n, k=-1)
+    preemphasis[0, 0] = 1.0 - config.preemphasis
+    frontend = audio.hann_window(n).astype(np.float64)[:, None] * (preemphasis @ dc_removal)
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(config.fft_length // 2 + 1), np.arange(n)) / config.fft_length)
+    g = dft @ frontend
+    c, s = g @ g.conj().T, g @ g.T
+    banks = audio.mel_filter_bank(config)
+    mean = noise_std**2 * banks.T @ np.real(np.diag(c))
+    variance = noise_std**4 * np.einsum("km,kl,lm->m", banks, np.abs(c) ** 2 + np.abs(s) ** 2, banks)
+    shape = np.where(mean > 0, mean**2 / np.maximum(variance, 1e-300), 1.0)
+    return mean, shape
+
+
+def _add_noise(power: np.ndarray, rng: np.random.Generator, config: audio.FbankConfig) -> np.ndarray:
+    mean, shape = noise_mel_statistics(config)
+    return power + mean * rng.gamma(shape, 1.0 / shape, size=power.shape)
+
+
+def _shift(power: np.ndarray) -> np.ndarray:
+    return np.roll(power, int(round(SHIFT_FRACTION * power.shape[0])), axis=0)
+
+
+def _stretch(power: np.ndarray, max_frames: int) -> np.ndarray:
+    frames = power.shape[0]
+    length = min(int(round(frames / STRETCH_RATE)), max_frames)
+    position = np.minimum(np.arange(length) * STRETCH_RATE, frames - 1)
+    lower = np.floor(position).astype(int)
+    upper = np.minimum(lower + 1, frames - 1)
+    fraction = (position - lower)[:, None]
+    return (1 - fraction) * power[lower] + fraction * power[upper]
+
+
+def augment_audio(
+    features: np.ndarray, real_frames: int, rng: np.random.Generator, config: audio.FbankConfig, p: float = AUDIO_P
+) -> np.ndarray:
+    """Feature-domain version of the reference's `audio_augment` (see module docstring); float32 out."""
+    features = np.asarray(features, np.float32)
+    power = np.exp(audio.denormalize(features[:real_frames].astype(np.float64), config))
+    for op in rng.permutation(4):
+        if rng.random() >= p or real_frames == 0:
+            continue
+        if op == 0:
+            power = _add_noise(power, rng, config)
+        elif op == 1:
+            power = _shift(power)
+        elif op == 2:
+            power = _stretch(power, config.max_frames)
+        # op 3, polarity inversion: identical power spectrum
+    log_mel = np.log(np.maximum(power, audio.FLOAT32_EPS))
+    return audio.normalize(audio.pad_or_truncate(log_mel, features.shape[0]), config).astype(np.float32)

@@ -1,0 +1,224 @@
+"""Grain input pipelines over precomputed shards, for pre-training (train) and evaluation.
+
+    train: shards -> this process's slice -> seeded shuffle -> repeat (reshuffled each epoch) -> decode + augment
+           (image, audio) + text (prompt or caption) + tokenise, all seeded per element -> batch (drop remainder)
+    eval:  shards -> this process's slice -> pad to whole batches -> decode + tokenise, deterministic (a prompt
+           is still a random template and synonym, but seeded by row id: the same every evaluation)
+           -> batch with a `valid` mask
+
+A host batch is a dict of numpy arrays, the layout the model consumes:
+    image           float32 (B, S, S, 3)   NHWC, CLIP mean/std normalised
+    audio           float32 (B, frames, mel_bins)   AST features
+    input_ids       int32   (B, max_length)
+    attention_mask  int32   (B, max_length)
+    valid           bool    (B,)           False on eval padding; all True in training
+    row_id          int64   (B,)           manifest row (-1 on padding)
+    label_id        int32   (B,)           index into `label_names` when given (-1: padding or unknown label)
+`global_batch(batch, mesh)` turns one into global `jax.Array`s sharded over the mesh's 'data' axis.
+
+Iterators are Grain DatasetIterators: `get_state()` / `set_state()` resume exactly (saved with checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from data_pipelines import augment, precompute, records
+from synergy_jax import audio, text
+
+HOST_ONLY_FIELDS = ("row_id",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Knobs of one pipeline; sizes of images and audio come from the precompute metadata."""
+
+    data_dir: str
+    split: str
+    batch_size: int  # per process
+    train: bool
+    text_mode: str = "caption"  # or "prompt"
+    tokenizer: str = text.DEFAULT_TOKENIZER  # hub id or saved directory
+    max_length: int = text.DEFAULT_MAX_LENGTH
+    image_size: int = 224
+    seed: int = 0
+    num_epochs: int | None = None  # train: None repeats forever; eval always one pass
+    augment_image: bool = True  # train only (unless reference_eval_augmentation)
+    augment_audio: bool = True  # train only (unless reference_eval_augmentation)
+    audio_augment_p: float = augment.AUDIO_P
+    reference_eval_augmentation: bool = False  # the reference augmented val/test too (spec §6 items 21, 27)
+    label_names: tuple[str, ...] | None = None
+    workers: int = 0  # Grain worker processes; 0 = threads in this process
+    read_threads: int = 2  # threads computing batches (per worker process when workers > 0)
+    prefetch: int = 4  # batches buffered ahead (at least read_threads)
+    process_index: int | None = None  # default: jax.process_index()
+    process_count: int | None = None  # default: jax.process_count()
+
+    def __post_init__(self):
+        if self.text_mode not in text.TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {text.TEXT_MODES}, got {self.text_mode!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    @property
+    def augments(self) -> bool:
+        return self.train or self.reference_eval_augmentation
+
+
+class ExampleTransform:
+    """bytes record (+ validity) -> one model example. Module-level and picklable, for Grain worker processes."""
+
+    def __init__(self, config: PipelineConfig, fbank: audio.FbankConfig, tokenizer):
+        self.config = config
+        self.fbank = fbank
+        self.tokenizer = tokenizer
+        self.label_index = {name: i for i, name in enumerate(config.label_names or ())}
+
+    def __call__(self, element: tuple[bytes, bool], rng: np.random.Generator | None = None) -> dict:
+        data, valid = element
+        fields = records.decode_example(data)
+        if rng is None:  # evaluation: fixed per row, so every evaluation sees the same prompt
+            rng = np.random.default_rng([self.config.seed, fields["row_id"]])
+        augments = self.config.augments
+        image = Image.open(io.BytesIO(fields["image"])).convert("RGB")
+        if augments and self.config.augment_image:
+            image = augment.augment_image(image, self.config.image_size, rng)
+        else:
+            image = augment.resize(image, self.config.image_size)
+        features = fields["audio"]
+        if augments and self.config.augment_audio:
+            features = augment.augment_audio(
+                features, fields["audio_frames"], rng, self.fbank, self.config.audio_augment_p
+            )
+        words = text.example_text(self.config.text_mode, fields["label"], fields["caption"], rng)
+        tokens = text.tokenize(self.tokenizer, words, self.config.max_length)
+        return {
+            "image": augment.to_normalized_array(image),
+            "audio": np.asarray(features, np.float32),
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+            "valid": np.bool_(valid),
+            "row_id": np.int64(fields["row_id"] if valid else -1),
+            "label_id": np.int32(self.label_index.get(fields["label"], -1) if valid else -1),
+        }
+
+
+class _TrainElement:
+    """Training records are always real."""
+
+    def __call__(self, data: bytes) -> tuple[bytes, bool]:
+        return data, True
+
+
+class PaddedMapDataset(grain.MapDataset):
+    """A finite dataset padded to `length` with invalid copies of `filler`: every process gets whole batches."""
+
+    def __init__(self, parent: grain.MapDataset, length: int, filler: bytes):
+        super().__init__(parent)
+        self._real = len(parent)
+        self._length = length
+        self._filler = filler
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        return f"PaddedMapDataset(length={self._length})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if index >= self._length:
+            raise IndexError(index)
+        return (self._parent[index], True) if index < self._real else (self._filler, False)
+
+
+def _process_slice(config: PipelineConfig) -> tuple[int, int]:
+    if config.process_index is not None and config.process_count is not None:
+        return config.process_index, config.process_count
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def eval_length(num_examples: int, batch_size: int, process_count: int) -> int:
+    """Examples per process after padding: the same whole number of batches on every process."""
+    per_process = math.ceil(num_examples / process_count)
+    return max(1, math.ceil(per_process / batch_size)) * batch_size
+
+
+def build_dataset(config: PipelineConfig, tokenizer=None) -> grain.IterDataset:
+    """The Grain dataset of host batches for `config` (see module docstring). Iterate with iter(...)."""
+    metadata = precompute.load_metadata(config.data_dir, config.split)
+    paths = precompute.shard_paths(config.data_dir, metadata)
+    if not paths:
+        raise ValueError(f"{config.data_dir}/{config.split}: no examples (see skipped rows in its metadata)")
+    fbank = audio.FbankConfig(**metadata["config"]["fbank"])
+    tokenizer = tokenizer if tokenizer is not None else text.load_tokenizer(config.tokenizer)
+    transform = ExampleTransform(config, fbank, tokenizer)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    index, count = _process_slice(config)
+    dataset = grain.MapDataset.source(source)[index::count]
+    if config.train:
+        if len(dataset) < config.batch_size:
+            raise ValueError(
+                f"process {index} has {len(dataset)} training examples, fewer than one batch of {config.batch_size}"
+            )
+        dataset = dataset.seed(config.seed).shuffle().repeat(config.num_epochs).map(_TrainElement())
+        dataset = dataset.random_map(transform)
+    else:
+        length = eval_length(len(source), config.batch_size, count)
+        dataset = PaddedMapDataset(dataset, length, filler=source[0]).map(transform)
+    dataset = dataset.batch(config.batch_size, drop_remainder=config.train)
+    dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=config.read_threads, prefetch_buffer_size=max(config.prefetch, config.read_threads)
+        )
+    )
+    if config.workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain 0.2.18 reads absl flags in its workers (google/grain#1355)
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=config.prefetch)
+        )
+    return dataset
+
+
+def global_batch(batch: dict, mesh, axis: str = "data") -> dict:
+    """Host batch -> global jax.Arrays sharded on `axis` (batch dimension); host-only fields are dropped.
+
+    Every process passes its own local batch; the global batch is their concatenation in process order.
+    """
+    import jax
+
+    sharding = jax.NamedSharding(mesh, jax.P(axis))
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in batch.items()
+        if name not in HOST_ONLY_FIELDS
+    }
+
+
+def label_names_from_metadata(data_dir: str, split: str) -> tuple[str, ...]:
+    """The sorted distinct labels of a precomputed split (for label ids and zero-shot class lists)."""
+    return tuple(precompute.load_metadata(data_dir, split)["labels"])
+
+
+def example_shapes(metadata: dict, image_size: int, max_length: int) -> dict[str, Sequence[int]]:
+    """Per-example shapes of the batch fields, from precompute metadata (for model init / eval_shape)."""
+    fbank = metadata["config"]["fbank"]
+    return {
+        "image": (image_size, image_size, 3),
+        "audio": (fbank["max_frames"], fbank["num_mel_bins"]),
+        "input_ids": (max_length,),
+        "attention_mask": (max_length,),
+    }
