@@ -1,0 +1,232 @@
+"""Grain pipelines on the demo dataset: layout, determinism, state restore, text modes, train-only augmentation,
+per-process sharding, eval padding, mesh placement and worker processes."""
+
+import dataclasses
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import augment, demo, pipeline, precompute, records
+from data_pipelines.manifest import read_manifest
+from synergy_jax import audio, text
+
+TINY = precompute.PrecomputeConfig(image_size=32, fbank=audio.FbankConfig(max_frames=128, num_mel_bins=32))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    paths = demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), TINY, train_per_class=3, test_per_class=2)
+    tokenizer = text.load_tokenizer(paths.tokenizer_dir)
+    return paths, tokenizer
+
+
+def _config(paths, split="train", **overrides):
+    defaults = dict(
+        data_dir=str(paths.precomputed_dir), split=split, batch_size=8, train=split == "train", image_size=32,
+        max_length=16, label_names=paths.labels, process_index=0, process_count=1,
+    )
+    return pipeline.PipelineConfig(**{**defaults, **overrides})
+
+
+def _batches(config, tokenizer, count=None, state=None):
+    iterator = iter(pipeline.build_dataset(config, tokenizer))
+    if state is not None:
+        iterator.set_state(state)
+    if count is None:
+        return list(iterator)
+    return [next(iterator) for _ in range(count)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def _stored(paths, split):
+    """row_id -> decoded record, straight from the shards."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    metadata = precompute.load_metadata(paths.precomputed_dir, split)
+    examples = {}
+    for path in precompute.shard_paths(paths.precomputed_dir, metadata):
+        reader = ArrayRecordReader(path)
+        for data in reader.read_all():
+            example = records.decode_example(data)
+            examples[example["row_id"]] = example
+        reader.close()
+    return examples
+
+
+def test_demo_dataset_and_tokenizer(data):
+    paths, tokenizer = data
+    assert len(paths.labels) >= 8
+    rows, problems = read_manifest(paths.manifests["train"])
+    assert len(rows) == 30 and not problems
+    assert {row.label for row in rows} == set(paths.labels)
+    assert all(any(word in row.caption.lower() for word in row.synonyms) for row in rows)
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert tokenizer.mask_token_id == len(tokenizer) - 1
+    ids = text.tokenize(tokenizer, ["a bell rings"], 8)
+    assert ids["input_ids"][0, 0] == 0 and 2 in ids["input_ids"][0] and ids["input_ids"].dtype == np.int32
+
+
+def test_demo_generation_is_deterministic(tmp_path):
+    first = demo.generate(tmp_path / "a", train_per_class=1, test_per_class=1)
+    second = demo.generate(tmp_path / "b", train_per_class=1, test_per_class=1)
+    for name in ("train.csv", "images/train_03_000.png", "audio/test_07_000.wav"):
+        assert (first.root / name).read_bytes() == (second.root / name).read_bytes()
+
+
+def test_train_batch_layout(data):
+    paths, tokenizer = data
+    (batch,) = _batches(_config(paths, text_mode="prompt"), tokenizer, 1)
+    shapes = {key: (value.shape, value.dtype) for key, value in batch.items()}
+    assert shapes == {
+        "image": ((8, 32, 32, 3), np.float32),
+        "audio": ((8, 128, 32), np.float32),
+        "input_ids": ((8, 16), np.int32),
+        "attention_mask": ((8, 16), np.int32),
+        "valid": ((8,), np.bool_),
+        "row_id": ((8,), np.int64),
+        "label_id": ((8,), np.int32),
+    }
+    assert batch["valid"].all() and (batch["label_id"] >= 0).all()
+    assert np.all((batch["attention_mask"] == 0) == (batch["input_ids"] == tokenizer.pad_token_id))
+    assert -2.0 < batch["image"].mean() < 2.0 and batch["image"].min() >= -1.8 and batch["image"].max() <= 2.2
+
+
+def test_training_order_is_seeded_and_restores_exactly(data):
+    paths, tokenizer = data
+    config = _config(paths, text_mode="prompt")
+    first = _batches(config, tokenizer, 6)  # 30 examples / 8: crosses an epoch boundary
+    _assert_same(first, _batches(config, tokenizer, 6))
+    other_seed = _batches(dataclasses.replace(config, seed=1), tokenizer, 1)
+    assert not np.array_equal(other_seed[0]["row_id"], first[0]["row_id"])
+
+    iterator = iter(pipeline.build_dataset(config, tokenizer))
+    for _ in range(3):
+        next(iterator)
+    state = iterator.get_state()
+    _assert_same(first[3:], _batches(config, tokenizer, 3, state=state))
+
+    epoch_rows = np.concatenate([b["row_id"] for b in first])[:30]
+    assert sorted(epoch_rows) == sorted(_stored(paths, "train"))  # one epoch = every row once
+    second_epoch = np.concatenate([b["row_id"] for b in _batches(config, tokenizer, 8)])[30:60]
+    assert sorted(second_epoch) == sorted(epoch_rows) and not np.array_equal(second_epoch, epoch_rows)
+
+
+def _decode(tokenizer, batch):
+    return tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+
+
+def test_caption_mode_uses_the_caption(data):
+    paths, tokenizer = data
+    stored = _stored(paths, "train")
+    for batch in _batches(_config(paths, text_mode="caption", max_length=64), tokenizer, 2):
+        for row_id, decoded in zip(batch["row_id"], _decode(tokenizer, batch)):
+            assert decoded == stored[row_id]["caption"]
+
+
+def test_prompt_mode_uses_a_template_and_a_synonym(data):
+    paths, tokenizer = data
+    stored = _stored(paths, "train")
+    templates_seen, words_seen = set(), set()
+    for batch in _batches(_config(paths, text_mode="prompt", max_length=32), tokenizer, 8):
+        for row_id, decoded in zip(batch["row_id"], _decode(tokenizer, batch)):
+            matches = [
+                (template, word)
+                for template in text.TEMPLATES
+                for word in text.synonyms(stored[row_id]["label"])
+                if template.format(word) == decoded
+            ]
+            assert matches, decoded
+            templates_seen.add(matches[0][0])
+            words_seen.add(matches[0][1])
+    assert len(templates_seen) > 20 and len(words_seen) > 15
+
+
+def test_eval_is_deterministic_unaugmented_and_padded(data):
+    paths, tokenizer = data
+    config = _config(paths, "test", text_mode="prompt")
+    batches = _batches(config, tokenizer)
+    _assert_same(batches, _batches(config, tokenizer))  # same prompts every evaluation
+    assert len(batches) == 3 and [b["valid"].sum() for b in batches] == [8, 8, 4]
+    assert (batches[-1]["row_id"][4:] == -1).all() and (batches[-1]["label_id"][4:] == -1).all()
+    stored = _stored(paths, "test")
+    assert sorted(np.concatenate([b["row_id"][b["valid"]] for b in batches])) == sorted(stored)
+    batch = batches[0]
+    for i, row_id in enumerate(batch["row_id"]):
+        image = Image.open(io.BytesIO(stored[row_id]["image"])).convert("RGB")
+        np.testing.assert_allclose(batch["image"][i], augment.to_normalized_array(image), atol=1e-6)
+        np.testing.assert_array_equal(batch["audio"][i], stored[row_id]["audio"].astype(np.float32))
+
+
+def test_augmentation_is_train_only(data):
+    paths, tokenizer = data
+    stored = _stored(paths, "train")
+    plain = _config(paths, augment_image=False, augment_audio=False)
+    (batch,) = _batches(plain, tokenizer, 1)
+    for i, row_id in enumerate(batch["row_id"]):
+        image = Image.open(io.BytesIO(stored[row_id]["image"])).convert("RGB")
+        np.testing.assert_allclose(batch["image"][i], augment.to_normalized_array(image), atol=1e-6)
+        np.testing.assert_array_equal(batch["audio"][i], stored[row_id]["audio"].astype(np.float32))
+    (augmented,) = _batches(_config(paths), tokenizer, 1)
+    np.testing.assert_array_equal(augmented["row_id"], batch["row_id"])  # augmentation does not change order
+    changed_images = [not np.allclose(augmented["image"][i], batch["image"][i]) for i in range(8)]
+    assert all(changed_images)  # RandomResizedCrop alone changes nearly every image
+    changed_audio = [not np.allclose(augmented["audio"][i], batch["audio"][i], atol=1e-3) for i in range(8)]
+    assert 0 < sum(changed_audio) < 8  # each of 3 effective ops with p 0.2: ~49% of clips change
+
+    reference = _batches(_config(paths, "test", reference_eval_augmentation=True), tokenizer, 1)[0]
+    clean = _batches(_config(paths, "test"), tokenizer, 1)[0]
+    assert not np.allclose(reference["image"], clean["image"])  # the reference's behaviour, behind a flag
+
+
+def test_two_processes_see_disjoint_rows_that_cover_the_split(data):
+    paths, tokenizer = data
+    all_train = sorted(_stored(paths, "train"))
+    seen = []
+    for index in range(2):
+        config = _config(paths, process_index=index, process_count=2, batch_size=5)
+        seen.append(np.concatenate([b["row_id"] for b in _batches(config, tokenizer, 3)]))  # one epoch: 15 rows
+    assert not set(seen[0]) & set(seen[1]) and sorted(np.concatenate(seen)) == all_train
+
+    eval_seen, batch_counts = [], []
+    for index in range(2):
+        batches = _batches(_config(paths, "test", process_index=index, process_count=2, batch_size=4), tokenizer)
+        batch_counts.append(len(batches))
+        eval_seen.append(np.concatenate([b["row_id"][b["valid"]] for b in batches]))
+    assert batch_counts[0] == batch_counts[1] == 3  # 10 rows each -> 3 batches of 4, equal on both processes
+    assert not set(eval_seen[0]) & set(eval_seen[1])
+    assert sorted(np.concatenate(eval_seen)) == sorted(_stored(paths, "test"))
+
+
+def test_global_batch_on_a_mesh(data):
+    paths, tokenizer = data
+    (batch,) = _batches(_config(paths), tokenizer, 1)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    arrays = pipeline.global_batch(batch, mesh)
+    assert set(arrays) == set(batch) - {"row_id"}
+    for name, array in arrays.items():
+        assert array.shape == batch[name].shape and array.sharding.spec == jax.P("data")
+        assert array.addressable_shards[0].data.shape[0] == 2  # 8 examples over 4 data shards
+        np.testing.assert_array_equal(np.asarray(array), batch[name])
+
+
+def test_worker_processes_are_deterministic_and_restorable(data):
+    """One worker process (each costs seconds to start): the restored run equals the uninterrupted one."""
+    paths, tokenizer = data
+    config = _config(paths, workers=1, text_mode="prompt")
+    iterator = iter(pipeline.build_dataset(config, tokenizer))
+    first = [next(iterator), next(iterator)]
+    state = iterator.get_state()
+    continued = [next(iterator), next(iterator)]
+    _assert_same(continued, _batches(config, tokenizer, 2, state=state))
+    in_process = _batches(dataclasses.replace(config, workers=0), tokenizer, 2)
+    assert sorted(np.concatenate([b["row_id"] for b in first])) == sorted(np.concatenate([b["row_id"] for b in in_process]))
