@@ -9,7 +9,8 @@ Audio (feature domain; the reference augments the waveform, spec §2.3 step 3, b
 Each of its four operations is drawn independently with p = 0.2, in a random order, as `utils.audio_augment`:
   white noise x + 0.005 N(0, 1)  ->  add the noise's exact expected mel power (through DC removal, pre-emphasis,
                                      window, FFT and filters), drawn per frame and bin from a Gamma law with the
-                                     exact mean and variance of that power; signal/noise cross terms average out (ignored)
+                                     exact mean and variance of that power; signal x noise cross terms (zero mean)
+                                     are ignored
   circular shift by 10 %         ->  roll the real frames by round(0.1 x frames) (exact up to the one frame that
                                      straddles the wrap point and the sub-frame remainder)
   time stretch rate 0.85         ->  resample the real frames' power along time by 1/0.85 (linear interpolation),

@@ -44,7 +44,9 @@ def make_clips(folder: Path, count: int, seconds: float, rate: int) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     for i in range(count):
         tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
-        stereo = np.stack([tone + 0.05 * rng.standard_normal(t.size), tone * 0.5 + 0.05 * rng.standard_normal(t.size)], 1)
+        stereo = np.stack(
+            [tone + 0.05 * rng.standard_normal(t.size), tone * 0.5 + 0.05 * rng.standard_normal(t.size)], 1
+        )
         soundfile.write(folder / f"{i}.wav", stereo.astype(np.float32), rate, subtype="PCM_16")
         frame = np.clip(rng.normal(128, 40, (360, 640, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(frame).save(folder / f"{i}.jpg", quality=90)
@@ -73,13 +75,21 @@ def main(argv) -> None:
     options = flags.FLAGS
     work = Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     try:
-        manifest = Path(options.manifest) if options.manifest else make_clips(work, options.clips, options.seconds, options.rate)
+        manifest = (
+            Path(options.manifest)
+            if options.manifest
+            else make_clips(work, options.clips, options.seconds, options.rate)
+        )
         rows, _ = manifest_lib.read_manifest(manifest)
         rows = rows[: options.limit] if options.limit else rows
         subset = work / "subset.csv"
-        manifest_lib.write_manifest(subset, [
-            {"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label, "caption": r.caption} for r in rows
-        ])
+        manifest_lib.write_manifest(
+            subset,
+            [
+                {"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label, "caption": r.caption}
+                for r in rows
+            ],
+        )
         print(f"{len(rows)} clips from {manifest}")
 
         reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
@@ -108,8 +118,14 @@ def main(argv) -> None:
 
         train_tokenizer([row.caption for row in rows] * 5 + ["a video of a tone"], work / "tokenizer", vocab_size=300)
         config = pipeline.PipelineConfig(
-            data_dir=str(work / "out0"), split="subset", batch_size=min(8, len(rows)), train=True,
-            tokenizer=str(work / "tokenizer"), text_mode="prompt", process_index=0, process_count=1,
+            data_dir=str(work / "out0"),
+            split="subset",
+            batch_size=min(8, len(rows)),
+            train=True,
+            tokenizer=str(work / "tokenizer"),
+            text_mode="prompt",
+            process_index=0,
+            process_count=1,
         )
         iterator = iter(pipeline.build_dataset(config))
         next(iterator)
@@ -118,9 +134,12 @@ def main(argv) -> None:
         for _ in range(batches):
             next(iterator)
         read = time.perf_counter() - start
-        print(f"read path per epoch (Grain, decode + augment + tokenise), 1 process: {_rate(batches * config.batch_size, read)}")
-        print(f"audio front-end per epoch: reference {len(rows) / reference:.1f} clips/s vs read path "
-              f"{batches * config.batch_size / read:.1f} clips/s (image work included in ours only)")
+        examples = batches * config.batch_size
+        print(f"read path per epoch (Grain, decode + augment + tokenise), 1 process: {_rate(examples, read)}")
+        print(
+            f"audio front-end per epoch: reference {len(rows) / reference:.1f} clips/s vs read path "
+            f"{examples / read:.1f} clips/s (image work included in ours only)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -50,16 +50,52 @@ class DemoClass:
 
 
 CLASSES = (
-    DemoClass(("bell", "chime", "ding"), "circle", (235, 200, 40), "bell", ("rings out", "chimes softly", "is struck twice")),
-    DemoClass(("drum", "beat", "percussion"), "square", (210, 40, 40), "drum", ("keeps a steady rhythm", "is hit hard", "thumps")),
-    DemoClass(("whistle", "tweet", "referee whistle"), "triangle", (40, 200, 220), "whistle", ("blows sharply", "shrills", "sounds one long note")),
-    DemoClass(("siren", "alarm", "emergency signal"), "diamond", (40, 70, 220), "siren", ("wails", "goes up and down", "blares in the street")),
+    DemoClass(
+        ("bell", "chime", "ding"), "circle", (235, 200, 40), "bell", ("rings out", "chimes softly", "is struck twice")
+    ),
+    DemoClass(
+        ("drum", "beat", "percussion"),
+        "square",
+        (210, 40, 40),
+        "drum",
+        ("keeps a steady rhythm", "is hit hard", "thumps"),
+    ),
+    DemoClass(
+        ("whistle", "tweet", "referee whistle"),
+        "triangle",
+        (40, 200, 220),
+        "whistle",
+        ("blows sharply", "shrills", "sounds one long note"),
+    ),
+    DemoClass(
+        ("siren", "alarm", "emergency signal"),
+        "diamond",
+        (40, 70, 220),
+        "siren",
+        ("wails", "goes up and down", "blares in the street"),
+    ),
     DemoClass(("engine", "motor", "rumble"), "bar", (120, 120, 120), "engine", ("idles", "revs low", "rumbles on")),
-    DemoClass(("rain", "drizzle", "shower"), "stripes", (40, 170, 70), "rain", ("falls steadily", "patters on the roof", "pours down")),
+    DemoClass(
+        ("rain", "drizzle", "shower"),
+        "stripes",
+        (40, 170, 70),
+        "rain",
+        ("falls steadily", "patters on the roof", "pours down"),
+    ),
     DemoClass(("horn", "honk", "trumpet"), "cross", (240, 130, 30), "horn", ("honks", "blasts twice", "sounds loudly")),
-    DemoClass(("clock", "ticking", "tick tock"), "ring", (140, 60, 190), "clock", ("ticks", "keeps time", "ticks in a quiet room")),
-    DemoClass(("bird", "chirp", "birdsong"), "dots", (230, 70, 170), "bird", ("sings", "chirps in a tree", "calls at dawn")),
-    DemoClass(("wind", "breeze", "gust"), "waves", (235, 235, 235), "wind", ("blows", "howls past", "sweeps over a field")),
+    DemoClass(
+        ("clock", "ticking", "tick tock"),
+        "ring",
+        (140, 60, 190),
+        "clock",
+        ("ticks", "keeps time", "ticks in a quiet room"),
+    ),
+    DemoClass(
+        ("bird", "chirp", "birdsong"), "dots", (230, 70, 170), "bird", ("sings", "chirps in a tree", "calls at dawn")
+    ),
+    DemoClass(
+        ("wind", "breeze", "gust"), "waves", (235, 235, 235), "wind", ("blows", "howls past", "sweeps over a field")
+    ),
 )
 
 CAPTION_TEMPLATES = (
@@ -80,8 +116,10 @@ OTHERS = ("people talk nearby", "a car passes", "the camera shakes", "someone la
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     corners = {"triangle": 3, "square": 4, "diamond": 4}[shape]
     offset = angle + (np.pi / 4 if shape == "square" else 0.0)
-    return [(cx + r * np.cos(offset + 2 * np.pi * k / corners), cy + r * np.sin(offset + 2 * np.pi * k / corners))
-            for k in range(corners)]
+    return [
+        (cx + r * np.cos(offset + 2 * np.pi * k / corners), cy + r * np.sin(offset + 2 * np.pi * k / corners))
+        for k in range(corners)
+    ]
 
 
 def draw_image(spec: DemoClass, rng: np.random.Generator) -> Image.Image:
@@ -148,7 +186,9 @@ def synthesize(spec: DemoClass, rng: np.random.Generator) -> np.ndarray:
         body = np.sin(2 * np.pi * 70 * pitch * t) + 0.6 * white
         wave = body * _envelope_hits(t, 0.25 / tempo, 0.05, phase)
     elif spec.sound == "whistle":
-        wave = np.sin(2 * np.pi * (2300 * pitch + 60 * np.sin(2 * np.pi * 30 * t)) * t) * (((t * tempo + phase) % 1.0) < 0.7)
+        wave = np.sin(2 * np.pi * (2300 * pitch + 60 * np.sin(2 * np.pi * 30 * t)) * t) * (
+            ((t * tempo + phase) % 1.0) < 0.7
+        )
     elif spec.sound == "siren":
         f = np.where(((t * tempo * 1.5 + phase) % 1.0) < 0.5, 600, 900) * pitch
         wave = np.sin(2 * np.pi * np.cumsum(f) / AUDIO_RATE)
@@ -211,8 +251,14 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 1000) -> 
     tokenizer.add_special_tokens(["<mask>"])  # last id, as RoBERTa's <mask> (50264 in roberta-base)
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     wrapped = RobertaTokenizer(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
     )
     wrapped.save_pretrained(out_dir)
 
@@ -247,8 +293,14 @@ def generate(out: str | os.PathLike, train_per_class: int = 16, test_per_class: 
                 soundfile.write(out / "audio" / f"{stem}.wav", synthesize(spec, rng), AUDIO_RATE, subtype="PCM_16")
                 text = caption(spec, rng)
                 texts.append(text)
-                rows.append({"img_path": f"images/{stem}.png", "wav_path": f"audio/{stem}.wav",
-                             "label": spec.label, "caption": text})
+                rows.append(
+                    {
+                        "img_path": f"images/{stem}.png",
+                        "wav_path": f"audio/{stem}.wav",
+                        "label": spec.label,
+                        "caption": text,
+                    }
+                )
         manifests[split] = out / f"{split}.csv"
         write_manifest(manifests[split], rows)
 
@@ -256,10 +308,12 @@ def generate(out: str | os.PathLike, train_per_class: int = 16, test_per_class: 
 
     prompts = [template.format(word) for spec in CLASSES for word in spec.synonyms for template in TEMPLATES]
     train_tokenizer(texts + prompts, out / "tokenizer")
-    (out / "demo.json").write_text(json.dumps(
-        {"version": DEMO_VERSION, "seed": seed, "counts": counts, "labels": [spec.label for spec in CLASSES]},
-        indent=1,
-    ))
+    (out / "demo.json").write_text(
+        json.dumps(
+            {"version": DEMO_VERSION, "seed": seed, "counts": counts, "labels": [spec.label for spec in CLASSES]},
+            indent=1,
+        )
+    )
     return DemoPaths(root=out, manifests=manifests, tokenizer_dir=out / "tokenizer")
 
 
@@ -313,8 +367,10 @@ def _run(argv) -> None:
     options = flags.FLAGS
     paths = generate(options.out, options.train_per_class, options.test_per_class, options.seed)
     size = sum(f.stat().st_size for f in Path(options.out).rglob("*") if f.is_file())
-    print(f"demo dataset: {', '.join(str(p) for p in paths.manifests.values())}, tokenizer {paths.tokenizer_dir}, "
-          f"{size / 1e6:.1f} MB")
+    print(
+        f"demo dataset: {', '.join(str(p) for p in paths.manifests.values())}, tokenizer {paths.tokenizer_dir}, "
+        f"{size / 1e6:.1f} MB"
+    )
 
 
 if __name__ == "__main__":

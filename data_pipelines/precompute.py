@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from data_pipelines import audio_io, records
@@ -175,7 +174,9 @@ def finished_sidecar(shard: Path, fingerprint: str) -> dict | None:
 
 def _remove_leftovers(out: Path, split: str, keep: set[Path]) -> None:
     """Delete temporary files of interrupted runs, and shards (+ sidecars) that are not finished and current."""
-    pattern = re.compile(re.escape(split) + r"-\d{5}" + re.escape(SHARD_SUFFIX) + r"(" + re.escape(SIDECAR_SUFFIX) + r")?(\.tmp-\d+)?")
+    pattern = re.compile(
+        re.escape(split) + r"-\d{5}" + re.escape(SHARD_SUFFIX) + r"(" + re.escape(SIDECAR_SUFFIX) + r")?(\.tmp-\d+)?"
+    )
     for path in out.iterdir():
         match = pattern.fullmatch(path.name)
         shard = out / (path.name.split(SHARD_SUFFIX)[0] + SHARD_SUFFIX)
@@ -315,14 +316,17 @@ def build_metadata(manifest, split, config, rows, manifest_problems, shards, sid
         "fbank": config.fbank.to_dict(),
         "feature_dtype": str(records.AUDIO_DTYPE),
         "sample_rate": config.fbank.sample_rate,
-        "resampling": "soxr HQ, native -> 22050 -> 16000 Hz" if config.reference_resampling else "soxr HQ, native -> 16000 Hz",
+        "resampling": "soxr HQ, native -> 22050 -> 16000 Hz"
+        if config.reference_resampling
+        else "soxr HQ, native -> 16000 Hz",
         "image_size": config.image_size,
         "image_format": config.image_format,
         "image_resize": "PIL bilinear (antialiased) to image_size x image_size, aspect ratio squashed",
     }
     content_hash = hashlib.sha256(
-        json.dumps({"shards": shard_entries, "frontend": frontend, "format": records.FORMAT_VERSION}, sort_keys=True)
-        .encode()
+        json.dumps(
+            {"shards": shard_entries, "frontend": frontend, "format": records.FORMAT_VERSION}, sort_keys=True
+        ).encode()
     ).hexdigest()
     return {
         "format_version": records.FORMAT_VERSION,

@@ -14,9 +14,7 @@ FORMAT_VERSION = 1
 AUDIO_DTYPE = np.dtype("<f2")
 
 
-def encode_example(
-    row_id: int, label: str, caption: str, image: bytes, audio: np.ndarray, audio_frames: int
-) -> bytes:
+def encode_example(row_id: int, label: str, caption: str, image: bytes, audio: np.ndarray, audio_frames: int) -> bytes:
     audio = np.ascontiguousarray(audio, AUDIO_DTYPE)
     return msgpack.packb(
         {
@@ -37,7 +35,9 @@ def decode_example(data: bytes) -> dict:
     """The inverse of `encode_example`; `audio` comes back as a read-only float16 array."""
     fields = msgpack.unpackb(data, raw=False)
     if fields.get("v") != FORMAT_VERSION:
-        raise ValueError(f"record format version {fields.get('v')}, this code reads {FORMAT_VERSION}: re-run precompute")
+        raise ValueError(
+            f"record format version {fields.get('v')}, this code reads {FORMAT_VERSION}: re-run precompute"
+        )
     fields["audio"] = np.frombuffer(fields["audio"], AUDIO_DTYPE).reshape(fields.pop("audio_shape"))
     del fields["v"]
     return fields

@@ -166,8 +166,6 @@ def ast_features_batch(waveforms, lengths, config: FbankConfig = FbankConfig()):
     energies = jnp.matmul(power, mel_filter_bank(config).astype(np.float32), precision=jax.lax.Precision.HIGHEST)
     logs = jnp.log(jnp.maximum(energies, FLOAT32_EPS))
     lengths = jnp.asarray(lengths)
-    real_frames = jnp.where(
-        lengths >= config.frame_length, 1 + (lengths - config.frame_length) // config.hop_length, 0
-    )
+    real_frames = jnp.where(lengths >= config.frame_length, 1 + (lengths - config.frame_length) // config.hop_length, 0)
     is_real = jnp.arange(config.max_frames)[None, :] < real_frames[:, None]
     return normalize(jnp.where(is_real[..., None], logs, 0.0), config).astype(jnp.float32)

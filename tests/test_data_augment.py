@@ -64,7 +64,9 @@ def test_normalisation_is_clip_statistics():
 def _clip(seconds=1.5, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(int(16000 * seconds)) / 16000
-    tones = np.sin(2 * np.pi * 440 * t) * (np.sin(2 * np.pi * 2 * t) > 0) + 0.5 * np.sin(2 * np.pi * 2500 * t) * (t > 0.7)
+    tones = np.sin(2 * np.pi * 440 * t) * (np.sin(2 * np.pi * 2 * t) > 0) + 0.5 * np.sin(2 * np.pi * 2500 * t) * (
+        t > 0.7
+    )
     return (0.3 * tones + 0.001 * rng.standard_normal(t.size)).astype(np.float32)
 
 
@@ -75,7 +77,7 @@ def test_audio_augmentation_with_p_zero_is_identity_and_padding_stays_padding():
     np.testing.assert_allclose(same, features, atol=1e-5)
     for seed in range(10):
         out = augment.augment_audio(features, 100, np.random.default_rng(seed), SMALL, p=1.0)
-        np.testing.assert_allclose(out[int(round(100 / 0.85)):], SMALL.padding_value, atol=1e-6)
+        np.testing.assert_allclose(out[int(round(100 / 0.85)) :], SMALL.padding_value, atol=1e-6)
 
 
 def test_feature_shift_matches_waveform_shift():

@@ -25,8 +25,15 @@ def data(tmp_path_factory):
 
 def _config(paths, split="train", **overrides):
     defaults = dict(
-        data_dir=str(paths.precomputed_dir), split=split, batch_size=8, train=split == "train", image_size=32,
-        max_length=16, label_names=paths.labels, process_index=0, process_count=1,
+        data_dir=str(paths.precomputed_dir),
+        split=split,
+        batch_size=8,
+        train=split == "train",
+        image_size=32,
+        max_length=16,
+        label_names=paths.labels,
+        process_index=0,
+        process_count=1,
     )
     return pipeline.PipelineConfig(**{**defaults, **overrides})
 
@@ -70,7 +77,12 @@ def test_demo_dataset_and_tokenizer(data):
     assert len(rows) == 30 and not problems
     assert {row.label for row in rows} == set(paths.labels)
     assert all(any(word in row.caption.lower() for word in row.synonyms) for row in rows)
-    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
     assert tokenizer.mask_token_id == len(tokenizer) - 1
     ids = text.tokenize(tokenizer, ["a bell rings"], 8)
     assert ids["input_ids"][0, 0] == 0 and 2 in ids["input_ids"][0] and ids["input_ids"].dtype == np.int32
@@ -229,4 +241,6 @@ def test_worker_processes_are_deterministic_and_restorable(data):
     continued = [next(iterator), next(iterator)]
     _assert_same(continued, _batches(config, tokenizer, 2, state=state))
     in_process = _batches(dataclasses.replace(config, workers=0), tokenizer, 2)
-    assert sorted(np.concatenate([b["row_id"] for b in first])) == sorted(np.concatenate([b["row_id"] for b in in_process]))
+    assert sorted(np.concatenate([b["row_id"] for b in first])) == sorted(
+        np.concatenate([b["row_id"] for b in in_process])
+    )

@@ -17,9 +17,7 @@ from data_pipelines import audio_io, precompute, records
 from data_pipelines.manifest import ManifestError, read_manifest, write_manifest
 from synergy_jax import audio
 
-TINY = precompute.PrecomputeConfig(
-    image_size=32, fbank=audio.FbankConfig(max_frames=64, num_mel_bins=32), shard_size=2
-)
+TINY = precompute.PrecomputeConfig(image_size=32, fbank=audio.FbankConfig(max_frames=64, num_mel_bins=32), shard_size=2)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +27,12 @@ def _good_files(folder: Path, name: str, seed: int) -> dict:
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(image)
     wav = folder / f"{name}.wav"
     soundfile.write(wav, (0.3 * rng.standard_normal(8000)).astype(np.float32), 8000)
-    return {"img_path": image.name, "wav_path": wav.name, "label": f"thing {seed}, item {seed}", "caption": f"A thing {seed}."}
+    return {
+        "img_path": image.name,
+        "wav_path": wav.name,
+        "label": f"thing {seed}, item {seed}",
+        "caption": f"A thing {seed}.",
+    }
 
 
 def _good_manifest(folder: Path, count: int) -> Path:
@@ -194,7 +197,9 @@ def test_changed_inputs_or_settings_recompute_only_what_changed(tmp_path):
     assert metadata["rows_computed_this_run"] == 2
     assert after["train-00000.array_record"] == before["train-00000.array_record"]
     assert after["train-00001.array_record"] != before["train-00001.array_record"]
-    jpeg = precompute.precompute(manifest, out, TINY.__class__(**{**TINY.__dict__, "image_format": "jpeg"}), progress=False)
+    jpeg = precompute.precompute(
+        manifest, out, TINY.__class__(**{**TINY.__dict__, "image_format": "jpeg"}), progress=False
+    )
     assert jpeg["rows_computed_this_run"] == 4 and jpeg["frontend"]["image_format"] == "jpeg"
     assert Image.open(io.BytesIO(_read_examples(out, "train")[0]["image"])).format == "JPEG"
 
@@ -208,9 +213,21 @@ def test_worker_processes_give_the_same_shards(tmp_path):
 
 def _cli(manifest, out):
     return subprocess.run(
-        [sys.executable, "-m", "data_pipelines.precompute", f"--manifest={manifest}", f"--out={out}", "--workers=0",
-         "--image_size=32", "--max_frames=64", "--mel_bins=32"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.precompute",
+            f"--manifest={manifest}",
+            f"--out={out}",
+            "--workers=0",
+            "--image_size=32",
+            "--max_frames=64",
+            "--mel_bins=32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
 
 
