@@ -1,0 +1,74 @@
+"""Mesh parsing and sharding rules: parameters really are split the way the rules say."""
+
+import jax
+import numpy as np
+import pytest
+
+from synergy_jax import parallel, train
+from synergy_jax.models import synergy
+from synthetic import TEXT_LENGTH, tiny_config
+
+
+@pytest.mark.parametrize(
+    "spec, expected", [("8x1", (8, 1)), ("4x2", (4, 2)), ("2x4", (2, 4)), ("-1x1", (8, 1)), ("2x-1", (2, 4)), ("1x8", (1, 8))]
+)
+def test_parse_mesh(spec, expected):
+    assert parallel.parse_mesh(spec, 8) == expected
+    mesh = parallel.make_mesh(spec)
+    assert dict(mesh.shape) == {"data": expected[0], "model": expected[1]}
+
+
+@pytest.mark.parametrize("spec, message", [("4x1", "this job has 8"), ("3x-1", "not divisible"), ("8", "DxM"), ("axb", "DxM"), ("0x8", "DxM")])
+def test_bad_mesh_specs_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.parse_mesh(spec, 8)
+
+
+def test_unknown_rules():
+    with pytest.raises(ValueError, match="unknown sharding rules"):
+        parallel.param_shardings({}, parallel.make_mesh("8x1"), "zero3")
+
+
+def born_sharded_state(mesh_spec: str, rules: str):
+    config = tiny_config()
+    model = synergy.SynergyCLIP(config)
+    tx = train.make_optimizer(train.optimizer_config())
+    example = synergy.example_batch(config, 1, TEXT_LENGTH)
+    return train.create_train_state(model, tx, parallel.make_mesh(mesh_spec), rules, example, jax.random.PRNGKey(0))
+
+
+def spec_and_shard(array):
+    return array.sharding.spec, array.addressable_shards[0].data.shape
+
+
+def test_tensor_parallel_splits_attention_and_mlp_over_model():
+    state, shardings = born_sharded_state("2x4", "tp")
+    layer = state.params["vision_model"]["encoder"]["layer_0"]
+    # (embed 32, heads 4, kv 8): heads split 4 ways (column split); out kernel (heads, kv, embed): row split.
+    assert spec_and_shard(layer["attn"]["query"]["kernel"]) == (jax.P(None, "model", None), (32, 1, 8))
+    assert spec_and_shard(layer["attn"]["out"]["kernel"]) == (jax.P("model", None, None), (1, 8, 32))
+    assert spec_and_shard(layer["mlp"]["fc1"]["kernel"]) == (jax.P(None, "model"), (32, 16))
+    assert spec_and_shard(layer["mlp"]["fc2"]["kernel"]) == (jax.P("model", None), (16, 32))
+    assert spec_and_shard(state.params["text_model"]["word_embeddings"]["embedding"]) == (jax.P("model", None), (32, 32))
+    # the optimizer moments follow their parameters
+    mu = state.opt_state[0].mu["vision_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+    assert spec_and_shard(mu) == (jax.P(None, "model"), (32, 16))
+    assert state.params["logit_scale_it"].sharding.is_fully_replicated
+
+
+def test_fsdp_splits_large_kernels_over_data():
+    state, _ = born_sharded_state("8x1", "fsdp")
+    layer = state.params["audio_model"]["encoder"]["layer_0"]
+    assert spec_and_shard(layer["mlp"]["fc1"]["kernel"]) == (jax.P("data", None), (4, 64))
+    assert spec_and_shard(layer["attn"]["key"]["kernel"]) == (jax.P("data", None, None), (4, 4, 8))
+    assert spec_and_shard(state.params["audio_model"]["position_embedding"]) == (jax.P(None, "data"), (18, 4))
+    # no large parameter sits whole on one device (the tiny q/k/v biases (heads, kv) have no embed axis)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        if leaf.size >= 512:
+            assert not leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+
+
+def test_undivisible_dimensions_stay_whole():
+    mesh = parallel.make_mesh("8x1")
+    assert parallel.logical_to_mesh_spec(("vocab", "embed"), (3, 20), {"embed": "data"}, mesh) == jax.P(None, None)
+    assert parallel.logical_to_mesh_spec(("embed", "embed"), (16, 16), {"embed": "data"}, mesh) == jax.P("data", None)

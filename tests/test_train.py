@@ -1,0 +1,205 @@
+"""The sharded train step: mesh invariance, accumulation semantics, optimizer, non-finite handling."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from synergy_jax import losses, parallel, train
+from synergy_jax.models import synergy
+from synthetic import TEXT_LENGTH, random_batch, tiny_config
+
+# Meshes differ only in reduction order (float32 sums of different shapes). AdamW's step m/(sqrt(v)+eps) is
+# scale-free, so with the reference eps 1e-8 entries whose true gradient is ~0 (attention key biases: exactly 0 in
+# exact arithmetic; embedding rows of tokens that barely matter) take full-size steps in a direction set by rounding
+# noise. The mesh tests therefore use eps 1e-4 (still far below the typical |g| ~ 1e-2 of this model), which makes
+# noise-level gradients give noise-level updates and lets the comparison be tight.
+MESH_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+TEST_EPS = 1e-4
+
+
+def setup_run(mesh, config, rules="tp", accum_steps=1, learning_rate=1e-3, negatives="global", seed=0):
+    model = synergy.SynergyCLIP(config)
+    optimizer = train.optimizer_config()
+    optimizer.update(learning_rate=learning_rate, eps=TEST_EPS)
+    tx = train.make_optimizer(optimizer)
+    example = synergy.example_batch(config, 1, TEXT_LENGTH)
+    state, shardings = train.create_train_state(model, tx, mesh, rules, example, jax.random.PRNGKey(seed))
+    step = train.make_train_step(model, tx, losses.LossConfig(negatives=negatives), mesh, shardings, accum_steps)
+    return model, tx, state, step
+
+
+def run_steps(mesh_spec, steps=5, rules="tp"):
+    devices = jax.devices()[:1] if mesh_spec == "1x1" else None
+    mesh = parallel.make_mesh(mesh_spec, devices)
+    config = tiny_config()
+    _, _, state, step = setup_run(mesh, config, rules)
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, random_batch(config, 16, seed=i))
+        history.append(float(metrics["loss"]))
+    return jax.device_get(state.params), history
+
+
+@functools.cache
+def reference_run():
+    return run_steps("1x1")
+
+
+@pytest.mark.parametrize("mesh_spec, rules", [("8x1", "tp"), ("4x2", "tp"), ("2x4", "fsdp_tp")])
+def test_five_steps_give_the_same_parameters_on_every_mesh(mesh_spec, rules):
+    """With dropout active: partitionable threefry gives the same masks whatever the sharding."""
+    params, history = run_steps(mesh_spec, rules=rules)
+    expected_params, expected_history = reference_run()
+    np.testing.assert_allclose(history, expected_history, rtol=1e-5)
+    assert history[-1] < history[0]  # it trains
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **MESH_TOLERANCE), params, expected_params)
+
+
+@pytest.mark.parametrize("negatives", ["global", "local"])
+def test_accumulated_microbatches_equal_the_mean_of_their_gradients(negatives):
+    """k accumulated microbatches = one update with the mean of the k microbatch gradients, where microbatch i is
+    rows i, i+k, ... and each microbatch is its own contrastive batch (negatives never cross microbatches)."""
+    mesh = parallel.make_mesh("4x2")
+    config = tiny_config(dropout=False)
+    k, batch = 2, random_batch(config, 16, seed=3)
+    model, tx, state, step = setup_run(mesh, config, accum_steps=k, negatives=negatives)
+    params0 = jax.device_get(state.params)
+    new_state, metrics = step(state, batch)
+
+    loss_config = losses.LossConfig(negatives=negatives)
+
+    def microbatch_loss(params, microbatch):
+        embeddings, scales = model.apply({"params": params}, microbatch)
+        if negatives == "global":
+            return losses.tri_modal_loss_local(embeddings, scales, loss_config, axis_name=None)["loss"]
+        shards = [jax.tree.map(lambda x: x[i * 2 : (i + 1) * 2], embeddings) for i in range(4)]  # 4 data shards
+        return sum(losses.tri_modal_loss_local(s, scales, loss_config, None)["loss"] for s in shards) / 4
+
+    # Device d holds rows 4d..4d+3; microbatch i takes rows i::k, i.e. rows {4d+i, 4d+i+2} from device d.
+    microbatches = [jax.tree.map(lambda x: x[i::k], batch) for i in range(k)]
+    grads = [jax.jit(jax.grad(microbatch_loss))(params0, mb) for mb in microbatches]
+    mean_grads = jax.tree.map(lambda *g: sum(g) / k, *grads)
+    updates, _ = tx.update(mean_grads, tx.init(params0), params0)
+    expected = optax.apply_updates(params0, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), jax.device_get(new_state.params), expected)
+    assert int(new_state.step) == 1
+
+
+def test_accumulation_is_not_a_bigger_contrastive_batch():
+    """Documented semantics: accumulating 2 x 8 differs from one global-negative step on 16 samples."""
+    mesh = parallel.make_mesh("8x1")
+    config = tiny_config(dropout=False)
+    batch = random_batch(config, 16, seed=4)
+    _, _, state_a, step_a = setup_run(mesh, config, accum_steps=2)
+    _, _, state_b, step_b = setup_run(mesh, config, accum_steps=1)
+    _, metrics_a = step_a(state_a, batch)
+    _, metrics_b = step_b(state_b, batch)
+    assert float(metrics_a["loss"]) < float(metrics_b["loss"])  # 8-way negatives are easier than 16-way
+
+
+def test_non_finite_loss_is_reported_and_not_applied():
+    mesh = parallel.make_mesh("8x1")
+    config = tiny_config()
+    _, _, state, step = setup_run(mesh, config)
+    before = jax.device_get(state.params)
+    batch = random_batch(config, 16)
+    batch["audio"][3, 5, 7] = np.nan
+    state, metrics = step(state, batch)
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    state, metrics = step(state, random_batch(config, 16))  # and the run can go on
+    assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 1
+
+
+def test_metrics_report_losses_accuracies_temperatures_and_grad_norm():
+    mesh = parallel.make_mesh("8x1")
+    config = tiny_config()
+    _, _, state, step = setup_run(mesh, config)
+    _, metrics = step(state, random_batch(config, 16))
+    for pair in ("it", "ta", "ai"):
+        assert 0 <= float(metrics[f"acc/{pair}"]) <= 1 and float(metrics[f"loss/{pair}"]) > 0
+        assert float(metrics[f"logit_scale/{pair}"]) == pytest.approx(np.exp(2.6592), rel=1e-5)
+    assert float(metrics["grad_norm"]) > 0
+
+
+def test_adamw_is_torch_adamw():
+    """optax adamw with the reference settings = torch.optim.AdamW's update rule, written out."""
+    config = train.optimizer_config()
+    config.learning_rate = 1e-2
+    tx = train.make_optimizer(config)
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.1]]), "b": jnp.array([0.3, -0.2])}
+    grads = [{"w": jnp.array([[0.1, 0.2], [-0.3, 0.4]]) * (t + 1), "b": jnp.array([0.05, -0.5]) / (t + 1)} for t in range(3)]
+    state = tx.init(params)
+    p = jax.tree.map(np.asarray, params)
+    m = jax.tree.map(np.zeros_like, p)
+    v = jax.tree.map(np.zeros_like, p)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.01
+    for t, g in enumerate(grads, start=1):
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        for k in p:  # torch: p *= 1 - lr*wd; m, v moments; p -= lr * m_hat / (sqrt(v_hat) + eps)
+            p[k] = p[k] * (1 - lr * wd)
+            m[k] = b1 * m[k] + (1 - b1) * np.asarray(g[k])
+            v[k] = b2 * v[k] + (1 - b2) * np.asarray(g[k]) ** 2
+            p[k] = p[k] - lr * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), jax.device_get(params), p)
+
+
+def test_weight_decay_mask_and_schedule_options():
+    config = train.optimizer_config()
+    config.update(learning_rate=1.0, weight_decay=0.1, weight_decay_on="matrices")
+    tx = train.make_optimizer(config)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "logit_scale": jnp.float32(2.6592)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["kernel"], 0.9)
+    np.testing.assert_allclose(new["bias"], 1.0)
+    np.testing.assert_allclose(new["logit_scale"], 2.6592)
+
+    config = train.optimizer_config()
+    config.update(schedule="warmup_cosine", warmup_steps=10, total_steps=110, learning_rate=1e-3)
+    schedule = train.learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3) and float(schedule(110)) < 1e-9
+    config.total_steps = 5
+    with pytest.raises(ValueError, match="total_steps"):
+        train.learning_rate_schedule(config)
+
+    config = train.optimizer_config()
+    config.clip_grad_norm = 1.0
+    config.update(b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0)  # plain sign-SGD after clipping: the step is -lr*g/|g|
+    tx = train.make_optimizer(config)
+    params = {"w": jnp.zeros(2)}
+    updates, _ = tx.update({"w": jnp.array([300.0, 400.0])}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-5e-6, -5e-6], rtol=1e-5)
+
+
+def test_pretrained_towers_are_placed_in_their_shardings():
+    mesh = parallel.make_mesh("2x4")
+    config = tiny_config()
+    model = synergy.SynergyCLIP(config)
+    tx = train.make_optimizer(train.optimizer_config())
+    example = synergy.example_batch(config, 1, TEXT_LENGTH)
+    fresh, _ = train.create_train_state(model, tx, mesh, "tp", example, jax.random.PRNGKey(0))
+    audio = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), jax.device_get(fresh.params["audio_model"]))
+    state, shardings = train.create_train_state(
+        model, tx, mesh, "tp", example, jax.random.PRNGKey(0), pretrained={"audio_model": audio}
+    )
+    kernel = state.params["audio_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding == shardings.params["audio_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_array_equal(kernel, 0.5)
+    bad = jax.tree.map(lambda x: x[..., :1], audio)
+    with pytest.raises(ValueError, match="does not match"):
+        train.create_train_state(model, tx, mesh, "tp", example, jax.random.PRNGKey(0), pretrained={"audio_model": bad})
+
+
+def test_batch_must_split_over_data_axis_and_microbatches():
+    mesh = parallel.make_mesh("4x2")
+    train.check_batch(16, mesh, 2)
+    with pytest.raises(ValueError, match="divisible by data-axis size 4 x accumulation steps 3"):
+        train.check_batch(16, mesh, 3)
