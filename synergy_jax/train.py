@@ -109,6 +109,22 @@ def state_shardings(
     return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
 
 
+def abstract_train_state(
+    model: SynergyCLIP, tx: optax.GradientTransformation, example: Batch, shardings: TrainState | None = None
+) -> TrainState:
+    """The train state as ShapeDtypeStructs (with shardings, if given): for AOT compilation and restores."""
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example)["params"])
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(jax.random.PRNGKey, 0),
+    )
+    if shardings is None:
+        return state
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
 def create_train_state(
     model: SynergyCLIP,
     tx: optax.GradientTransformation,

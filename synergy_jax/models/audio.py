@@ -140,15 +140,11 @@ class ASTTower(nn.Module):
             "position_embedding", layers.logical(init, ("position", "embed")), (cfg.num_tokens, cfg.hidden_size), jnp.float32
         )
         x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=deterministic)(x + pos.astype(dtype))
-        spec = layers.BlockSpec(
-            num_heads=cfg.num_attention_heads,
-            mlp_dim=cfg.intermediate_size,
-            activation=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps,
-            init_std=cfg.initializer_range,
+        spec = layers.block_spec(
+            cfg,
+            pre_norm=True,
             attention_dropout=cfg.attention_probs_dropout_prob,
             hidden_dropout=cfg.hidden_dropout_prob,
-            pre_norm=True,
         )
         x = layers.Encoder(spec, cfg.num_hidden_layers, cfg.remat, dtype, name="encoder")(x, None, deterministic)
         x = layers.layer_norm(cfg.layer_norm_eps, dtype, "final_layernorm")(x)

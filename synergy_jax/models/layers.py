@@ -156,6 +156,20 @@ class BlockSpec:
     pre_norm: bool = True
 
 
+def block_spec(config: Any, *, pre_norm: bool, attention_dropout: float = 0.0, hidden_dropout: float = 0.0) -> BlockSpec:
+    """The block of a tower config with Hugging Face field names (heads, widths, activation, eps, init)."""
+    return BlockSpec(
+        num_heads=config.num_attention_heads,
+        mlp_dim=config.intermediate_size,
+        activation=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        init_std=config.initializer_range,
+        attention_dropout=attention_dropout,
+        hidden_dropout=hidden_dropout,
+        pre_norm=pre_norm,
+    )
+
+
 class TransformerBlock(nn.Module):
     """A pre-LN (CLIP, AST) or post-LN (RoBERTa) transformer block.
 

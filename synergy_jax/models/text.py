@@ -138,15 +138,11 @@ class RobertaTower(nn.Module):
         x = layers.layer_norm(cfg.layer_norm_eps, dtype, "embeddings_layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob, deterministic=deterministic)(x)
         mask = attention_mask.astype(bool)[:, None, None, :]  # (batch, heads, query, key)
-        spec = layers.BlockSpec(
-            num_heads=cfg.num_attention_heads,
-            mlp_dim=cfg.intermediate_size,
-            activation=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps,
-            init_std=cfg.initializer_range,
+        spec = layers.block_spec(
+            cfg,
+            pre_norm=False,
             attention_dropout=cfg.attention_probs_dropout_prob,
             hidden_dropout=cfg.hidden_dropout_prob,
-            pre_norm=False,
         )
         x = layers.Encoder(spec, cfg.num_hidden_layers, cfg.remat, dtype, name="encoder")(x, mask, deterministic)
         pooled = nn.Dense(

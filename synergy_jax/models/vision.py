@@ -112,15 +112,7 @@ class CLIPVisionTower(nn.Module):
         )
         x = x + pos.astype(dtype)
         x = layers.layer_norm(cfg.layer_norm_eps, dtype, "pre_layernorm")(x)
-        spec = layers.BlockSpec(
-            num_heads=cfg.num_attention_heads,
-            mlp_dim=cfg.intermediate_size,
-            activation=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps,
-            init_std=cfg.initializer_range,
-            attention_dropout=cfg.attention_dropout,
-            pre_norm=True,
-        )
+        spec = layers.block_spec(cfg, pre_norm=True, attention_dropout=cfg.attention_dropout)
         x = layers.Encoder(spec, cfg.num_hidden_layers, cfg.remat, dtype, name="encoder")(x, None, deterministic)
         pooled = layers.layer_norm(cfg.layer_norm_eps, dtype, "post_layernorm")(x[:, 0])
         return x, pooled

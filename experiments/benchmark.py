@@ -1,0 +1,138 @@
+"""Compiles the real tri-modal train step ahead of time and reports memory, FLOPs and (optionally) throughput.
+
+    python experiments/benchmark.py --model=base --mesh=8x1 --batch_per_device=35            # compile only
+    python experiments/benchmark.py --model=tiny --mesh=8x1 --steps=20                        # also run steps
+    python experiments/benchmark.py --model=large --mesh=2x4 --rules=fsdp_tp --dtype=bfloat16 --remat
+
+Nothing is allocated for a compile-only run: the state and the batch are shape/sharding descriptions, so the full
+Base and Large steps compile on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 is set when
+the job runs on CPU and asks for more devices than it has). Memory is per device, from the compiled executable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum("model", "tiny", ["tiny", "base", "large"], "Synergy preset (towers as in REFERENCE_SPEC §1.1).")
+flags.DEFINE_string("mesh", "-1x1", "DxM mesh over all devices ('data' x 'model'; -1 = the rest).")
+flags.DEFINE_enum("rules", "replicate", ["replicate", "fsdp", "tp", "fsdp_tp"], "Parameter sharding rules.")
+flags.DEFINE_integer("batch_per_device", 4, "Samples per data-parallel device per microbatch.")
+flags.DEFINE_integer("accum", 1, "Gradient-accumulation microbatches per step.")
+flags.DEFINE_integer("text_length", 32, "Tokens per text (the reference uses 32).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
+flags.DEFINE_bool("remat", False, "Recompute block activations in the backward pass.")
+flags.DEFINE_enum("negatives", "global", ["global", "local"], "Contrastive negatives.")
+flags.DEFINE_integer("steps", 0, "Timed steps to run after compiling (0: compile only).")
+flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices when running on CPU.")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU when the device kind is not known.")
+FLAGS = flags.FLAGS
+
+
+def fake_cpu_devices(argv: list[str]) -> None:
+    """Before jax is imported: give a CPU run several devices, so that meshes like 8x1 compile here."""
+    count = next((a.split("=", 1)[1] for a in argv if a.startswith("--cpu_devices=")), "8")
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+
+
+fake_cpu_devices(sys.argv)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from synergy_jax import losses, parallel, perf, train  # noqa: E402
+from synergy_jax.models import synergy  # noqa: E402
+
+
+def random_batch(config: synergy.SynergyConfig, size: int, text_length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    example = synergy.example_batch(config, 1, text_length)
+    rng = np.random.default_rng(seed)
+    batch = {name: rng.normal(size=(size, *x.shape[1:])).astype(np.float32) for name, x in example.items()}
+    batch["input_ids"] = rng.integers(3, config.text.vocab_size, (size, text_length)).astype(np.int32)
+    batch["attention_mask"] = np.ones((size, text_length), np.int32)
+    return batch
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:10.3f} GiB"
+
+
+def flops(count: float) -> str:
+    """A FLOP count in the largest unit that keeps it >= 1 (tiny models are MFLOPs, Large steps are PFLOPs)."""
+    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if count >= scale:
+            return f"{count / scale:10.3f} {unit}"
+    return f"{count:10.0f} FLOP"
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    mesh = parallel.make_mesh(FLAGS.mesh)
+    config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat)
+    model = synergy.SynergyCLIP(config)
+    tx = train.make_optimizer(train.optimizer_config())
+    global_batch = FLAGS.batch_per_device * mesh.shape["data"] * FLAGS.accum
+    train.check_batch(global_batch, mesh, FLAGS.accum)
+    example = synergy.example_batch(config, 1, FLAGS.text_length)
+    device = jax.devices()[0]
+    print(f"model={FLAGS.model} mesh={dict(mesh.shape)} rules={FLAGS.rules} dtype={FLAGS.dtype} remat={FLAGS.remat} "
+          f"global_batch={global_batch} (={FLAGS.batch_per_device}/device x {mesh.shape['data']} x accum {FLAGS.accum}) "
+          f"devices={jax.device_count()} x {device.device_kind}")  # fmt: skip
+
+    shardings = train.state_shardings(model, tx, mesh, FLAGS.rules, example)
+    state_shapes = train.abstract_train_state(model, tx, example, shardings)
+    batch_shapes = {name: jax.ShapeDtypeStruct((global_batch, *x.shape[1:]), x.dtype,
+                                               sharding=parallel.batch_sharding(mesh)) for name, x in example.items()}  # fmt: skip
+    step = train.make_train_step(model, tx, losses.LossConfig(negatives=FLAGS.negatives), mesh, shardings, FLAGS.accum)
+
+    start = time.perf_counter()
+    compiled = step.lower(state_shapes, batch_shapes).compile()
+    compile_seconds = time.perf_counter() - start
+    params = sum(x.size for x in jax.tree.leaves(state_shapes.params))
+    flops_per_sample = perf.train_flops_per_sample(config, FLAGS.text_length, FLAGS.remat)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    samples_per_device = global_batch / mesh.shape["data"]
+    print(f"parameters                     {params / 1e6:10.2f} M")
+    print(f"compile time                   {compile_seconds:10.1f} s")
+    print(f"analytic train FLOPs/sample    {flops(flops_per_sample)}  "
+          f"(forward {flops(config.forward_flops(FLAGS.text_length)).strip()} x {4 if FLAGS.remat else 3})")  # fmt: skip
+    print(f"analytic train FLOPs/device    {flops(flops_per_sample * samples_per_device)} per step")
+    if cost and "flops" in cost:
+        print(f"XLA cost-analysis FLOPs/device {flops(cost['flops'])} per step")
+    if memory is not None:
+        print("per-device memory (compiled executable):")
+        print(f"  arguments (state + batch)    {gib(memory.argument_size_in_bytes)}")
+        print(f"  outputs                      {gib(memory.output_size_in_bytes)}")
+        print(f"  aliased (donated state)      {gib(memory.alias_size_in_bytes)}")
+        print(f"  temporaries (activations)    {gib(memory.temp_size_in_bytes)}")
+        peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+        print(f"  total live                   {gib(peak + memory.temp_size_in_bytes)}")
+    if FLAGS.steps <= 0:
+        return
+
+    state, _ = train.create_train_state(model, tx, mesh, FLAGS.rules, example, jax.random.PRNGKey(0))
+    batch = jax.device_put(random_batch(config, global_batch, FLAGS.text_length), parallel.batch_sharding(mesh))
+    state, metrics = compiled(state, batch)  # warm-up (also checks the step runs)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / FLAGS.steps
+    per_device = samples_per_device / seconds
+    utilisation = perf.mfu(per_device, flops_per_sample, perf.peak_flops_per_device(device, FLAGS.peak_tflops))
+    print(f"step time                      {seconds * 1e3:10.1f} ms  (mean of {FLAGS.steps}, after 1 warm-up)")
+    print(f"throughput                     {per_device:10.1f} samples/s/device")
+    print(f"achieved                       {flops(per_device * flops_per_sample)}/s/device")
+    print(f"MFU                            {'n/a (unknown peak; pass --peak_tflops)' if utilisation is None else f'{100 * utilisation:9.1f} %'}")
+    print(f"loss after {FLAGS.steps + 1} steps            {float(metrics['loss']):10.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
