@@ -97,7 +97,8 @@ def main(argv: list[str]) -> None:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    samples_per_device = global_batch / mesh.shape["data"]
+    samples_per_device = global_batch / mesh.size  # tensor parallelism shares a sample's work over 'model'
+
     print(f"parameters                     {params / 1e6:10.2f} M")
     print(f"compile time                   {compile_seconds:10.1f} s")
     print(f"analytic train FLOPs/sample    {flops(flops_per_sample)}  "

@@ -1,0 +1,31 @@
+"""experiments/benchmark.py compiles the real step and runs it on the tiny config (numbers are not asserted)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "experiments" / "benchmark.py"
+
+
+def test_benchmark_compiles_and_runs_the_tiny_step(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model=tiny", "--mesh=4x2", "--rules=tp", "--steps=2", "--accum=2",
+         "--batch_per_device=2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "global_batch=16 (=2/device x 4 x accum 2)" in out
+    for field in ("compile time", "analytic train FLOPs/sample", "XLA cost-analysis", "temporaries", "throughput", "MFU"):
+        assert field in out, field
+    assert float(re.search(r"throughput\s+([\d.]+) samples/s/device", out).group(1)) > 0
+    assert re.search(r"loss after 3 steps\s+[\d.]+", out)
+
+
+def test_benchmark_rejects_a_mesh_that_does_not_fit(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model=tiny", "--mesh=3x1"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode != 0
+    assert "this job has 8" in result.stderr
