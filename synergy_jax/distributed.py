@@ -1,0 +1,55 @@
+"""Multi-process start-up: when and how to call `jax.distributed.initialize()`.
+
+Every process of a multi-host job must call it before touching devices. Sources, first match wins:
+1. explicit arguments (the job's `--coordinator_address/--num_processes/--process_id` flags);
+2. the environment variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (any launcher);
+3. a cluster JAX detects by itself: a Cloud TPU pod slice (`TPU_WORKER_HOSTNAMES` with more than one host),
+   SLURM with more than one task, Open MPI with more than one rank -> `initialize()` without arguments.
+Otherwise the job is single-process and nothing is initialised. On CPU, cross-process collectives need gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+
+def distributed_arguments(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None for a single-process job."""
+    env = os.environ if env is None else env
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        return dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(name)]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+        return dict(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    multi_host_tpu = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    if multi_host_tpu or slurm or mpi:
+        return {}  # JAX's cluster auto-detection fills everything in
+    return None
+
+
+def initialize(arguments: dict | None) -> bool:
+    """Calls `jax.distributed.initialize(**arguments)` unless None; returns whether it did."""
+    if arguments is None:
+        return False
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
+    return True
