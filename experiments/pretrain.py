@@ -380,7 +380,7 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     if slices % processes or config.batch_size % slices:
         raise ValueError(f"--config.data.input_slices={slices} must be a multiple of the {processes} processes and "
                          f"divide --config.batch_size={config.batch_size}")  # fmt: skip
-    if config.eval_batch_size % (mesh.shape["data"] * processes):
+    if config.eval_batch_size % math.lcm(mesh.shape["data"], processes):
         raise ValueError(f"--config.eval_batch_size={config.eval_batch_size} must be divisible by the data axis "
                          f"({mesh.shape['data']}) and the process count ({processes})")  # fmt: skip
 
@@ -430,7 +430,7 @@ def run(
     shardings = train.state_shardings(model, tx, mesh, config.sharding, example)
     train_iter = train_input(config, data, tokenizer)
     if resume_step is not None:
-        abstract = checkpoint.abstract_train_state(model, tx, example, shardings)
+        abstract = train.abstract_train_state(model, tx, example, shardings)
         state = checkpoint.restore_train_state(manager, abstract, resume_step)
         if config.resume_data:
             train_iter.set_state(checkpoint.restore_data_state(manager, resume_step))

@@ -21,8 +21,6 @@ from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -88,10 +86,12 @@ def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
     """Raises CheckpointError naming every field that makes the saved state unusable for the current run.
 
-    Compared: the model config and the optimizer options that change the optimizer state's structure. Everything
+    Compared: the model config (and, when given, the config fields that define it) and the optimizer options that change the optimizer state's structure. Everything
     else (learning rate, steps, batch size, mesh, logging) may change between runs.
     """
     problems = _differences(saved.get("model", {}), current["model"], "model")
+    if "model_spec" in current:
+        problems += _differences(saved.get("model_spec", {}), current["model_spec"], "model_spec")
     problems += _differences(saved.get("optimizer_structure", {}), current["optimizer_structure"], "optimizer")
     if problems:
         raise CheckpointError(
@@ -183,20 +183,6 @@ def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dic
     """The config JSON of a checkpoint (default: the latest)."""
     step = _latest(manager, step)
     return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-
-
-def abstract_train_state(
-    model: SynergyCLIP, tx: optax.GradientTransformation, example: Mapping[str, Any], shardings: train.TrainState
-) -> train.TrainState:
-    """ShapeDtypeStructs with shardings for every leaf of the train state (nothing allocated)."""
-    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), example)["params"])
-    shapes = train.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=params,
-        opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    )
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def _restore_tree(manager: ocp.CheckpointManager, step: int, target: Any, partial: bool) -> Any:

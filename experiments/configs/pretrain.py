@@ -111,13 +111,13 @@ def demo() -> ml_collections.ConfigDict:
     config.data.mel_bins = 32
     config.data.read_threads = 2
     config.batch_size = 32
-    config.epochs = 60
+    config.epochs = 150  # 750 steps of 32
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "warmup_cosine"
     config.optimizer.warmup_steps = 20
     config.optimizer.weight_decay = 0.01
     config.eval_batch_size = 32
-    config.eval_every = 100
+    config.eval_every = 250
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 2

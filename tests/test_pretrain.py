@@ -1,0 +1,258 @@
+"""The pre-training job end to end on the demo data with a 1-layer model: logging, evals, checkpoints, resume,
+preemption (SIGTERM in a subprocess), restore onto other meshes, incompatible configs, non-finite stops, early
+errors, and two processes x 4 devices giving the losses of one process x 8 devices."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines import demo, precompute
+from synergy_jax import audio, checkpoint, parallel, train
+from synergy_jax.models.synergy import SynergyCLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "pretrain.py"
+STEPS = 8
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load("pretrain_job", SCRIPT)
+
+# Every run here compiles the same few programs: share them through JAX's persistent cache (also with the
+# subprocesses), which turns most compiles after the first into cache reads.
+CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+configs = _load("pretrain_configs", ROOT / "experiments" / "configs" / "pretrain.py")
+
+# Overrides that make the demo config tiny and short; shared by in-process runs and the subprocess command lines.
+TINY = {
+    "model.vision_overrides.num_hidden_layers": 1,
+    "model.text_overrides.num_hidden_layers": 1,
+    "model.audio_overrides.num_hidden_layers": 1,
+    "model.vision_overrides.hidden_size": 32,
+    "model.text_overrides.hidden_size": 32,
+    "model.audio_overrides.hidden_size": 32,
+    "model.projection_dim": 16,
+    "batch_size": 16,
+    "eval_batch_size": 16,
+    "total_steps": STEPS,
+    "log_every": 1,
+    "eval_every": 1000,
+    "checkpoint_every": 4,
+    "progress": False,
+    "async_checkpoints": True,
+    "optimizer.warmup_steps": 2,
+    "data.input_slices": 2,  # the data order of two processes, so the multi-process run can match the reference
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    base = configs.get_config("demo")
+    fbank = audio.FbankConfig(max_frames=base.data.max_frames, num_mel_bins=base.data.mel_bins)
+    demo.ensure_demo_data(root, precompute.PrecomputeConfig(image_size=base.data.image_size, fbank=fbank))
+    return root
+
+
+def tiny_config(data_root: Path, **overrides):
+    config = configs.get_config("demo")
+    config.data.dir = str(data_root)
+    for key, value in {**TINY, **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def cli_overrides(data_root: Path, **overrides) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**TINY, "data.dir": data_root, **overrides}.items()]
+
+
+def metric_lines(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metric_lines(workdir) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    """One uninterrupted 8-step run on the 8x1 mesh."""
+    workdir = tmp_path_factory.mktemp("reference")
+    summary = pretrain.run(tiny_config(data_root), workdir, "8x1")
+    return workdir, summary
+
+
+def test_run_logs_evaluates_and_checkpoints(reference):
+    workdir, summary = reference
+    assert summary["step"] == STEPS and not summary["preempted"]
+    losses = train_losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(np.isfinite(list(losses.values())))
+    lines = metric_lines(workdir)
+    assert any("samples_per_second_per_device" in m for m in lines if m["step"] > 1)
+    assert all("mfu" not in m for m in lines)  # CPU: no peak FLOPs unless configured
+    final = [m for m in lines if "eval/loss" in m]
+    assert len(final) == 1 and final[0]["step"] == STEPS and final[0]["eval/examples"] == 60
+    for query, candidate in [("image", "text"), ("text", "image"), ("text", "audio"), ("audio", "text"),
+                             ("audio", "image"), ("image", "audio")]:  # fmt: skip
+        recalls = [final[0][f"eval/retrieval/{query}->{candidate}/R@{k}"] for k in (1, 5, 10)]
+        assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
+    for modality in ("image", "audio"):
+        assert final[0][f"eval/zero_shot/{modality}->text/chance"] == pytest.approx(0.1)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert checkpoint.make_manager(workdir, read_only=True).all_steps() == [4, 8]
+    assert json.loads((workdir / "summary.json").read_text())["step"] == STEPS
+
+
+def test_interrupted_run_resumes_to_the_same_losses(reference, data_root, tmp_path):
+    ref_dir, ref_summary = reference
+    first = pretrain.run(tiny_config(data_root), tmp_path, "8x1", stop_at=lambda step: step == 3)
+    assert first["preempted"] and first["step"] == 3
+    assert checkpoint.make_manager(tmp_path, read_only=True).latest_step() == 3
+    second = pretrain.run(tiny_config(data_root), tmp_path, "8x1")
+    assert second["step"] == STEPS
+    expected, resumed = train_losses(ref_dir), train_losses(tmp_path)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(4, STEPS + 1)], [expected[s] for s in range(4, STEPS + 1)],
+                               rtol=1e-5)  # fmt: skip
+    assert second["eval/retrieval/image->text/R@5"] == pytest.approx(ref_summary["eval/retrieval/image->text/R@5"])
+    assert second["eval/loss"] == pytest.approx(ref_summary["eval/loss"], rel=1e-4)
+
+
+def test_checkpoint_restores_onto_other_meshes(reference):
+    workdir, _ = reference
+    mesh_8x1 = parallel.make_mesh("8x1")
+    full, model_config, saved = checkpoint.restore_params(workdir, mesh_8x1)
+    assert saved["run"]["mesh"] == {"data": 8, "model": 1}
+    audio_only, _, _ = checkpoint.restore_params(workdir, parallel.make_mesh("2x4"), ["audio"], rules="tp")
+    assert sorted(audio_only) == ["audio_model", "audio_projection"]
+    for got, want in zip(jax.tree.leaves(audio_only), jax.tree.leaves({k: full[k] for k in audio_only})):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert any(leaf.sharding.spec != jax.P() for leaf in jax.tree.leaves(audio_only))  # tensor-parallel split
+    # The whole train state onto a 4x2 FSDP mesh.
+    mesh = parallel.make_mesh("4x2")
+    model = SynergyCLIP(model_config)
+    tx = train.make_optimizer(train.optimizer_config())
+    example = pretrain.example_batch(model_config, 1, 32)
+    shardings = train.state_shardings(model, tx, mesh, "fsdp", example)
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    state = checkpoint.restore_train_state(manager, train.abstract_train_state(model, tx, example, shardings))
+    assert int(state.step) == STEPS
+    assert {leaf.sharding.mesh.shape["data"] for leaf in jax.tree.leaves(state.params)} == {4}
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(full)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_incompatible_checkpoint_is_a_clear_error(reference, data_root, tmp_path):
+    workdir, _ = reference
+    config = tiny_config(data_root, **{"model.projection_dim": 24})
+    with pytest.raises(checkpoint.CheckpointError, match="incompatible config.*projection_dim: 16 -> 24"):
+        pretrain.run(config, workdir, "8x1")
+
+
+def test_non_finite_update_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
+    constant = {"optimizer.schedule": "constant", "checkpoint_every": 1}
+    pretrain.run(tiny_config(data_root, total_steps=2, **constant), tmp_path, "8x1")
+    config = tiny_config(data_root, total_steps=4, **constant, **{"optimizer.learning_rate": float("inf")})
+    with pytest.raises(pretrain.NonFiniteLossError, match="non-finite"):
+        pretrain.run(config, tmp_path, "8x1")
+    manager = checkpoint.make_manager(tmp_path, read_only=True)
+    assert manager.latest_step() == 2
+    params, _, _ = checkpoint.restore_params(tmp_path, parallel.make_mesh("8x1"))
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    "mesh, overrides, error, message",
+    [
+        ("3x1", {}, ValueError, "asks for 3x1=3 devices but this job has 8"),
+        ("8x1", {"batch_size": 12}, ValueError, "batch size 12 must be divisible by data-axis size 8"),
+        ("8x1", {"eval_batch_size": 12}, ValueError, "eval_batch_size=12 must be divisible"),
+        ("8x1", {"data.demo": False, "data.dir": "/nonexistent/pre"}, FileNotFoundError, "run `python -m data_pipel"),
+        ("8x1", {"data.demo": False, "data.dir": "/x", "data.train_manifest": "/no/train.csv"}, FileNotFoundError,
+         "train_manifest: /no/train.csv does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        pretrain.run(tiny_config(data_root, **overrides), tmp_path, mesh)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def _subprocess_env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+    return env
+
+
+def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
+    command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
+               *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
+    process = subprocess.Popen(command, env=_subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=tmp_path)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "metrics.jsonl").exists() and len(train_losses(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "stop requested: saved step" in output
+    saved = checkpoint.make_manager(tmp_path, read_only=True).latest_step()
+    assert saved is not None and saved >= 3
+    assert max(train_losses(tmp_path)) == saved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(reference, data_root, tmp_path):
+    single, _ = reference
+    steps = STEPS
+    multi = tmp_path / "multi"
+    port = _free_port()
+    common = [sys.executable, str(SCRIPT), f"--workdir={multi}", "--mesh=8x1", f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2", *cli_overrides(data_root, total_steps=steps)]  # fmt: skip
+    processes = [
+        subprocess.Popen([*common, f"--process_id={i}"], env=_subprocess_env(4), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in processes]
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-4000:]
+    one, two = train_losses(single), train_losses(multi)
+    assert sorted(two) == list(range(1, steps + 1))  # each step logged once: only process 0 writes
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-5)
+    assert "=== pre-training done" in outputs[0] and "=== pre-training done" not in outputs[1]
+    assert json.loads((multi / "config.json").read_text())["run"]["process_count"] == 2
