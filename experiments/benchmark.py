@@ -44,7 +44,7 @@ fake_cpu_devices(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from synergy_jax import losses, parallel, perf, train  # noqa: E402
+from synergy_jax import flops, losses, parallel, train  # noqa: E402
 from synergy_jax.models import synergy  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def gib(num_bytes: float) -> str:
     return f"{num_bytes / 2**30:10.3f} GiB"
 
 
-def flops(count: float) -> str:
+def flop_count(count: float) -> str:
     """A FLOP count in the largest unit that keeps it >= 1 (tiny models are MFLOPs, Large steps are PFLOPs)."""
     for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
         if count >= scale:
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     compiled = step.lower(state_shapes, batch_shapes).compile()
     compile_seconds = time.perf_counter() - start
     params = sum(x.size for x in jax.tree.leaves(state_shapes.params))
-    flops_per_sample = perf.train_flops_per_sample(config, FLAGS.text_length, FLAGS.remat)
+    flops_per_sample = flops.train_flops_per_sample(config.forward_flops(FLAGS.text_length), FLAGS.remat)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -101,11 +101,11 @@ def main(argv: list[str]) -> None:
 
     print(f"parameters                     {params / 1e6:10.2f} M")
     print(f"compile time                   {compile_seconds:10.1f} s")
-    print(f"analytic train FLOPs/sample    {flops(flops_per_sample)}  "
-          f"(forward {flops(config.forward_flops(FLAGS.text_length)).strip()} x {4 if FLAGS.remat else 3})")  # fmt: skip
-    print(f"analytic train FLOPs/device    {flops(flops_per_sample * samples_per_device)} per step")
+    print(f"analytic train FLOPs/sample    {flop_count(flops_per_sample)}  "
+          f"(forward {flop_count(config.forward_flops(FLAGS.text_length)).strip()} x {4 if FLAGS.remat else 3})")  # fmt: skip
+    print(f"analytic train FLOPs/device    {flop_count(flops_per_sample * samples_per_device)} per step")
     if cost and "flops" in cost:
-        print(f"XLA cost-analysis FLOPs/device {flops(cost['flops'])} per step")
+        print(f"XLA cost-analysis FLOPs/device {flop_count(cost['flops'])} per step")
     if memory is not None:
         print("per-device memory (compiled executable):")
         print(f"  arguments (state + batch)    {gib(memory.argument_size_in_bytes)}")
@@ -127,10 +127,11 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / FLAGS.steps
     per_device = samples_per_device / seconds
-    utilisation = perf.mfu(per_device, flops_per_sample, perf.peak_flops_per_device(device, FLAGS.peak_tflops))
+    peak = flops.peak_flops_per_device(device.device_kind, FLAGS.peak_tflops)
+    utilisation = flops.mfu(global_batch / seconds, flops_per_sample, mesh.size, peak)
     print(f"step time                      {seconds * 1e3:10.1f} ms  (mean of {FLAGS.steps}, after 1 warm-up)")
     print(f"throughput                     {per_device:10.1f} samples/s/device")
-    print(f"achieved                       {flops(per_device * flops_per_sample)}/s/device")
+    print(f"achieved                       {flop_count(per_device * flops_per_sample)}/s/device")
     print(f"MFU                            {'n/a (unknown peak; pass --peak_tflops)' if utilisation is None else f'{100 * utilisation:9.1f} %'}")
     print(f"loss after {FLAGS.steps + 1} steps            {float(metrics['loss']):10.4f}")
 
