@@ -5,6 +5,7 @@ errors, and two processes x 4 devices giving the losses of one process x 8 devic
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,14 +174,12 @@ def test_incompatible_checkpoint_is_a_clear_error(reference, data_root, tmp_path
         pretrain.run(config, workdir, "8x1")
 
 
-def test_non_finite_update_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
-    constant = {"optimizer.schedule": "constant", "checkpoint_every": 1}
-    pretrain.run(tiny_config(data_root, total_steps=2, **constant), tmp_path, "8x1")
-    config = tiny_config(data_root, total_steps=4, **constant, **{"optimizer.learning_rate": float("inf")})
+def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_root, tmp_path):
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")  # a run finished at step 8
+    config = tiny_config(data_root, total_steps=STEPS + 2, checkpoint_every=1, **{"optimizer.learning_rate": float("inf")})
     with pytest.raises(pretrain.NonFiniteLossError, match="non-finite"):
         pretrain.run(config, tmp_path, "8x1")
-    manager = checkpoint.make_manager(tmp_path, read_only=True)
-    assert manager.latest_step() == 2
+    assert checkpoint.make_manager(tmp_path, read_only=True).latest_step() == STEPS
     params, _, _ = checkpoint.restore_params(tmp_path, parallel.make_mesh("8x1"))
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params))
 
