@@ -1,0 +1,137 @@
+"""MMR building blocks, losses and label resize against PyTorch (fixtures from tests/fixtures/make_mmr_fixtures.py).
+
+The fixtures hold the reference modules' state dicts (reference key names), inputs and outputs; the Flax modules
+load the weights through `mmr.params_from_torch` and must agree within 1e-4.
+"""
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synergy_jax import reconstruction_losses as rl
+from synergy_jax.models import mmr
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mmr"
+TOL = 1e-4
+
+
+def fixture_config() -> mmr.MMRConfig:
+    c = dict(np.load(FIXTURES / "config.npz"))
+    as_info = lambda a: tuple(tuple(int(v) for v in row) for row in a)  # noqa: E731
+    return mmr.MMRConfig(
+        encoder_dim=int(c["encoder_dim"]), encoder_bottleneck_dim=int(c["encoder_bottleneck_dim"]), encoder_dropout=0.0,
+        decoder_dim=int(c["decoder_dim"]), decoder_depth=int(c["decoder_depth"]), decoder_heads=int(c["decoder_heads"]),
+        decoder_dropout=0.0, decoder_ff_dim=int(c["decoder_ff_dim"]), txt_tokens=int(c["txt_tokens"]),
+        text_length=int(c["text_length"]), vocab_size=int(c["vocab_size"]),
+        img_size=mmr.final_size(as_info(c["img_decoder_layer_info"]))[0],
+        aud_size=mmr.final_size(as_info(c["aud_decoder_layer_info"])),
+        img_decoder_layer_info=as_info(c["img_decoder_layer_info"]),
+        aud_decoder_layer_info=as_info(c["aud_decoder_layer_info"]), mlp_hidden_dim=int(c["mlp_hidden_dim"]),
+    )  # fmt: skip
+
+
+def load_task(missing: str):
+    data = dict(np.load(FIXTURES / f"task_{missing}.npz"))
+    state_dict = {k[3:]: v for k, v in data.items() if k.startswith("sd/")}
+    config = fixture_config()
+    params, stats = mmr.params_from_torch(state_dict, config, missing)
+    first, second = mmr.TASKS[missing].inputs
+    features = {first: jnp.asarray(data["input_a"]), second: jnp.asarray(data["input_b"])}
+    return config, params, stats, features, data
+
+
+def to_torch_layout(out: np.ndarray, missing: str) -> np.ndarray:
+    if missing == "image":
+        return out.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if missing == "audio":
+        return out[..., 0]  # (B, frames, mel, 1) -> (B, frames, mel)
+    return out
+
+
+@pytest.mark.parametrize("missing", ["image", "audio", "text"])
+def test_task_model_matches_reference_modules(missing):
+    config, params, stats, features, data = load_task(missing)
+    model = mmr.MMRModel(config, missing)
+    # The converted tree must be exactly the model's parameter structure (no missing or extra leaves).
+    init = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), features))
+    assert jax.tree.map(jnp.shape, init["params"]) == jax.tree.map(np.shape, params)
+    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+    # train mode: what the reference runs (BatchNorm batch statistics; dropout is 0 in the fixture)
+    out, _ = model.apply(variables, features, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(to_torch_layout(np.asarray(out), missing), data["output_train"], atol=TOL, rtol=TOL)
+    out = model.apply(variables, features, train=False)
+    np.testing.assert_allclose(to_torch_layout(np.asarray(out), missing), data["output_eval"], atol=TOL, rtol=TOL)
+
+
+def test_pixel_shuffle_is_torch_channel_order():
+    x = np.arange(2 * 3 * 5 * 12, dtype=np.float32).reshape(2, 3, 5, 12)  # NHWC, 12 = 3 channels x 2 x 2
+    y = np.asarray(mmr.pixel_shuffle(jnp.asarray(x), 2))
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                np.testing.assert_array_equal(y[:, i::2, j::2, c], x[..., c * 4 + i * 2 + j])
+
+
+def test_sigmoid_of_sum_differs_from_reference_gate():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 32))
+    reference = mmr.CBAM(16, "sum_of_sigmoids")
+    params = reference.init(jax.random.PRNGKey(1), x)
+    standard = mmr.CBAM(16, "sigmoid_of_sum")
+    assert not np.allclose(reference.apply(params, x), standard.apply(params, x))
+
+
+@pytest.mark.parametrize("case", ["rgb", "spectrogram", "large"])
+def test_ssim_matches_pytorch_msssim(case):
+    data = np.load(FIXTURES / "losses.npz")
+    x = jnp.asarray(data[f"ssim/{case}/x"].transpose(0, 2, 3, 1))
+    y = jnp.asarray(data[f"ssim/{case}/y"].transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(rl.ssim(x, y), data[f"ssim/{case}/value"], atol=TOL)
+    # size_average=False: one value per image, the mean over its channels
+    np.testing.assert_allclose(rl.ssim_per_channel(x, y).mean(axis=1), data[f"ssim/{case}/per_channel"], atol=TOL)
+
+
+def test_ssim_of_identical_images_is_one_and_psnr_matches_definition():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    np.testing.assert_allclose(rl.ssim(x, x), 1.0, atol=1e-5)
+    y = x + 0.1
+    np.testing.assert_allclose(rl.psnr_from_mse(rl.mse(x, y)), 20.0, atol=1e-4)  # 20 log10(1 / 0.1)
+
+
+@pytest.mark.parametrize("case", ["down_image", "up_odd", "spectrogram", "same"])
+def test_bicubic_resize_matches_torch(case):
+    data = np.load(FIXTURES / "losses.npz")
+    x = data[f"resize/{case}/x"].transpose(0, 2, 3, 1)
+    expected = data[f"resize/{case}/y"].transpose(0, 2, 3, 1)
+    out = rl.bicubic_resize(jnp.asarray(x), *expected.shape[1:3])
+    np.testing.assert_allclose(out, expected, atol=TOL)
+    # jax.image.resize (a = -0.5, antialiased) is a different function: the reason for the custom kernel
+    if case == "down_image":
+        assert not np.allclose(jax.image.resize(x, (x.shape[0], *expected.shape[1:]), "bicubic"), expected, atol=1e-3)
+
+
+def test_token_metrics_exclude_pads_and_report_reference_figures():
+    ids = jnp.array([[0, 5, 2, 1, 1]])
+    mask = jnp.array([[1, 1, 1, 0, 0]])
+    logits = jax.nn.one_hot(jnp.array([[0, 5, 3, 1, 1]]), 8) * 10.0  # 2 of 3 real tokens right, both pads right
+    m = rl.token_metrics(logits, ids, mask)
+    np.testing.assert_allclose(m["accuracy"], 2 / 3, atol=1e-6)
+    np.testing.assert_allclose(m["accuracy_with_pads"], 4 / 5, atol=1e-6)
+    nll = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])[0]
+    np.testing.assert_allclose(m["ce"], nll[:3].mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["ce_with_pads"], nll.mean(), rtol=1e-6)
+
+
+def test_masked_token_mean_ignores_pads_unless_reference():
+    hidden = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+    mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_allclose(mmr.masked_token_mean(hidden, mask)[0], hidden[0, :2].mean(0))
+    np.testing.assert_allclose(mmr.masked_token_mean(hidden, None)[0], hidden[0].mean(0))
+
+
+def test_layer_info_must_chain():
+    with pytest.raises(ValueError, match="upscaled by 2"):
+        mmr.MMRConfig(img_decoder_layer_info=((2, 8, 4, 4), (2, 4, 16, 16)))
