@@ -29,28 +29,54 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pre-training run folder (its checkpoints/ holds the state).")
-_DATASET = flags.DEFINE_string("dataset", "demo", "demo | precomputed | esc50 | urbansound8k | cifar10 | cifar100 | "
-                               "oxford_iiit_pet | oxford_flowers102 | tfds:<name> | folder[:image|audio]")  # fmt: skip
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, "
-                                "precomputed folder or manifest CSV. demo: default the run's own data.")  # fmt: skip
-_SPLIT = flags.DEFINE_string("split", None, "TFDS split / precomputed split (default: test).")
-_FOLDS = flags.DEFINE_string("folds", "all", "ESC-50 / UrbanSound8K folds to evaluate: all, 1-5, 1,3, ...")
-_PROMPTS = flags.DEFINE_enum("prompts", "ensemble", ["single", "ensemble"],
-                             "single: the reference's one template; ensemble: CLIP's 80 image / our 16 audio templates.")  # fmt: skip
-_CLASS_NAMES = flags.DEFINE_string("class_names", None, "Optional file, one class name per line, in the order you "
-                                   "expect; the job stops if the dataset's label metadata disagrees.")  # fmt: skip
-_MESH = flags.DEFINE_string("mesh", "-1x1", "Device mesh DxM (any mesh; the checkpoint's need not match).")
-_SHARDING = flags.DEFINE_string("sharding", "replicate", "Parameter rules: replicate | fsdp | tp | fsdp_tp.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch (divisible by the data axis and processes).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype of the towers (bfloat16 on TPU/GPU is fine).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (hub id or folder); default: the run's.")
-_TEXT_MODE = flags.DEFINE_string("text_mode", None, "Retrieval text: caption | prompt (default: the run's).")
-_OUT = flags.DEFINE_string("out", None, "JSON path (default: <checkpoint>/zero_shot/<dataset>_<prompts>.json); the "
-                           "confusion-matrix PNGs go next to it.")  # fmt: skip
-_WORKERS = flags.DEFINE_integer("workers", 8, "Threads decoding images/audio.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def _option(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything the job takes; each field is also a command-line flag (--name=value)."""
+
+    checkpoint: str | None = _option(None, "Pre-training run folder (its checkpoints/ holds the state).")
+    dataset: str = _option("demo", "demo | precomputed | esc50 | urbansound8k | cifar10 | cifar100 | oxford_iiit_pet "
+                           "| oxford_flowers102 | tfds:<name> | folder[:image|audio]")  # fmt: skip
+    data_dir: str | None = _option(None, "Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, "
+                                   "precomputed folder or manifest CSV. demo: default the run's own data.")  # fmt: skip
+    split: str | None = _option(None, "TFDS split / precomputed split (default: test).")
+    folds: str = _option("all", "ESC-50 / UrbanSound8K folds to evaluate: all, 1-5, 1,3, ...")
+    prompts: str = _option("ensemble", "single: the reference's one template; ensemble: CLIP's 80 image / our 16 "
+                           "audio templates.")  # fmt: skip
+    class_names: str | None = _option(None, "Optional file, one class name per line, in the order you expect; the "
+                                      "job stops if the dataset's label metadata disagrees.")  # fmt: skip
+    mesh: str = _option("-1x1", "Device mesh DxM (any mesh; the checkpoint's need not match).")
+    sharding: str = _option("replicate", "Parameter rules: replicate | fsdp | tp | fsdp_tp.")
+    batch_size: int = _option(128, "Global batch (divisible by the data axis and the process count).")
+    step: int | None = _option(None, "Checkpoint step (default: the latest).")
+    dtype: str = _option("float32", "Compute dtype of the towers (bfloat16 on TPU/GPU is fine).")
+    tokenizer: str | None = _option(None, "Tokenizer (hub id or folder); default: the run's.")
+    text_mode: str | None = _option(None, "Retrieval text: caption | prompt (default: the run's).")
+    out: str | None = _option(None, "JSON path (default: <checkpoint>/zero_shot/<dataset>_<prompts>.json); the "
+                              "confusion-matrix PNGs go next to it.")  # fmt: skip
+    workers: int = _option(8, "Threads decoding images/audio.")
+    progress: bool = _option(True, "Show progress bars.")
+
+    def __post_init__(self):
+        if self.prompts not in ("single", "ensemble"):
+            raise ValueError(f"--prompts must be single or ensemble, got {self.prompts!r}")
+
+
+def define_flags() -> None:
+    """absl flags mirroring `Options` (only when run as a script, so importing this module defines no flags)."""
+    define = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer, "bool": flags.DEFINE_bool}
+    for field in dataclasses.fields(Options):
+        define[field.type.removesuffix(" | None")](field.name, field.default, field.metadata["help"])
+
+
+def options_from_flags() -> Options:
+    return Options(**{field.name: flags.FLAGS[field.name].value for field in dataclasses.fields(Options)})
+
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -176,7 +202,7 @@ def batch_plan(count: int, batch_size: int, mesh) -> tuple[np.ndarray, int]:
 
 def embed_all(
     model: Model, modality: str, mesh, count: int, load_rows: Callable[[np.ndarray], dict[str, np.ndarray]],
-    batch_size: int, workers: int, desc: str,
+    batch_size: int, workers: int, desc: str, progress: bool,
 ) -> np.ndarray:
     """(count, D) normalised embeddings of examples 0..count-1, in order, computed batch-sharded on the mesh.
 
@@ -187,7 +213,7 @@ def embed_all(
     indices, per_process = batch_plan(count, batch_size, mesh)
     batches = [indices[i : i + per_process] for i in range(0, len(indices), per_process)]
     out = None
-    bar = progress_bar(len(batches), desc)
+    bar = progress_bar(len(batches), desc, progress)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
         def prepare(batch_indices: np.ndarray) -> concurrent.futures.Future:
@@ -210,8 +236,8 @@ def embed_all(
     return out
 
 
-def progress_bar(total: int, desc: str):
-    if not (_PROGRESS.value and is_main_process()):
+def progress_bar(total: int, desc: str, enabled: bool):
+    if not (enabled and is_main_process()):
         return None
     from tqdm import tqdm
 
@@ -250,11 +276,13 @@ def text_rows(tokens: dict[str, np.ndarray]) -> Callable[[np.ndarray], dict[str,
     return lambda indices: {key: value[indices] for key, value in tokens.items()}
 
 
-def class_embeddings(model, mesh, tokenizer, class_names: Sequence[Sequence[str]], templates, batch_size) -> np.ndarray:
+def class_embeddings(
+    model, mesh, tokenizer, class_names: Sequence[Sequence[str]], templates, batch_size: int, progress: bool
+) -> np.ndarray:
     """(C, D): per class, the mean of its normalised prompt embeddings (every synonym x template), renormalised."""
     prompts, owners = evaluation.prompts_for_classes(class_names, templates)
     tokens = text.tokenize(tokenizer, prompts, model.max_length)
-    embedded = embed_all(model, "text", mesh, len(prompts), text_rows(tokens), batch_size, 1, "prompts")
+    embedded = embed_all(model, "text", mesh, len(prompts), text_rows(tokens), batch_size, 1, "prompts", progress)
     return evaluation.class_embeddings(embedded, owners, len(class_names))
 
 
@@ -312,26 +340,26 @@ def confusion_image(matrix: np.ndarray, class_names: Sequence[str], title: str):
 # ================================================================================================ tasks
 
 
-def load_classification_set(kind: str, options: dict, dataset: str) -> downstream.ClassificationSet:
-    data_dir = _DATA_DIR.value
+def load_classification_set(kind: str, spec: dict, options: Options) -> downstream.ClassificationSet:
+    data_dir = options.data_dir
     if not data_dir:
-        raise ValueError(f"--dataset={dataset} needs --data_dir (see docs/zero_shot.md)")
+        raise ValueError(f"--dataset={options.dataset} needs --data_dir (see docs/zero_shot.md)")
     data_dir = str(Path(data_dir).expanduser())
     if kind == "esc50":
-        return downstream.read_esc50(data_dir, _FOLDS.value)
+        return downstream.read_esc50(data_dir, options.folds)
     if kind == "urbansound8k":
-        return downstream.read_urbansound8k(data_dir, _FOLDS.value)
+        return downstream.read_urbansound8k(data_dir, options.folds)
     if kind == "tfds":
-        return downstream.read_tfds(options["tfds_name"], data_dir, _SPLIT.value or options.get("split", "test"))
+        return downstream.read_tfds(spec["tfds_name"], data_dir, options.split or spec.get("split", "test"))
     if kind == "folder":
-        return downstream.read_folder(data_dir, options.get("modality"))
+        return downstream.read_folder(data_dir, spec.get("modality"))
     raise ValueError(f"unknown dataset kind {kind!r}")
 
 
 def parse_dataset(name: str) -> tuple[str, dict]:
     if name in zs_config.DATASETS:
-        kind, options = zs_config.DATASETS[name]
-        return kind, dict(options)
+        kind, spec = zs_config.DATASETS[name]
+        return kind, dict(spec)
     prefix, _, rest = name.partition(":")
     if prefix == "tfds" and rest:
         return "tfds", {"tfds_name": rest, "split": "test"}
@@ -342,21 +370,21 @@ def parse_dataset(name: str) -> tuple[str, dict]:
     raise ValueError(f"unknown --dataset={name!r}; known: {sorted(zs_config.DATASETS)}, tfds:<name>, folder[:image|audio]")
 
 
-def run_classification(dataset: downstream.ClassificationSet, model: Model, mesh, tokenizer, prompts: str) -> dict:
+def run_classification(dataset: downstream.ClassificationSet, model: Model, mesh, tokenizer, options: Options) -> dict:
     """One modality->text zero-shot task over a whole ClassificationSet."""
-    if _CLASS_NAMES.value:
-        downstream.check_class_names(dataset.class_names, downstream.read_class_list(_CLASS_NAMES.value), dataset.name)
+    if options.class_names:
+        downstream.check_class_names(dataset.class_names, downstream.read_class_list(options.class_names), dataset.name)
     cfg = model.module.config
     if dataset.modality == "image":
-        load_rows = image_rows(dataset.examples, cfg.vision.image_size, _WORKERS.value)
+        load_rows = image_rows(dataset.examples, cfg.vision.image_size, options.workers)
     else:
         fbank = audio.FbankConfig(max_frames=cfg.audio.max_length, num_mel_bins=cfg.audio.num_mel_bins)
-        load_rows = audio_rows(dataset.examples, fbank, _WORKERS.value)
-    templates = zs_config.PROMPT_SETS[prompts][dataset.modality]
+        load_rows = audio_rows(dataset.examples, fbank, options.workers)
+    templates = zs_config.PROMPT_SETS[options.prompts][dataset.modality]
     names = [[downstream.prompt_name(name)] for name in dataset.class_names]
-    classes = class_embeddings(model, mesh, tokenizer, names, templates, _BATCH_SIZE.value)
-    queries = embed_all(model, dataset.modality, mesh, len(dataset), load_rows, _BATCH_SIZE.value, 1,
-                        f"{dataset.modality} {dataset.name}")  # fmt: skip
+    classes = class_embeddings(model, mesh, tokenizer, names, templates, options.batch_size, options.progress)
+    queries = embed_all(model, dataset.modality, mesh, len(dataset), load_rows, options.batch_size, 1,
+                        f"{dataset.modality} {dataset.name}", options.progress)  # fmt: skip
     task = f"{dataset.modality}->text"
     return {
         "tasks": {task: classification_results(queries, classes, dataset.labels, dataset.class_names, dataset.folds)},
@@ -367,7 +395,7 @@ def run_classification(dataset: downstream.ClassificationSet, model: Model, mesh
     }
 
 
-def precomputed_source(dataset_kind: str, model: Model) -> tuple[str, str]:
+def precomputed_source(dataset_kind: str, model: Model, options: Options) -> tuple[str, str]:
     """(precomputed folder, split) of the demo test split or of --data_dir; a manifest CSV is precomputed first."""
     from data_pipelines import demo, precompute
 
@@ -376,34 +404,34 @@ def precomputed_source(dataset_kind: str, model: Model) -> tuple[str, str]:
         image_size=cfg.vision.image_size,
         fbank=audio.FbankConfig(max_frames=cfg.audio.max_length, num_mel_bins=cfg.audio.num_mel_bins),
     )
-    split = _SPLIT.value or "test"
+    split = options.split or "test"
     if dataset_kind == "demo":
-        root = Path(_DATA_DIR.value).expanduser() if _DATA_DIR.value else run_data_root(model)
+        root = Path(options.data_dir).expanduser() if options.data_dir else run_data_root(model)
         if not precompute.metadata_path(root / "precomputed", split).is_file():
             log(f"demo data not found under {root}: generating it there")
             demo.ensure_demo_data(root, frontend)
         return str(root / "precomputed"), split
-    if not _DATA_DIR.value:
+    if not options.data_dir:
         raise ValueError("--dataset=precomputed needs --data_dir: a precomputed folder or a manifest CSV")
-    source = Path(_DATA_DIR.value).expanduser()
+    source = Path(options.data_dir).expanduser()
     if source.suffix == ".csv":
         out = source.parent / "precomputed"
-        precompute.precompute(source, out, frontend, progress=_PROGRESS.value)
+        precompute.precompute(source, out, frontend, progress=options.progress)
         return str(out), precompute.split_name(source)
     return str(source), split
 
 
-def run_tri_modal(dataset_kind: str, model: Model, mesh, tokenizer_path: str, tokenizer, prompts: str) -> dict:
+def run_tri_modal(dataset_kind: str, model: Model, mesh, tokenizer_path: str, tokenizer, options: Options) -> dict:
     """A precomputed manifest split: image->text and audio->text zero-shot on its labels, and six-way retrieval."""
     from data_pipelines import precompute
 
-    data_dir, split = precomputed_source(dataset_kind, model)
+    data_dir, split = precomputed_source(dataset_kind, model, options)
     metadata = precompute.load_metadata(data_dir, split)
     labels = tuple(metadata["labels"])
     config = model.config
-    text_mode = _TEXT_MODE.value or config.get("data", {}).get("text_mode", "caption")
+    text_mode = options.text_mode or config.get("data", {}).get("text_mode", "caption")
     processes = jax.process_count()
-    _, per_process = batch_plan(metadata["num_examples"], _BATCH_SIZE.value, mesh)
+    _, per_process = batch_plan(metadata["num_examples"], options.batch_size, mesh)
     pipe = pipeline.PipelineConfig(
         data_dir=data_dir, split=split, batch_size=per_process, train=False, text_mode=text_mode,
         tokenizer=tokenizer_path, max_length=model.max_length, image_size=model.module.config.vision.image_size,
@@ -413,7 +441,7 @@ def run_tri_modal(dataset_kind: str, model: Model, mesh, tokenizer_path: str, to
     embedders = {m: make_embedder(model, m, mesh) for m in ("image", "text", "audio")}
     parts: dict[str, list] = {"image": [], "text": [], "audio": [], "row_id": [], "label_id": [], "valid": []}
     steps = pipeline.eval_length(metadata["num_examples"], per_process, processes) // per_process
-    bar = progress_bar(steps, f"{dataset_kind} {split}")
+    bar = progress_bar(steps, f"{dataset_kind} {split}", options.progress)
     for host_batch in pipeline.build_dataset(pipe, tokenizer):
         batch = pipeline.global_batch({**host_batch, "row": host_batch["row_id"]}, mesh)
         for modality in ("image", "text", "audio"):
@@ -431,8 +459,8 @@ def run_tri_modal(dataset_kind: str, model: Model, mesh, tokenizer_path: str, to
     names = evaluation.class_names_from_labels(labels)  # every synonym of a VGGSound-style label
     tasks = {}
     for modality in ("image", "audio"):
-        templates = zs_config.PROMPT_SETS[prompts][modality]
-        classes = class_embeddings(model, mesh, tokenizer, names, templates, _BATCH_SIZE.value)
+        templates = zs_config.PROMPT_SETS[options.prompts][modality]
+        classes = class_embeddings(model, mesh, tokenizer, names, templates, options.batch_size, options.progress)
         tasks[f"{modality}->text"] = classification_results(columns[modality], classes, columns["label_id"], labels)
     retrieval = evaluation.retrieval_metrics({m: columns[m] for m in ("image", "text", "audio")})
     return {
@@ -441,7 +469,7 @@ def run_tri_modal(dataset_kind: str, model: Model, mesh, tokenizer_path: str, to
         "retrieval_text_mode": text_mode,
         "class_names": list(labels),
         "num_examples": int(valid.sum()),
-        "num_templates": {m: len(zs_config.PROMPT_SETS[prompts][m]) for m in ("image", "audio")},
+        "num_templates": {m: len(zs_config.PROMPT_SETS[options.prompts][m]) for m in ("image", "audio")},
         "data": {"dir": data_dir, "split": split, "content_hash": metadata.get("content_hash")},
     }
 
@@ -492,25 +520,29 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
 # ================================================================================================ the job
 
 
-def run(dataset: str, checkpoint_dir: str, mesh_spec: str, prompts: str, out: str | None) -> dict:
+def run(options: Options) -> dict:
+    """The whole job; returns the results (also written to JSON + PNGs by process 0)."""
     started = time.time()
-    mesh = parallel.make_mesh(mesh_spec)
-    kind, options = parse_dataset(dataset)
+    if not options.checkpoint:
+        raise ValueError("--checkpoint=<pre-training run folder> is required")
+    dataset, prompts = options.dataset, options.prompts
+    mesh = parallel.make_mesh(options.mesh)
+    kind, spec = parse_dataset(dataset)
     classification = None
     if kind in ("demo", "precomputed"):
         modalities = ("image", "text", "audio")
     else:
-        classification = load_classification_set(kind, options, dataset)
+        classification = load_classification_set(kind, spec, options)
         modalities = (classification.modality, "text")
-    model = restore_model(checkpoint_dir, mesh, modalities, _SHARDING.value, _STEP.value, _DTYPE.value)
-    tokenizer_path = resolve_tokenizer(model, _TOKENIZER.value)
+    model = restore_model(options.checkpoint, mesh, modalities, options.sharding, options.step, options.dtype)
+    tokenizer_path = resolve_tokenizer(model, options.tokenizer)
     tokenizer = text.load_tokenizer(tokenizer_path)
     log(f"zero-shot {dataset}: checkpoint {model.workdir} step {model.step} ({', '.join(modalities)} towers), mesh "
         f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), {prompts} prompts")  # fmt: skip
     if classification is not None:
-        results = run_classification(classification, model, mesh, tokenizer, prompts)
+        results = run_classification(classification, model, mesh, tokenizer, options)
     else:
-        results = run_tri_modal(kind, model, mesh, tokenizer_path, tokenizer, prompts)
+        results = run_tri_modal(kind, model, mesh, tokenizer_path, tokenizer, options)
     results = {
         "dataset": dataset if classification is None else classification.name,
         "checkpoint": str(model.workdir),
@@ -523,7 +555,7 @@ def run(dataset: str, checkpoint_dir: str, mesh_spec: str, prompts: str, out: st
         "wall_seconds": time.time() - started,
     }
     if is_main_process():
-        path = Path(out) if out else default_out(checkpoint_dir, dataset, prompts, _FOLDS.value)
+        path = Path(options.out) if options.out else default_out(options.checkpoint, dataset, prompts, options.folds)
         results["outputs"] = [str(p) for p in write_outputs(results, path)]
     return results
 
@@ -533,11 +565,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns on every read-only open
-    if not _CHECKPOINT.value:
-        print("error: --checkpoint=<pre-training run folder> is required", file=sys.stderr)
-        sys.exit(2)
     try:
-        results = run(_DATASET.value, _CHECKPOINT.value, _MESH.value, _PROMPTS.value, _OUT.value)
+        results = run(options_from_flags())
     except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -547,4 +576,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
