@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -178,14 +179,16 @@ def gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "modality"))
+def _embed(params, *inputs, config, modality: str) -> jax.Array:
+    """L2-normalised embeddings of one modality; the output keeps the inputs' batch sharding. One compiled program
+    per (model config, modality, shapes, shardings), shared by every call in the process."""
+    return l2_normalize(SynergyCLIP(config).apply({"params": params}, *inputs, method=EMBED_METHOD[modality]))
+
+
 def make_embedder(model: Model, modality: str, mesh) -> Callable:
-    """jit(params, *inputs) -> L2-normalised embeddings, batch-sharded over 'data' like the inputs."""
-    method = EMBED_METHOD[modality]
-
-    def embed(params, *inputs):
-        return l2_normalize(model.module.apply({"params": params}, *inputs, method=method))
-
-    return jax.jit(embed, out_shardings=parallel.batch_sharding(mesh))
+    """(params, *inputs) -> normalised embeddings, batch-sharded over the mesh's 'data' axis like the inputs."""
+    return functools.partial(_embed, config=model.module.config, modality=modality)
 
 
 def batch_plan(count: int, batch_size: int, mesh) -> tuple[np.ndarray, int]:

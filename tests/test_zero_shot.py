@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,10 @@ def _load(name: str, path: Path):
 
 
 job = _load("zero_shot_job", SCRIPT)
+# Share compiled programs across runs and with the CLI subprocess (as tests/test_pretrain.py does).
+CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 prompt_sets = job.zs_config.PROMPT_SETS
 
 
@@ -235,14 +240,14 @@ def test_esc50_matches_brute_force_on_two_meshes(run_dir, reference, tmp_path):
     waveforms = [audio_io.load_audio(root / "audio" / r["filename"]) for r in table]
     labels = np.array([int(r["target"]) for r in table])
     queries = reference["clips"](waveforms)
-    for prompts in ("single", "ensemble"):
+    # 24 clips: padded last batches; the 2x4 mesh also splits the towers tensor-parallel.
+    for prompts, mesh, batch, sharding in (("single", "8x1", 16, "replicate"), ("ensemble", "2x4", 6, "tp")):
         expected = brute_force(queries, reference["classes"](ESC_CLASSES, prompt_sets[prompts]["audio"]), labels)
-        for mesh, batch in (("8x1", 8), ("2x4", 6)):  # 24 clips: padded last batches, tensor-parallel towers
-            results = job.run(options(run_dir, tmp_path, dataset="esc50", data_dir=str(root), prompts=prompts,
-                                      mesh=mesh, batch_size=batch, sharding="tp" if mesh == "2x4" else "replicate"))  # fmt: skip
-            task = results["tasks"]["audio->text"]
-            assert_matches(task, expected, len(ESC_CLASSES))
-            assert results["class_names"] == ESC_CLASSES and task["num_examples"] == 24
+        results = job.run(options(run_dir, tmp_path, dataset="esc50", data_dir=str(root), prompts=prompts, mesh=mesh,
+                                  batch_size=batch, sharding=sharding))  # fmt: skip
+        task = results["tasks"]["audio->text"]
+        assert_matches(task, expected, len(ESC_CLASSES))
+        assert results["class_names"] == ESC_CLASSES and task["num_examples"] == 24
     # per fold: each fold's top-1 is the brute-force top-1 over that fold's clips
     folds = np.array([int(r["fold"]) for r in table])
     correct = np.argmax(queries @ reference["classes"](ESC_CLASSES, prompt_sets["ensemble"]["audio"]).T, 1) == labels
@@ -333,7 +338,8 @@ def test_folder_images_cli_and_audio_folder(run_dir, reference, tmp_path):
                            np.array(labels))  # fmt: skip
     out = tmp_path / "cli" / "r.json"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-           "PATH": "/usr/bin:/bin"}  # fmt: skip
+           "PATH": "/usr/bin:/bin", "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
     command = [sys.executable, str(SCRIPT), f"--checkpoint={run_dir}", "--dataset=folder",
                f"--data_dir={tmp_path / 'pics'}", "--mesh=4x2", "--batch_size=4", "--prompts=single", f"--out={out}"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
