@@ -216,42 +216,38 @@ def _check_files(name: str, paths: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------- readers
 
 
-def read_esc50(root: str | os.PathLike, folds: str | Sequence[int] | None = None) -> ClassificationSet:
-    """ESC-50 (github.com/karolpiczak/ESC-50 layout); classes in `target` order with their `category` names."""
-    root = Path(root)
-    table = root / "meta" / "esc50.csv"
-    rows = _read_csv(table, ("filename", "fold", "target", "category"))
-    class_names = class_names_from_pairs(((_int(r, "target", str(table)), r["category"]) for r in rows), str(table))
-    rows = _select_folds("esc50", rows, parse_folds(folds), lambda r: _int(r, "fold", str(table)))
-    paths = [str(root / "audio" / row["filename"]) for row in rows]
-    _check_files("esc50", paths)
+def _read_fold_table(
+    name: str, table: Path, columns: tuple[str, str, str], path_of: Callable[[dict], Path], folds
+) -> ClassificationSet:
+    """A csv-described audio set in folds: `columns` = (file, class id, class name) column names."""
+    file_column, id_column, name_column = columns
+    rows = _read_csv(table, (file_column, "fold", id_column, name_column))
+    class_names = class_names_from_pairs(((_int(r, id_column, str(table)), r[name_column]) for r in rows), str(table))
+    rows = _select_folds(name, rows, parse_folds(folds), lambda r: _int(r, "fold", str(table)))
+    paths = [str(path_of(row)) for row in rows]
+    _check_files(name, paths)
     return ClassificationSet(
-        name="esc50",
+        name=name,
         modality="audio",
         class_names=class_names,
-        labels=np.asarray([int(row["target"]) for row in rows], np.int64),
+        labels=np.asarray([int(row[id_column]) for row in rows], np.int64),
         examples=AudioFiles(paths),
         folds=np.asarray([int(row["fold"]) for row in rows], np.int64),
     )
+
+
+def read_esc50(root: str | os.PathLike, folds: str | Sequence[int] | None = None) -> ClassificationSet:
+    """ESC-50 (github.com/karolpiczak/ESC-50 layout); classes in `target` order with their `category` names."""
+    root = Path(root)
+    return _read_fold_table("esc50", root / "meta" / "esc50.csv", ("filename", "target", "category"),
+                            lambda row: root / "audio" / row["filename"], folds)  # fmt: skip
 
 
 def read_urbansound8k(root: str | os.PathLike, folds: str | Sequence[int] | None = None) -> ClassificationSet:
     """UrbanSound8K (the official archive's layout); classes in `classID` order with their `class` names."""
     root = Path(root)
-    table = root / "metadata" / "UrbanSound8K.csv"
-    rows = _read_csv(table, ("slice_file_name", "fold", "classID", "class"))
-    class_names = class_names_from_pairs(((_int(r, "classID", str(table)), r["class"]) for r in rows), str(table))
-    rows = _select_folds("urbansound8k", rows, parse_folds(folds), lambda r: _int(r, "fold", str(table)))
-    paths = [str(root / "audio" / f"fold{row['fold']}" / row["slice_file_name"]) for row in rows]
-    _check_files("urbansound8k", paths)
-    return ClassificationSet(
-        name="urbansound8k",
-        modality="audio",
-        class_names=class_names,
-        labels=np.asarray([int(row["classID"]) for row in rows], np.int64),
-        examples=AudioFiles(paths),
-        folds=np.asarray([int(row["fold"]) for row in rows], np.int64),
-    )
+    return _read_fold_table("urbansound8k", root / "metadata" / "UrbanSound8K.csv", ("slice_file_name", "classID", "class"),
+                            lambda row: root / "audio" / f"fold{row['fold']}" / row["slice_file_name"], folds)  # fmt: skip
 
 
 def folder_modality(paths: Sequence[str]) -> str:

@@ -84,7 +84,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from data_pipelines import augment, downstream, pipeline  # noqa: E402
-from synergy_jax import audio, checkpoint, evaluation, parallel, text  # noqa: E402
+from synergy_jax import audio, checkpoint, distributed, evaluation, parallel, text  # noqa: E402
 from synergy_jax.models.synergy import SynergyCLIP, l2_normalize  # noqa: E402
 
 
@@ -569,6 +569,7 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns on every read-only open
     try:
+        distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
         results = run(options_from_flags())
     except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
