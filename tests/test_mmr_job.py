@@ -1,0 +1,162 @@
+"""The MMR job end to end on a tiny demo set and a tiny pre-training checkpoint written through the checkpoint API:
+all three directions (metrics, baselines, PNG / text samples, frozen towers), resume after a preemption giving the
+uninterrupted run's losses, and a config that cannot resume a run."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import demo, precompute
+from synergy_jax import audio, checkpoint, mmr_train, parallel, text, train
+from synergy_jax.models import preset
+from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+TEST_EXAMPLES = 20  # 10 classes x 2
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+mmr_job = _load("mmr_job", ROOT / "experiments" / "mmr.py")
+mmr_configs = _load("mmr_configs", ROOT / "experiments" / "configs" / "mmr.py")
+CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory) -> Path:
+    """Demo data (4 train / 2 test clips per class) and a step-1 checkpoint of tiny random towers."""
+    run = tmp_path_factory.mktemp("pretrain")
+    fbank = audio.FbankConfig(max_frames=128, num_mel_bins=32)
+    demo.ensure_demo_data(run / "data", precompute.PrecomputeConfig(image_size=32, fbank=fbank), train_per_class=4,
+                          test_per_class=2)  # fmt: skip
+    tokenizer = text.load_tokenizer(str(run / "data" / "raw" / "tokenizer"))
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model_config = SynergyConfig(
+        vision=preset("vision", "tiny").replace(**tower, image_size=32, patch_size=8),
+        text=preset("text", "tiny").replace(**tower, vocab_size=len(tokenizer), max_position_embeddings=34),
+        audio=preset("audio", "tiny").replace(**tower, max_length=128, num_mel_bins=32, frequency_stride=16,
+                                              time_stride=16),  # fmt: skip
+        projection_dim=8,
+    )
+    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
+    optimizer = train.optimizer_config()
+    tx = train.make_optimizer(optimizer)
+    state, _ = train.create_train_state(SynergyCLIP(model_config), tx, mesh, "replicate", example_batch(model_config),
+                                        jax.random.PRNGKey(0))  # fmt: skip
+    data = {"demo": True, "dir": "", "tokenizer": "", "text_mode": "prompt", "max_length": 32, "image_size": 32}
+    record = {"config": {"data": data, "model": {"text": "tiny"}}, "model": checkpoint.model_config_to_dict(model_config),
+              "optimizer_structure": checkpoint.optimizer_structure(optimizer)}  # fmt: skip
+    manager = checkpoint.make_manager(run)
+    checkpoint.save(manager, 1, state, record, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return run
+
+
+def tiny_config(**overrides):
+    config = mmr_configs.get_config("demo")
+    small = {
+        "model.encoder_dim": 16, "model.encoder_bottleneck_dim": 8, "model.decoder_dim": 16, "model.decoder_depth": 1,
+        "model.decoder_heads": 2, "model.decoder_ff_dim": 32, "model.txt_tokens": 4, "model.mlp_hidden_dim": 16,
+        "model.img_decoder_layer_info": ((2, 16, 4, 4), (2, 16, 8, 8), (2, 16, 16, 16)),
+        "model.aud_decoder_layer_info": ((2, 16, 8, 2), (2, 16, 16, 4), (2, 16, 32, 8)),
+        "batch_size": 8, "eval_batch_size": 8, "total_steps": STEPS, "log_every": 1, "checkpoint_every": 3,
+        "baseline_examples": 16, "num_samples": 3, "progress": False, "optimizer.learning_rate": 1e-3,
+    }  # fmt: skip
+    for key, value in {**small, **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def image_run(pretrain_run, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted image run: a direction test and the reference of the resume test."""
+    workdir = tmp_path_factory.mktemp("image")
+    return workdir, mmr_job.run(tiny_config(), pretrain_run, "image", workdir)
+
+
+@pytest.mark.parametrize("missing", ["image", "audio", "text"])
+def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_run, tmp_path_factory, missing):
+    if missing == "image":
+        tmp_path, summary = image_run
+    else:
+        tmp_path = tmp_path_factory.mktemp(missing)
+        summary = mmr_job.run(tiny_config(), pretrain_run, missing, tmp_path)
+    assert summary["step"] == STEPS and not summary["preempted"]
+    assert summary["eval/examples"] == TEST_EXAMPLES
+    assert sorted(train_losses(tmp_path)) == list(range(1, STEPS + 1))
+    if missing == "text":
+        for key in ("accuracy", "accuracy_with_pads", "baseline_majority_token/accuracy",
+                    "baseline_majority_token_per_position/accuracy"):  # fmt: skip
+            assert 0.0 <= summary[f"eval/{key}"] <= 1.0
+        assert summary["eval/ce"] > 0 and summary["eval/ce_with_pads"] > 0
+        samples = (tmp_path / "text_samples.txt").read_text()
+        assert samples.count("target:") == 3 and samples.count("reconstructed:") == 3
+    else:
+        for key in ("psnr", "ssim", "baseline_mean_target/psnr", "baseline_mean_target/ssim"):
+            assert np.isfinite(summary[f"eval/{key}"])
+        from PIL import Image
+
+        grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
+        assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
+    # The train state holds only the fusion encoder and decoder: the towers are neither trained nor saved.
+    saved = checkpoint.make_manager(tmp_path, read_only=True)
+    assert saved.all_steps() == [3, 6]
+    params = saved.restore(6, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.PyTreeRestore()))["state"]
+    mappers = {mmr_job.mmr.MAPPER_OF[m] for m in mmr_job.mmr.TASKS[missing].inputs}
+    assert set(params["params"]) == mappers | {"mm_encoder", "decoder"}
+
+
+def test_interrupted_run_resumes_to_the_same_losses(pretrain_run, image_run, tmp_path):
+    (reference_dir, reference), resumed_dir = image_run, tmp_path / "resumed"
+    first = mmr_job.run(tiny_config(), pretrain_run, "image", resumed_dir, stop_at=lambda step: step == 4)
+    assert first["preempted"] and first["step"] == 4
+    second = mmr_job.run(tiny_config(), pretrain_run, "image", resumed_dir)
+    assert second["step"] == STEPS
+    expected, resumed = train_losses(reference_dir), train_losses(resumed_dir)
+    np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(second["eval/psnr"], reference["eval/psnr"], rtol=1e-5)
+    with pytest.raises(checkpoint.CheckpointError, match="decoder_dim"):
+        mmr_job.run(tiny_config(**{"model.decoder_dim": 24}), pretrain_run, "image", resumed_dir)
+
+
+def test_text_loss_flag_counts_pads():
+    """The reference's objective (`text_loss_on_pads`) is the pad-inclusive CE; ours ignores pad positions."""
+    ids = jnp.array([[0, 7, 2, 1, 1], [0, 5, 6, 2, 1]])
+    mask = (ids != 1).astype(jnp.int32)
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 9))
+    batch = {"attention_mask": mask}
+    ours = mmr_train.task_loss(logits, ids, batch, mmr_train.StepOptions("text", (0.0,) * 3, (1.0,) * 3))
+    theirs = mmr_train.task_loss(logits, ids, batch, mmr_train.StepOptions("text", (0.0,) * 3, (1.0,) * 3,
+                                                                         text_loss_on_pads=True))  # fmt: skip
+    assert ours["loss"] == pytest.approx(float(ours["ce"])) and theirs["loss"] == pytest.approx(float(ours["ce_with_pads"]))
+    assert float(ours["ce"]) != pytest.approx(float(ours["ce_with_pads"]))
+    logits_changed_on_pads = logits.at[:, 3:].add(5.0)
+    again = mmr_train.task_loss(logits_changed_on_pads, ids, batch, mmr_train.StepOptions("text", (0.0,) * 3, (1.0,) * 3))
+    assert float(again["loss"]) == pytest.approx(float(ours["loss"]), rel=1e-6)  # pads cannot move our loss
