@@ -219,7 +219,7 @@ def make_train_step(
         updated = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         log_scales = model.apply({"params": state.params}, method=SynergyCLIP.logit_scales)
