@@ -1,7 +1,6 @@
 """Mesh parsing and sharding rules: parameters really are split the way the rules say."""
 
 import jax
-import numpy as np
 import pytest
 
 from synergy_jax import parallel, train

@@ -2,7 +2,6 @@
 preemption (SIGTERM in a subprocess), restore onto other meshes, incompatible configs, non-finite stops, early
 errors, and two processes x 4 devices giving the losses of one process x 8 devices."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,28 +19,19 @@ import pytest
 from data_pipelines import demo, precompute
 from synergy_jax import audio, checkpoint, parallel, train
 from synergy_jax.models.synergy import SynergyCLIP
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
+
 SCRIPT = ROOT / "experiments" / "pretrain.py"
 STEPS = 8
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
-pretrain = _load("pretrain_job", SCRIPT)
+pretrain = load_script("pretrain_job", SCRIPT)
 
-# Every run here compiles the same few programs: share them through JAX's persistent cache (also with the
-# subprocesses), which turns most compiles after the first into cache reads.
-CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
-jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-configs = _load("pretrain_configs", ROOT / "experiments" / "configs" / "pretrain.py")
+configs = load_script("pretrain_configs", ROOT / "experiments" / "configs" / "pretrain.py")
 
 # Overrides that make the demo config tiny and short; shared by in-process runs and the subprocess command lines.
 TINY = {

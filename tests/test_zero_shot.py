@@ -4,7 +4,6 @@ brute-force numpy computation from embeddings computed directly (one device, who
 on several meshes; wrong class orders and broken layouts must stop it with a clear error."""
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -21,26 +20,18 @@ from PIL import Image
 from data_pipelines import audio_io, demo, downstream, precompute, records
 from synergy_jax import audio, checkpoint, parallel, text, train
 from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
-from tests import synthetic
+import synthetic
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
+
 SCRIPT = ROOT / "experiments" / "zero_shot.py"
 MAX_LENGTH = 16
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-job = _load("zero_shot_job", SCRIPT)
-# Share compiled programs across runs and with the CLI subprocess (as tests/test_pretrain.py does).
-CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
-jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+job = load_script("zero_shot_job", SCRIPT)
 prompt_sets = job.zs_config.PROMPT_SETS
 
 
