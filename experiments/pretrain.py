@@ -25,24 +25,31 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from data_pipelines import demo, pipeline, precompute
+from synergy_jax import audio, checkpoint, distributed, evaluation, flops, losses, parallel, text, train
+from synergy_jax.models import preset
+from synergy_jax.models.synergy import TOWER_PARAMS, SynergyCLIP, SynergyConfig, config_from_towers, example_batch
+
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "pretrain.py"
-_CONFIG = config_flags.DEFINE_config_file("config", f"{CONFIG_FILE}:demo", "Config file[:name].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, TensorBoard); default runs/<name>.")
-_MESH = flags.DEFINE_string("mesh", "-1x1", "Device mesh DxM: D-way data, M-way model parallel (-1: the rest).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
-import jax  # noqa: E402  (after the flags: nothing touches devices before jax.distributed.initialize)
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
-from data_pipelines import demo, pipeline, precompute  # noqa: E402
-from synergy_jax import audio, checkpoint, distributed, evaluation, flops, losses, parallel, text, train  # noqa: E402
-from synergy_jax.models import preset  # noqa: E402
-from synergy_jax.models.synergy import TOWER_PARAMS, SynergyCLIP, SynergyConfig, config_from_towers, example_batch  # noqa: E402
+def define_flags() -> dict[str, flags.FlagHolder]:
+    """The command line. Defined only when this file runs as a script, so that tests and other jobs can import it
+    (absl flags are process-global: two jobs defining --config at import would clash)."""
+    return dict(
+        config=config_flags.DEFINE_config_file("config", f"{CONFIG_FILE}:demo", "Config file[:name].", lock_config=True),
+        workdir=flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, TensorBoard); default runs/<name>."),
+        mesh=flags.DEFINE_string("mesh", "-1x1", "Device mesh DxM: D-way data, M-way model parallel (-1: the rest)."),
+        coordinator_address=flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes."),
+        process_id=flags.DEFINE_integer("process_id", None, "Multi-process: this process's index."),
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -584,18 +591,20 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{query + '->' + candidate:16s} " + " ".join(f"{100 * summary[f'{key}/R@{k}']:6.1f}" for k in (1, 5, 10)))
 
 
-def main(argv) -> None:
+def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file operation at INFO
     distributed.initialize(
-        distributed.distributed_arguments(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.distributed_arguments(
+            command_line["coordinator_address"].value, command_line["num_processes"].value, command_line["process_id"].value
+        )
     )
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or str(Path("runs") / (config.name or "run"))
+    config = command_line["config"].value
+    workdir = command_line["workdir"].value or str(Path("runs") / (config.name or "run"))
     try:
-        summary = run(config, workdir, _MESH.value)
+        summary = run(config, workdir, command_line["mesh"].value)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
@@ -607,4 +616,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    try:  # ml_collections applies --config.x=y overrides while defining the flag
+        _command_line = define_flags()
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        sys.exit(f"error: bad --config or --config.<field> override: {error}. The fields are in {CONFIG_FILE}.")
+    app.run(lambda argv: main(argv, _command_line))
