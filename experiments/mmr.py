@@ -15,6 +15,7 @@ SIGTERM saves a checkpoint and exits 0. See docs/mmr.md for the reference's bugs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -137,7 +138,7 @@ def global_batch(host_batch: dict, mesh) -> dict:
 def training_target_statistics(config, missing, model_config, options, mesh, make_input) -> dict[str, np.ndarray]:
     """Mean training target (image/audio) or token counts per position (text), over up to `baseline_examples`."""
     target_fn = jax.jit(lambda b: mmr_train.targets(b, model_config, options))
-    total, count = None, 0
+    total, count, low, high = None, 0, np.inf, -np.inf
     for host_batch in make_input():
         batch = global_batch(host_batch, mesh)
         valid = gather(batch["valid"])
@@ -149,6 +150,7 @@ def training_target_statistics(config, missing, model_config, options, mesh, mak
                 np.add.at(counts[position], target[mask[:, position], position], 1)
             total = counts if total is None else total + counts
         else:
+            low, high = min(low, float(target.min())), max(high, float(target.max()))
             summed = target.astype(np.float64).sum(0)
             total = summed if total is None else total + summed
         count += int(valid.sum())
@@ -156,13 +158,14 @@ def training_target_statistics(config, missing, model_config, options, mesh, mak
             break
     if missing == "text":
         return {"position_counts": total, "examples": count}
-    return {"mean_target": (total / count).astype(np.float32), "examples": count}
+    return {"mean_target": (total / count).astype(np.float32), "examples": count, "target_range": high - low}
 
 
-def evaluate(state, encoder_params, eval_step, mesh, make_input, missing, stats, num_samples) -> tuple[dict, dict]:
+def evaluate(state, encoder_params, eval_step, mesh, make_input, missing, stats, num_samples,
+             ssim_data_range: float = 1.0) -> tuple[dict, dict]:  # fmt: skip
     """Metrics over the whole held-out split (padding excluded), the baselines' metrics, and the first samples."""
     parts: dict[str, list[np.ndarray]] = {}
-    baseline_ssim = jax.jit(lambda t, m: jnp.mean(rl.ssim_per_channel(jnp.broadcast_to(m, t.shape), t), axis=1))
+    baseline_ssim = jax.jit(lambda t, m: jnp.mean(rl.ssim_per_channel(jnp.broadcast_to(m, t.shape), t, ssim_data_range), axis=1))
     for host_batch in make_input():
         batch = global_batch(host_batch, mesh)
         out = {k: gather(v) for k, v in eval_step(state, encoder_params, batch).items()}
@@ -184,6 +187,8 @@ def evaluate(state, encoder_params, eval_step, mesh, make_input, missing, stats,
                                          positions)  # fmt: skip
         metrics.update(text_baselines(stats["position_counts"], cols["target"], cols["mask"]))
     metrics["examples"] = int(len(cols["mse" if missing != "text" else "nll"]))
+    if missing != "text":
+        metrics["ssim_data_range"] = float(ssim_data_range)
     return metrics, samples
 
 
@@ -304,6 +309,11 @@ def run(config: ml_collections.ConfigDict, checkpoint_dir: str | Path, missing: 
         reference_unnormalized_images=config.reference_unnormalized_images, text_loss_on_pads=config.text_loss_on_pads,
         reference_batch_stats_at_eval=config.reference_batch_stats_at_eval, alpha=config.alpha,
     )  # fmt: skip
+    # ---- baselines (from the training split only); the audio SSIM's data range is the training targets' range
+    stats = training_target_statistics(config, missing, model_config, options, mesh, make_train_pass)
+    if missing == "audio" and not config.reference_audio_ssim_data_range:
+        options = dataclasses.replace(options, audio_ssim_data_range=float(stats["target_range"]))
+    ssim_range = options.audio_ssim_data_range if missing == "audio" else 1.0
     record = run_record(config, missing, model_config, pretrain_dir, mesh)
     manager = checkpoint.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
     resume_step = manager.latest_step()
@@ -319,9 +329,6 @@ def run(config: ml_collections.ConfigDict, checkpoint_dir: str | Path, missing: 
         (workdir / "config.json").write_text(json.dumps(record, indent=1))
     train_step = mmr_train.make_train_step(model, tx, synergy, options, mesh, encoder_shardings)
     eval_step = mmr_train.make_eval_step(model, synergy, options, mesh, encoder_shardings)
-
-    # ---- baselines (from the training split only)
-    stats = training_target_statistics(config, missing, model_config, options, mesh, make_train_pass)
 
     # ---- loop
     log(f"MMR {config.name} missing={missing}: {steps} steps, batch {config.batch_size}, lr "
@@ -366,7 +373,8 @@ def run(config: ml_collections.ConfigDict, checkpoint_dir: str | Path, missing: 
                 log(f"stop requested: saved step {step}; rerun with the same --workdir to resume")
                 break
             if config.eval_every and step % config.eval_every == 0 and step != steps:
-                eval_metrics, _ = evaluate(state, encoder_params, eval_step, mesh, make_eval_input, missing, stats, 0)
+                eval_metrics, _ = evaluate(state, encoder_params, eval_step, mesh, make_eval_input, missing, stats, 0,
+                                          ssim_range)
                 write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if manager.should_save(step) and step != steps:
                 save(force=False)
@@ -376,7 +384,7 @@ def run(config: ml_collections.ConfigDict, checkpoint_dir: str | Path, missing: 
             if manager.latest_step() != step:
                 save(force=True)
             eval_metrics, samples = evaluate(state, encoder_params, eval_step, mesh, make_eval_input, missing, stats,
-                                             config.num_samples)  # fmt: skip
+                                             config.num_samples, ssim_range)  # fmt: skip
             write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if is_main_process():
                 outputs = write_samples(workdir, missing, samples, tokenizer)

@@ -50,6 +50,7 @@ class StepOptions:
     text_loss_on_pads: bool = False  # spec §6 item 19: CE over all positions, pads included
     reference_batch_stats_at_eval: bool = False  # the reference never left train mode: BatchNorm batch stats
     alpha: float = rl.ALPHA
+    audio_ssim_data_range: float = 1.0  # SSIM data range of audio targets (the job: the training targets' range)
 
 
 def images_01(batch: Batch, options: StepOptions) -> jax.Array:
@@ -116,7 +117,7 @@ def task_loss(recon: jax.Array, target: jax.Array, batch: Batch, options: StepOp
     if options.missing == "image":
         return rl.image_loss(recon, target, options.alpha)
     if options.missing == "audio":
-        return rl.audio_loss(recon, target, options.alpha)
+        return rl.audio_loss(recon, target, options.alpha, options.audio_ssim_data_range)
     m = rl.token_metrics(recon, target, batch["attention_mask"])
     loss = m["ce_with_pads"] if options.text_loss_on_pads else m["ce"]
     return {"loss": loss, "ce": m["ce"], "accuracy": m["accuracy"], "ce_with_pads": m["ce_with_pads"],
@@ -151,7 +152,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=stats, opt_state=opt_state)  # fmt: skip
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         return new, {**metrics, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
@@ -182,9 +183,10 @@ def make_eval_step(
         else:
             recon = model.apply(variables, features, train=False)
         if options.missing in ("image", "audio"):
+            ssim_range = options.audio_ssim_data_range if options.missing == "audio" else 1.0
             err = jnp.square(recon.astype(jnp.float32) - target)
             return {"recon": recon, "target": target, "mse": jnp.mean(err, axis=(1, 2, 3)),
-                    "ssim": jnp.mean(rl.ssim_per_channel(recon, target), axis=1)}  # fmt: skip
+                    "ssim": jnp.mean(rl.ssim_per_channel(recon, target, ssim_range), axis=1)}  # fmt: skip
         logits = recon.astype(jnp.float32)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, target[..., None], -1)[..., 0]
         predicted = jnp.argmax(logits, -1)

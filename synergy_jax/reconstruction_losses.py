@@ -7,7 +7,8 @@ Every function is pure and works on NHWC (images: (B, H, W, 3); spectrograms: (B
 - `psnr`: 20 log10(data_range / sqrt(MSE)) over the whole batch, as the reference's utils.PSNR.
 - `bicubic_resize`: torch `interpolate(mode='bicubic', align_corners=False, antialias=False)` (Keys a = -0.75,
   border taps clamped). `jax.image.resize` uses a = -0.5 and antialiases when shrinking, so it does not match.
-- `image_loss` / `audio_loss`: alpha*(1-SSIM) + (1-alpha)*(MSE [+ L1]); alpha 0.75 as the reference hard-codes.
+- `image_loss` / `audio_loss`: alpha*(1-SSIM) + (1-alpha)*(MSE [+ L1]); alpha 0.75 as the reference hard-codes;
+  the audio SSIM takes a data range (the reference's 1.0 is a bug for features spanning about 3).
 - `token_metrics`: text cross-entropy and token accuracy over non-pad tokens, and the reference's pad-inclusive
   figures (spec §6 item 19).
 """
@@ -131,10 +132,17 @@ def image_loss(recon: jax.Array, target: jax.Array, alpha: float = ALPHA) -> dic
     return {"loss": alpha * ssim_loss + (1 - alpha) * pixel, "pixel_loss": pixel, "ssim_loss": ssim_loss}
 
 
-def audio_loss(recon: jax.Array, target: jax.Array, alpha: float = ALPHA) -> dict[str, jax.Array]:
-    """alpha*(1-SSIM) + (1-alpha)*MSE on (B, frames, mel, 1) (model.py:634-639: the reference's L1 is commented out)."""
+def audio_loss(
+    recon: jax.Array, target: jax.Array, alpha: float = ALPHA, data_range: float = 1.0
+) -> dict[str, jax.Array]:
+    """alpha*(1-SSIM) + (1-alpha)*MSE on (B, frames, mel, 1) (model.py:634-639: the reference's L1 is commented out).
+
+    `data_range` of the SSIM: the reference passes 1.0 although AST features span about 3 (spec §6 item 15), which
+    shrinks SSIM's stabilising constants C1, C2 ninefold relative to the signal; the job passes the training
+    targets' range unless `reference_audio_ssim_data_range` is set.
+    """
     pixel = mse(recon, target)
-    ssim_loss = 1.0 - ssim(recon, target)
+    ssim_loss = 1.0 - ssim(recon, target, data_range)
     return {"loss": alpha * ssim_loss + (1 - alpha) * pixel, "pixel_loss": pixel, "ssim_loss": ssim_loss}
 
 

@@ -120,6 +120,11 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
     else:
         for key in ("psnr", "ssim", "baseline_mean_target/psnr", "baseline_mean_target/ssim"):
             assert np.isfinite(summary[f"eval/{key}"])
+        # Audio SSIM uses the training targets' range (AST features span about 3), images the reference's 1.0.
+        if missing == "audio":
+            assert summary["eval/ssim_data_range"] > 1.5
+        else:
+            assert summary["eval/ssim_data_range"] == 1.0
         from PIL import Image
 
         grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
@@ -160,3 +165,17 @@ def test_text_loss_flag_counts_pads():
     logits_changed_on_pads = logits.at[:, 3:].add(5.0)
     again = mmr_train.task_loss(logits_changed_on_pads, ids, batch, mmr_train.StepOptions("text", (0.0,) * 3, (1.0,) * 3))
     assert float(again["loss"]) == pytest.approx(float(ours["loss"]), rel=1e-6)  # pads cannot move our loss
+
+
+def test_audio_ssim_uses_the_data_range_option():
+    """Spec §6 item 15: the reference's data_range 1.0 is kept only behind `reference_audio_ssim_data_range`; the
+    loss with range R equals the reference formula on targets and outputs divided by R."""
+    key1, key2 = jax.random.split(jax.random.PRNGKey(1))
+    target = jax.random.uniform(key1, (2, 16, 16, 1), minval=-1.4, maxval=1.6)
+    recon = target + 0.3 * jax.random.normal(key2, target.shape)
+    options = lambda r: mmr_train.StepOptions("audio", (0.0,) * 3, (1.0,) * 3, audio_ssim_data_range=r)  # noqa: E731
+    ours = mmr_train.task_loss(recon, target, {}, options(3.0))
+    reference = mmr_train.task_loss(recon, target, {}, options(1.0))
+    scaled = mmr_train.rl.ssim(recon / 3.0, target / 3.0, 1.0)
+    assert float(ours["ssim_loss"]) == pytest.approx(1.0 - float(scaled), rel=1e-5)
+    assert float(ours["ssim_loss"]) != pytest.approx(float(reference["ssim_loss"]), rel=1e-3)

@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.reference_unnormalized_images = False  # True: [0,1] images into the vision tower (spec §6 item 38)
     config.text_loss_on_pads = False  # True: text CE over every position, pads included (item 19)
     config.reference_batch_stats_at_eval = False  # True: BatchNorm batch statistics at evaluation (item 37)
+    # True: audio SSIM (loss and metric) with data_range 1.0; default: the training targets' range (item 15)
+    config.reference_audio_ssim_data_range = False
 
     config.eval_every = 0  # steps; 0: only at the end
     config.log_every = 25
