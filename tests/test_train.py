@@ -81,24 +81,18 @@ def test_accumulated_microbatches_equal_the_mean_of_their_gradients(negatives):
 
     # Device d holds rows 4d..4d+3; microbatch i takes rows i::k, i.e. rows {4d+i, 4d+i+2} from device d.
     microbatches = [jax.tree.map(lambda x: x[i::k], batch) for i in range(k)]
-    grads = [jax.jit(jax.grad(microbatch_loss))(params0, mb) for mb in microbatches]
-    mean_grads = jax.tree.map(lambda *g: sum(g) / k, *grads)
+    values_and_grads = [jax.jit(jax.value_and_grad(microbatch_loss))(params0, mb) for mb in microbatches]
+    mean_grads = jax.tree.map(lambda *g: sum(g) / k, *(grads for _, grads in values_and_grads))
+    # The reported loss is the mean of the microbatch losses, each over its own negatives only; with global
+    # negatives that is below the loss of one 16-sample contrastive batch (more negatives are harder).
+    microbatch_losses = [float(value) for value, _ in values_and_grads]
+    assert float(metrics["loss"]) == pytest.approx(np.mean(microbatch_losses), rel=1e-5)
+    if negatives == "global":
+        assert float(metrics["loss"]) < float(microbatch_loss(params0, batch))
     updates, _ = tx.update(mean_grads, tx.init(params0), params0)
     expected = optax.apply_updates(params0, updates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), jax.device_get(new_state.params), expected)
     assert int(new_state.step) == 1
-
-
-def test_accumulation_is_not_a_bigger_contrastive_batch():
-    """Documented semantics: accumulating 2 x 8 differs from one global-negative step on 16 samples."""
-    mesh = parallel.make_mesh("8x1")
-    config = tiny_config(dropout=False)
-    batch = random_batch(config, 16, seed=4)
-    _, _, state_a, step_a = setup_run(mesh, config, accum_steps=2)
-    _, _, state_b, step_b = setup_run(mesh, config, accum_steps=1)
-    _, metrics_a = step_a(state_a, batch)
-    _, metrics_b = step_b(state_b, batch)
-    assert float(metrics_a["loss"]) < float(metrics_b["loss"])  # 8-way negatives are easier than 16-way
 
 
 def test_non_finite_loss_is_reported_and_not_applied():
