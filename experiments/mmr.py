@@ -43,21 +43,13 @@ from jax.experimental import multihost_utils  # noqa: E402
 from data_pipelines import augment, pipeline  # noqa: E402
 from synergy_jax import checkpoint, mmr_train, parallel, text, train  # noqa: E402
 from synergy_jax import reconstruction_losses as rl  # noqa: E402
+from synergy_jax.distributed import is_main_process, log  # noqa: E402
+from synergy_jax.train import NonFiniteLossError  # noqa: E402
 from synergy_jax.models import mmr  # noqa: E402
 from synergy_jax.models.synergy import SynergyConfig  # noqa: E402
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss or gradient."""
 
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
 
 
 # ================================================================================================ data

@@ -33,6 +33,8 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import demo, pipeline, precompute
 from synergy_jax import audio, checkpoint, distributed, evaluation, flops, losses, parallel, text, train
+from synergy_jax.distributed import is_main_process, log
+from synergy_jax.train import NonFiniteLossError
 from synergy_jax.models import preset
 from synergy_jax.models.synergy import TOWER_PARAMS, SynergyCLIP, SynergyConfig, config_from_towers, example_batch
 
@@ -52,17 +54,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
     )
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss, gradient or parameter."""
 
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
 
 
 # ================================================================================================ input

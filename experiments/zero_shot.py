@@ -85,6 +85,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from data_pipelines import augment, downstream, pipeline  # noqa: E402
 from synergy_jax import audio, checkpoint, distributed, evaluation, parallel, text  # noqa: E402
+from synergy_jax.distributed import is_main_process, log  # noqa: E402
 from synergy_jax.models.synergy import SynergyCLIP, l2_normalize  # noqa: E402
 
 
@@ -107,13 +108,6 @@ EMBED_METHOD = {"image": SynergyCLIP.embed_image, "audio": SynergyCLIP.embed_aud
 INPUT_FIELDS = {"image": ("image",), "audio": ("audio",), "text": ("input_ids", "attention_mask")}
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
 
 
 # ================================================================================================ checkpoint

@@ -53,3 +53,16 @@ def initialize(arguments: dict | None) -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
     return True
+
+
+def is_main_process() -> bool:
+    """Process 0 writes logs, summaries and files; the others compute."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """print() on process 0 only."""
+    if is_main_process():
+        print(message, flush=True)

@@ -30,6 +30,10 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter; the jobs stop instead of applying it."""
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
