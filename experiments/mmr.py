@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from data_pipelines import augment, pipeline  # noqa: E402
 from synergy_jax import checkpoint, mmr_train, parallel, text, train  # noqa: E402
 from synergy_jax import reconstruction_losses as rl  # noqa: E402
-from synergy_jax.distributed import is_main_process, log  # noqa: E402
+from synergy_jax.distributed import StopRequest, is_main_process, log  # noqa: E402
 from synergy_jax.train import NonFiniteLossError  # noqa: E402
 from synergy_jax.models import mmr  # noqa: E402
 from synergy_jax.models.synergy import SynergyConfig  # noqa: E402
@@ -240,20 +239,6 @@ def write_samples(workdir: Path, missing: str, samples: dict, tokenizer) -> list
     return [str(path)]
 
 
-class StopRequest:
-    """SIGTERM (preemption) -> stop at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 # ================================================================================================ the job
 
 
@@ -359,7 +344,7 @@ def run(config: ml_collections.ConfigDict, checkpoint_dir: str | Path, missing: 
                 if bar is not None:
                     bar.set_postfix(loss=f"{summary['train/loss']:.4f}", refresh=False)
                 window.clear()
-            if (stop_at is not None and stop_at(step)) or stop.requested:
+            if (stop_at is not None and stop_at(step)) or stop.agreed():
                 save(force=True)
                 preempted = True
                 log(f"stop requested: saved step {step}; rerun with the same --workdir to resume")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import demo, pipeline, precompute
 from synergy_jax import audio, checkpoint, distributed, evaluation, flops, losses, parallel, text, train
-from synergy_jax.distributed import is_main_process, log
+from synergy_jax.distributed import StopRequest, is_main_process, log
 from synergy_jax.train import NonFiniteLossError
 from synergy_jax.models import preset
 from synergy_jax.models.synergy import TOWER_PARAMS, SynergyCLIP, SynergyConfig, config_from_towers, example_batch
@@ -331,26 +330,6 @@ class MetricWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
-
-
-class StopRequest:
-    """SIGTERM (preemption) -> stop at the next step boundary, agreed across processes."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (a collective on multi-process runs: call on every process)."""
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 @jax.jit

@@ -11,6 +11,7 @@ Otherwise the job is single-process and nothing is initialised. On CPU, cross-pr
 from __future__ import annotations
 
 import os
+import signal
 from typing import Mapping
 
 
@@ -66,3 +67,27 @@ def log(message: str) -> None:
     """print() on process 0 only."""
     if is_main_process():
         print(message, flush=True)
+
+
+class StopRequest:
+    """SIGTERM (preemption) -> stop at the next step boundary, agreed across processes."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (a collective on multi-process runs: call on every process)."""
+        import jax
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
