@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from data_pipelines import augment, pipeline  # noqa: E402
-from synergy_jax import checkpoint, mmr_train, parallel, text, train  # noqa: E402
+from synergy_jax import checkpoint, distributed, mmr_train, parallel, text, train  # noqa: E402
 from synergy_jax import reconstruction_losses as rl  # noqa: E402
 from synergy_jax.distributed import StopRequest, is_main_process, log  # noqa: E402
 from synergy_jax.train import NonFiniteLossError  # noqa: E402
@@ -403,6 +403,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("outputs: " + ", ".join(s["outputs"]))
 
 
+SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -413,14 +416,8 @@ def main(argv) -> None:
         sys.exit(2)
     config = _CONFIG.value
     workdir = _WORKDIR.value or str(Path("runs") / f"mmr_{config.name}_{_MISSING.value}")
-    try:
-        summary = run(config, _CHECKPOINT.value, _MISSING.value, workdir, _MESH.value)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    summary = distributed.run_or_exit(run, config, _CHECKPOINT.value, _MISSING.value, workdir, _MESH.value,
+                                      setup_errors=SETUP_ERRORS)  # fmt: skip
     if is_main_process():
         print_summary(summary)
 

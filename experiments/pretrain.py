@@ -562,6 +562,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{query + '->' + candidate:16s} " + " ".join(f"{100 * summary[f'{key}/R@{k}']:6.1f}" for k in (1, 5, 10)))
 
 
+SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
+
+
 def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -574,14 +577,7 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     )
     config = command_line["config"].value
     workdir = command_line["workdir"].value or str(Path("runs") / (config.name or "run"))
-    try:
-        summary = run(config, workdir, command_line["mesh"].value)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    summary = distributed.run_or_exit(run, config, workdir, command_line["mesh"].value, setup_errors=SETUP_ERRORS)
     if is_main_process():
         print_summary(summary)
 

@@ -91,3 +91,20 @@ class StopRequest:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_or_exit(job, *args, setup_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)):
+    """Runs a job; a non-finite training state exits 1, a setup error (bad flag, data, checkpoint) exits 2, each
+    with a one-line message instead of a traceback. The jobs share these exit codes (see docs/pretrain.md)."""
+    import sys
+
+    from synergy_jax.train import NonFiniteLossError
+
+    try:
+        return job(*args)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except setup_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
