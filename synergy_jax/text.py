@@ -11,6 +11,7 @@ Tokenisation as the reference (spec §2.4): a Hugging Face tokenizer (RoBERTa's 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,9 @@ import numpy as np
 TEXT_MODES = ("prompt", "caption")
 DEFAULT_TOKENIZER = "FacebookAI/roberta-base"
 DEFAULT_MAX_LENGTH = 32
+# A Hugging Face fast tokenizer call sets padding/truncation on its shared Rust backend before encoding, so two
+# threads (Grain read threads) can encode with each other's settings: serialise the calls.
+_TOKENIZER_LOCK = threading.Lock()
 
 # The 72 templates, verbatim and in order, from the reference's dataset.py (TEMPLATES, lines 20-104) in
 # github.com/JoSangYeon/Synergy-CLIP, which adapts openai/CLIP data/prompts.md. Data, not code: keep them exact
@@ -142,13 +146,14 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER):
 def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, np.ndarray]:
     """{'input_ids', 'attention_mask'}: int32 (n, max_length), padded to max_length and truncated as the reference."""
     single = isinstance(texts, str)
-    encoded = tokenizer(
-        [texts] if single else list(texts),
-        max_length=max_length,
-        padding="max_length",
-        truncation=True,
-        return_attention_mask=True,
-        return_token_type_ids=False,
-        return_tensors="np",
-    )
+    with _TOKENIZER_LOCK:
+        encoded = tokenizer(
+            [texts] if single else list(texts),
+            max_length=max_length,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            return_tensors="np",
+        )
     return {key: np.asarray(encoded[key], np.int32) for key in ("input_ids", "attention_mask")}

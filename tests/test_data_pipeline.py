@@ -3,6 +3,7 @@ per-process sharding, eval padding, mesh placement and worker processes."""
 
 import dataclasses
 import io
+import threading
 
 import jax
 import numpy as np
@@ -244,3 +245,21 @@ def test_worker_processes_are_deterministic_and_restorable(data):
     assert sorted(np.concatenate([b["row_id"] for b in first])) == sorted(
         np.concatenate([b["row_id"] for b in in_process])
     )
+
+
+def test_tokenize_is_thread_safe(data):
+    """Grain read threads share one tokenizer whose calls set padding/truncation on a shared backend."""
+    _, tokenizer = data
+    shapes = []
+
+    def encode(max_length):
+        for i in range(300):
+            words = "a photo of a dog barking loudly at night" if i % 2 else "a cat"
+            shapes.append((max_length, text.tokenize(tokenizer, words, max_length)["attention_mask"].shape))
+
+    threads = [threading.Thread(target=encode, args=(8 + 8 * (n % 2),)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(shapes) == 1200 and all(shape == (1, max_length) for max_length, shape in shapes)
