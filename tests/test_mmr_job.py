@@ -2,10 +2,7 @@
 all three directions (metrics, baselines, PNG / text samples, frozen towers), resume after a preemption giving the
 uninterrupted run's losses, and a config that cannot resume a run."""
 
-import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 
 import jax
@@ -17,25 +14,13 @@ from data_pipelines import demo, precompute
 from synergy_jax import audio, checkpoint, mmr_train, parallel, text, train
 from synergy_jax.models import preset
 from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 TEST_EXAMPLES = 20  # 10 classes x 2
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mmr_job = _load("mmr_job", ROOT / "experiments" / "mmr.py")
-mmr_configs = _load("mmr_configs", ROOT / "experiments" / "configs" / "mmr.py")
-CACHE_DIR = Path(os.environ.get("SYNERGY_TEST_JAX_CACHE", f"/tmp/synergy_jax_test_cache_{os.getuid()}"))
-jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+mmr_job = load_script("mmr_job", ROOT / "experiments" / "mmr.py")
+mmr_configs = load_script("mmr_configs", ROOT / "experiments" / "configs" / "mmr.py")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +100,7 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
                     "baseline_majority_token_per_position/accuracy"):  # fmt: skip
             assert 0.0 <= summary[f"eval/{key}"] <= 1.0
         assert summary["eval/ce"] > 0 and summary["eval/ce_with_pads"] > 0
+        assert summary["eval/baseline_unigram_per_position/ce"] > 0
         samples = (tmp_path / "text_samples.txt").read_text()
         assert samples.count("target:") == 3 and samples.count("reconstructed:") == 3
     else:
@@ -179,3 +165,16 @@ def test_audio_ssim_uses_the_data_range_option():
     scaled = mmr_train.rl.ssim(recon / 3.0, target / 3.0, 1.0)
     assert float(ours["ssim_loss"]) == pytest.approx(1.0 - float(scaled), rel=1e-5)
     assert float(ours["ssim_loss"]) != pytest.approx(float(reference["ssim_loss"]), rel=1e-3)
+
+
+def test_text_baselines_by_hand():
+    counts = np.array([[3, 1, 0, 0], [0, 0, 2, 2]], np.float64)  # training tokens at positions 0 and 1, vocab 4
+    target = np.array([[0, 2], [1, 1]])
+    mask = np.array([[1, 1], [1, 0]])  # the last position is a pad
+    out = mmr_job.text_baselines(counts, target, mask)
+    assert out["baseline_majority_token/accuracy"] == pytest.approx(1 / 3)  # token 0 everywhere
+    assert out["baseline_majority_token/accuracy_with_pads"] == pytest.approx(1 / 4)
+    assert out["baseline_majority_token_per_position/accuracy"] == pytest.approx(2 / 3)  # tokens 0, 2
+    assert out["baseline_majority_token_per_position/accuracy_with_pads"] == pytest.approx(2 / 4)
+    # p = (count + 1/4) / (4 + 1): 0.65 for token 0 at position 0, 0.45 for token 2 at 1, 0.25 for token 1 at 0.
+    assert out["baseline_unigram_per_position/ce"] == pytest.approx(-np.log([0.65, 0.45, 0.25]).mean())
