@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.baseline_examples = 4096  # training examples averaged for the mean-target / majority-token baselines
     # Weight of (1 - SSIM) in the image/audio loss: the reference's 0.75 for base/large. The demo uses 0 (MSE [+ L1]):
     # its targets are mostly per-clip noise the inputs do not carry, and the SSIM term rewards hallucinated texture
-    # (audio, 500 steps: 13.8 dB with 0.75 vs 15.1 dB with 0, mean-target baseline 14.5 dB; docs/mmr.md).
+    # (demo, 500 steps: audio 14.1 dB with 0.75 vs 15.9 dB with 0, mean-target baseline 14.6 dB; docs/mmr.md).
     config.alpha = 0.75 if name != "demo" else 0.0
 
     # Reference behaviour, each a bug we fix by default (docs/mmr.md):
