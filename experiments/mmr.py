@@ -436,8 +436,4 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
 
 
 if __name__ == "__main__":
-    try:  # ml_collections applies --config.x=y overrides while defining the flag
-        _command_line = define_flags()
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        sys.exit(f"error: bad --config or --config.<field> override: {error}. The fields are in {CONFIG_FILE}.")
-    app.run(lambda argv: main(argv, _command_line))
+    distributed.start_job(define_flags, main, CONFIG_FILE)

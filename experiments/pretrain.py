@@ -15,27 +15,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
 from data_pipelines import demo, pipeline, precompute
 from synergy_jax import audio, checkpoint, distributed, evaluation, flops, losses, parallel, text, train
 from synergy_jax.distributed import StopRequest, is_main_process, log
-from synergy_jax.train import NonFiniteLossError
 from synergy_jax.models import preset
 from synergy_jax.models.synergy import TOWER_PARAMS, SynergyCLIP, SynergyConfig, config_from_towers, example_batch
+from synergy_jax.train import NonFiniteLossError
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "pretrain.py"
 
@@ -583,8 +581,4 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
 
 
 if __name__ == "__main__":
-    try:  # ml_collections applies --config.x=y overrides while defining the flag
-        _command_line = define_flags()
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        sys.exit(f"error: bad --config or --config.<field> override: {error}. The fields are in {CONFIG_FILE}.")
-    app.run(lambda argv: main(argv, _command_line))
+    distributed.start_job(define_flags, main, CONFIG_FILE)

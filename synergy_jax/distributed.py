@@ -108,3 +108,21 @@ def run_or_exit(job, *args, setup_errors: tuple[type[BaseException], ...] = (Val
     except setup_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def start_job(define_flags, main, config_file) -> None:
+    """The `__main__` of a job whose `--config` is an ml_collections config file: defines the flags, then runs
+    `main(argv, flags)` under absl. ml_collections applies `--config.x=y` while defining the flag, so a bad override
+    surfaces here: it exits 2 (a setup error) naming the override instead of a traceback."""
+    import sys
+
+    from absl import app
+
+    try:
+        command_line = define_flags()
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        what = error.args[0] if error.args else error  # KeyError's str() adds a second pair of quotes
+        print(f"error: bad --config or --config.<field> override: {what}. The fields are in {config_file}.",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    app.run(lambda argv: main(argv, command_line))

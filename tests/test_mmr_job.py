@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts import ROOT, load_script
 
 from data_pipelines import demo, precompute
 from synergy_jax import audio, checkpoint, mmr_train, parallel, text, train
 from synergy_jax.models import preset
 from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
-from scripts import ROOT, load_script
 
 STEPS = 6
 TEST_EXAMPLES = 20  # 10 classes x 2

@@ -1,0 +1,26 @@
+"""The jobs' command lines as a user types them: a bad config override or a missing flag exits 2 with a one-line
+message naming it (the exit codes of synergy_jax.distributed.run_or_exit), before any work."""
+
+import subprocess
+import sys
+
+import pytest
+from scripts import ROOT
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.parametrize("script, required", [("pretrain.py", []), ("mmr.py", ["--checkpoint=x", "--missing=image"])])
+def test_unknown_config_field_exits_2_naming_it(script, required, tmp_path):
+    result = _run(script, "--config.no_such_field=1", f"--workdir={tmp_path}", *required)
+    assert result.returncode == 2, result.stderr
+    assert "bad --config" in result.stderr and "no_such_field" in result.stderr
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_mmr_without_checkpoint_or_missing_exits_2(tmp_path):
+    result = _run("mmr.py", f"--workdir={tmp_path}")
+    assert result.returncode == 2 and "--checkpoint" in result.stderr and "--missing" in result.stderr
