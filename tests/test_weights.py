@@ -5,6 +5,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -142,3 +143,19 @@ def test_save_rejects_params_of_another_tower(tmp_path):
     _, other_params = load_hf_tower(FIXTURES / "roberta")
     with pytest.raises(CheckpointError, match="do not match"):
         save_hf_tower(module, other_params, tmp_path)
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    """Hub checkpoints are often saved in bf16: the converter reads them (ml_dtypes) into float32 parameters."""
+    import ml_dtypes
+
+    directory = copy_fixture("roberta", tmp_path)
+    tensors = safetensors.numpy.load_file(str(directory / "model.safetensors"))
+    halved = {key: value.astype(ml_dtypes.bfloat16) for key, value in tensors.items()}
+    safetensors.numpy.save_file(halved, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _, params = load_hf_tower(directory)
+    _, reference = load_hf_tower(FIXTURES / "roberta")
+    leaves, reference_leaves = jax.tree.leaves(params), jax.tree.leaves(reference)
+    assert all(leaf.dtype == np.float32 for leaf in leaves)
+    for leaf, ref in zip(leaves, reference_leaves):  # the bf16-rounded fp32 values, exactly
+        np.testing.assert_array_equal(leaf, np.asarray(ref).astype(ml_dtypes.bfloat16).astype(np.float32))
