@@ -13,8 +13,8 @@ from scripts import ROOT, load_script
 
 from data_pipelines import demo, precompute
 from synergy_jax import audio, checkpoint, mmr_train, parallel, text, train
-from synergy_jax.models import preset
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from synergy_jax.models import mmr, preset
+from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch, preset_config
 
 STEPS = 6
 TEST_EXAMPLES = 20  # 10 classes x 2
@@ -178,3 +178,26 @@ def test_text_baselines_by_hand():
     assert out["baseline_majority_token_per_position/accuracy_with_pads"] == pytest.approx(2 / 4)
     # p = (count + 1/4) / (4 + 1): 0.65 for token 0 at position 0, 0.45 for token 2 at 1, 0.25 for token 1 at 0.
     assert out["baseline_unigram_per_position/ce"] == pytest.approx(-np.log([0.65, 0.45, 0.25]).mean())
+
+
+@pytest.mark.parametrize("variant", ["base", "large"])
+def test_full_size_configs_match_the_reference_structure(variant):
+    """configs/mmr.py:base/large through the job's mmr_config, built abstractly: parameter and BatchNorm-statistics
+    counts and output shapes equal the reference's PyTorch task models at full size (tests/fixtures/mmr/full_size.json,
+    from make_mmr_fixtures.py on torch's meta device)."""
+    reference = json.loads((ROOT / "tests" / "fixtures" / "mmr" / "full_size.json").read_text())
+    synergy = preset_config(variant)
+    config = mmr_job.mmr_config(mmr_configs.get_config(variant), synergy, 32)
+    width = {"image": synergy.vision.hidden_size, "text": synergy.text.hidden_size, "audio": synergy.audio.hidden_size}
+    size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))  # noqa: E731
+    for missing, task in mmr.TASKS.items():
+        model = mmr.MMRModel(config, missing)
+        features = {m: jax.ShapeDtypeStruct((2, width[m]), jnp.float32) for m in task.inputs}
+        variables = jax.eval_shape(lambda f: model.init(jax.random.key(0), f), features)  # noqa: B023
+        output = jax.eval_shape(lambda v, f: model.apply(v, f), variables, features)  # noqa: B023
+        expected = reference[f"{variant}/{missing}"]
+        assert size(variables["params"]) == expected["params"], missing
+        assert size(variables.get("batch_stats", {})) == expected["running_stats"], missing
+        assert output.shape == (2, *config.output_shape(missing))
+        torch_layout = {"image": lambda s: (s[0], s[3], s[1], s[2]), "audio": lambda s: s[:3], "text": lambda s: s}
+        assert list(torch_layout[missing](output.shape)) == expected["output_shape"], missing
