@@ -47,7 +47,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
     pre-training job defines --config too)."""
     return dict(
         config=config_flags.DEFINE_config_file("config", f"{CONFIG_FILE}:demo", "Config file[:name].", lock_config=True),
-        checkpoint=flags.DEFINE_string("checkpoint", None, "Pre-training run folder (its checkpoints/ hold the towers)."),
+        checkpoint=flags.DEFINE_string("checkpoint", "runs/demo", "Pre-training run folder (its checkpoints/ hold the "
+                                       "towers); default: where `python experiments/pretrain.py` writes the demo run."),
         missing=flags.DEFINE_enum("missing", None, ["image", "text", "audio"], "The modality to reconstruct."),
         workdir=flags.DEFINE_string("workdir", None, "MMR run folder; default runs/mmr_<config>_<missing>."),
         mesh=flags.DEFINE_string("mesh", "-1x1", "Device mesh DxM (the pre-training mesh need not match)."),
@@ -423,8 +424,8 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     checkpoint_dir, missing = command_line["checkpoint"].value, command_line["missing"].value
-    if not checkpoint_dir or not missing:
-        print("error: --checkpoint=<pre-training run folder> and --missing={image,text,audio} are required", file=sys.stderr)
+    if not missing:
+        print("error: --missing={image,text,audio} is required (the modality to reconstruct)", file=sys.stderr)
         sys.exit(2)
     distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
     config = command_line["config"].value

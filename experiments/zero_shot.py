@@ -40,7 +40,8 @@ def _option(default, help_text: str):
 class Options:
     """Everything the job takes; each field is also a command-line flag (--name=value)."""
 
-    checkpoint: str | None = _option(None, "Pre-training run folder (its checkpoints/ holds the state).")
+    checkpoint: str = _option("runs/demo", "Pre-training run folder (its checkpoints/ holds the state); the default "
+                              "is where `python experiments/pretrain.py` writes the demo run.")  # fmt: skip
     dataset: str = _option("demo", "demo | precomputed | esc50 | urbansound8k | cifar10 | cifar100 | oxford_iiit_pet "
                            "| oxford_flowers102 | tfds:<name> | folder[:image|audio]")  # fmt: skip
     data_dir: str | None = _option(None, "Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, "
@@ -134,11 +135,7 @@ class Model:
 
 def restore_model(workdir: str, mesh, modalities: Sequence[str], sharding: str, step: int | None, dtype: str) -> Model:
     """Only the towers + projections of `modalities` (and the logit scales) are read from the checkpoint."""
-    manager = checkpoint.make_manager(workdir, read_only=True)
-    step = step if step is not None else manager.latest_step()
-    manager.close()
-    if step is None:
-        raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+    step = checkpoint.latest_step(workdir, step)
     groups = [TOWER_GROUP[m] for m in modalities] + list(LOGIT_SCALES)
     params, model_config, saved = checkpoint.restore_params(workdir, mesh, groups, rules=sharding, step=step, dtype=dtype)
     return Model(SynergyCLIP(model_config), params, saved, step, Path(workdir).expanduser().absolute())
@@ -520,8 +517,6 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
 def run(options: Options) -> dict:
     """The whole job; returns the results (also written to JSON + PNGs by process 0)."""
     started = time.time()
-    if not options.checkpoint:
-        raise ValueError("--checkpoint=<pre-training run folder> is required")
     dataset, prompts = options.dataset, options.prompts
     mesh = parallel.make_mesh(options.mesh)
     kind, spec = parse_dataset(dataset)

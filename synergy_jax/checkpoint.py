@@ -173,10 +173,25 @@ def save(
 
 
 def _latest(manager: ocp.CheckpointManager, step: int | None) -> int:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in {manager.directory}")
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint in {manager.directory}: train one with `python experiments/pretrain.py` (it writes "
+                "runs/<config name>, runs/demo by default, under the working directory) or pass its run folder"
+            )
+    if step not in manager.all_steps():
+        raise CheckpointError(f"no checkpoint at step {step} in {manager.directory} (steps: {list(manager.all_steps())})")
     return step
+
+
+def latest_step(workdir: str | Path, step: int | None = None) -> int:
+    """`step` if the run has it, else its latest step; a CheckpointError that says what to do when there is none."""
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return _latest(manager, step)
+    finally:
+        manager.close()
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:

@@ -8,9 +8,9 @@ import pytest
 from scripts import ROOT
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)  # fmt: skip
+                          timeout=120, cwd=cwd)  # fmt: skip
 
 
 @pytest.mark.parametrize("script, required", [("pretrain.py", []), ("mmr.py", ["--checkpoint=x", "--missing=image"])])
@@ -21,6 +21,13 @@ def test_unknown_config_field_exits_2_naming_it(script, required, tmp_path):
     assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
 
 
-def test_mmr_without_checkpoint_or_missing_exits_2(tmp_path):
+def test_mmr_without_missing_exits_2(tmp_path):
     result = _run("mmr.py", f"--workdir={tmp_path}")
-    assert result.returncode == 2 and "--checkpoint" in result.stderr and "--missing" in result.stderr
+    assert result.returncode == 2 and "--missing" in result.stderr
+
+
+def test_zero_shot_without_a_run_says_how_to_make_one(tmp_path):
+    """With no flags the job evaluates runs/demo, where `python experiments/pretrain.py` writes the demo run."""
+    result = _run("zero_shot.py", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "runs/demo" in result.stderr and "python experiments/pretrain.py" in result.stderr
