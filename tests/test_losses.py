@@ -56,6 +56,12 @@ def sharded_value_and_grad(mesh, config, embeddings):
     return value_and_grad(sharded, LOG_SCALES)
 
 
+def assert_gradients_close(actual, expected, rtol=1e-5):
+    """rtol 1e-5 of the gradient's own scale: an element near zero is a sum of O(max) float32 terms whose order
+    differs between the sharded and the full-batch program, so its error is a few ulps of the largest terms."""
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * float(np.max(np.abs(expected))))
+
+
 def test_global_negatives_equal_full_batch_loss_and_gradients():
     mesh = parallel.make_mesh("8x1")
     embeddings = random_embeddings(32)
@@ -68,7 +74,7 @@ def test_global_negatives_equal_full_batch_loss_and_gradients():
     expected_loss, (expected_ge, expected_gs) = jax.value_and_grad(full_batch, argnums=(0, 1))(embeddings, LOG_SCALES)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     for name in embeddings:
-        np.testing.assert_allclose(grad_embeddings[name], expected_ge[name], rtol=1e-5, atol=1e-7)
+        assert_gradients_close(grad_embeddings[name], expected_ge[name])
     for pair in PAIRS:
         np.testing.assert_allclose(grad_scales[pair], expected_gs[pair], rtol=1e-5)
 
@@ -86,7 +92,7 @@ def test_local_negatives_equal_mean_of_per_shard_losses():
     expected_loss, expected_grads = jax.value_and_grad(mean_of_shards)(embeddings, LOG_SCALES)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     for name in embeddings:
-        np.testing.assert_allclose(grad_embeddings[name], expected_grads[name], rtol=1e-5, atol=1e-7)
+        assert_gradients_close(grad_embeddings[name], expected_grads[name])
     global_loss, _ = sharded_value_and_grad(mesh, losses.LossConfig(negatives="global"), embeddings)
     assert float(global_loss) > float(loss)  # 32-way negatives are harder than 4-way ones
 
