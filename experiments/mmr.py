@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -421,8 +420,7 @@ SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
 def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    distributed.default_log_verbosity()
     checkpoint_dir, missing = command_line["checkpoint"].value, command_line["missing"].value
     if not missing:
         print("error: --missing={image,text,audio} is required (the modality to reconstruct)", file=sys.stderr)

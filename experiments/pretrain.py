@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -566,8 +565,7 @@ SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
 def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file operation at INFO
+    distributed.default_log_verbosity()
     distributed.initialize(
         distributed.distributed_arguments(
             command_line["coordinator_address"].value, command_line["num_processes"].value, command_line["process_id"].value

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 
 
@@ -555,8 +554,7 @@ def run(options: Options) -> dict:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns on every read-only open
+    distributed.default_log_verbosity()
     try:
         distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
         results = run(options_from_flags())

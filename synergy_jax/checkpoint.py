@@ -16,6 +16,7 @@ so evaluation jobs need nothing but the workdir.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -146,13 +147,21 @@ def make_manager(
         CONFIG: ocp.JsonCheckpointHandler(),
     }
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_every),
-        max_to_keep=keep,
+        save_interval_steps=0 if read_only else max(1, save_every),
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save,
         read_only=read_only,
         create=not read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+    if not read_only:
+        return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns 'Given directory is read only' on every read-only open
+    try:
+        return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def save(

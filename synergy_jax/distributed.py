@@ -56,6 +56,15 @@ def initialize(arguments: dict | None) -> bool:
     return True
 
 
+def default_log_verbosity() -> None:
+    """absl logging at WARNING unless --verbosity was given: Orbax logs every file operation at INFO."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def is_main_process() -> bool:
     """Process 0 writes logs, summaries and files; the others compute."""
     import jax

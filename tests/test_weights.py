@@ -28,6 +28,14 @@ def copy_fixture(case: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(FIXTURES / case, tmp_path / case))
 
 
+def fixture_with_config(case: str, tmp_path: Path, **changes) -> Path:
+    """A copy of a fixture whose config.json has `changes` applied (the weights are untouched)."""
+    directory = copy_fixture(case, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
 @pytest.mark.parametrize("case", sorted(TOWER_PREFIX))
 def test_export_reproduces_the_checkpoint_bit_for_bit(case, tmp_path):
     module, params = load_hf_tower(FIXTURES / case)
@@ -85,28 +93,19 @@ def test_missing_tensor_is_an_error_naming_it(tmp_path):
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
-    directory = copy_fixture("roberta", tmp_path)
-    config = json.loads((directory / "config.json").read_text())
-    config["intermediate_size"] = 44  # checkpoint has 40
-    (directory / "config.json").write_text(json.dumps(config))
+    directory = fixture_with_config("roberta", tmp_path, intermediate_size=44)  # checkpoint has 40
     with pytest.raises(CheckpointError, match=r"intermediate\.dense\.weight.*\(40, 32\).*\(32, 44\)"):
         load_hf_tower(directory)
 
 
 def test_unknown_architecture(tmp_path):
-    directory = copy_fixture("roberta", tmp_path)
-    config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "bert"
-    (directory / "config.json").write_text(json.dumps(config))
+    directory = fixture_with_config("roberta", tmp_path, model_type="bert")
     with pytest.raises(CheckpointError, match="unknown architecture model_type='bert'"):
         load_hf_tower(directory)
 
 
 def test_unsupported_config_value(tmp_path):
-    directory = copy_fixture("roberta", tmp_path)
-    config = json.loads((directory / "config.json").read_text())
-    config["position_embedding_type"] = "relative_key"
-    (directory / "config.json").write_text(json.dumps(config))
+    directory = fixture_with_config("roberta", tmp_path, position_embedding_type="relative_key")
     with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
         load_hf_tower(directory)
 

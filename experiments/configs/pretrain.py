@@ -111,6 +111,10 @@ def demo() -> ml_collections.ConfigDict:
     config.data.mel_bins = 32
     config.data.read_threads = 2
     config.batch_size = 32
+    # Negatives across the whole global batch, so the demo optimises the same objective on any mesh (with 'local' an
+    # 8x1 mesh would contrast 4 examples per device); on one device the two are the same. The paper configs keep
+    # the reference's 'local'.
+    config.loss.negatives = "global"
     config.epochs = 150  # 750 steps of 32
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "warmup_cosine"
