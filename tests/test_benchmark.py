@@ -19,7 +19,7 @@ def test_benchmark_compiles_and_runs_the_tiny_step(tmp_path):
     assert "global_batch=16 (=2/device x 4 x accum 2)" in out
     for field in ("compile time", "analytic train FLOPs/sample", "XLA cost-analysis", "temporaries", "throughput", "MFU"):
         assert field in out, field
-    assert float(re.search(r"throughput\s+([\d.]+) samples/s/device", out).group(1)) > 0
+    assert re.search(r"throughput\s+[\d.]+ samples/s/device", out)  # printed, not judged: timing is not a test
     assert re.search(r"loss after 3 steps\s+[\d.]+", out)
 
 

@@ -52,7 +52,9 @@ def test_color_jitter_and_hue():
     gray = Image.new("RGB", (4, 4), (100, 120, 140))
     jittered = [np.asarray(augment.color_jitter(gray, np.random.default_rng(i)), np.float32) for i in range(20)]
     deltas = [np.abs(j - np.asarray(gray, np.float32)).max() for j in jittered]
-    assert 0 < max(deltas) < 40  # strength 0.075: small but real changes
+    # Strength 0.075 (the reference's): mean 12.1, max 25 over these draws; half or double the strength gives a
+    # mean of 5.8 or 22.4 and fails.
+    assert 8 < np.mean(deltas) < 17 and max(deltas) < 32
 
 
 def test_normalisation_is_clip_statistics():

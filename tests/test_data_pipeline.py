@@ -248,18 +248,25 @@ def test_worker_processes_are_deterministic_and_restorable(data):
 
 
 def test_tokenize_is_thread_safe(data):
-    """Grain read threads share one tokenizer whose calls set padding/truncation on a shared backend."""
+    """Grain read threads share one tokenizer whose calls set padding/truncation on a shared backend: threads that
+    start together with different settings must each get what a single thread gets."""
     _, tokenizer = data
-    shapes = []
+    texts = ["a photo of a dog barking loudly at night", "a cat"]
+    expected = {n: text.tokenize(tokenizer, texts[n % 2], 8 + 8 * (n % 2)) for n in range(4)}
+    start, results = threading.Barrier(4), {n: [] for n in range(4)}
 
-    def encode(max_length):
-        for i in range(300):
-            words = "a photo of a dog barking loudly at night" if i % 2 else "a cat"
-            shapes.append((max_length, text.tokenize(tokenizer, words, max_length)["attention_mask"].shape))
+    def encode(n):
+        start.wait()
+        for _ in range(300):
+            results[n].append(text.tokenize(tokenizer, texts[n % 2], 8 + 8 * (n % 2)))
 
-    threads = [threading.Thread(target=encode, args=(8 + 8 * (n % 2),)) for n in range(4)]
+    threads = [threading.Thread(target=encode, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(shapes) == 1200 and all(shape == (1, max_length) for max_length, shape in shapes)
+    for n, encoded in results.items():
+        assert len(encoded) == 300
+        for result in encoded:
+            for key in ("input_ids", "attention_mask"):
+                np.testing.assert_array_equal(result[key], expected[n][key])

@@ -47,7 +47,7 @@ def bad_manifest(tmp_path):
     """A manifest with two good rows around one row of every kind of damage; returns (path, expected reasons)."""
     good = [_good_files(tmp_path, "good0", 0), _good_files(tmp_path, "good1", 1)]
     template = _good_files(tmp_path, "base", 2)
-    (tmp_path / "noise.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + os.urandom(200))
+    (tmp_path / "noise.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + np.random.default_rng(0).bytes(200))
     (tmp_path / "text.wav").write_text("this is a caption, not audio\n")
     png = (tmp_path / "base.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])

@@ -2,6 +2,7 @@
 preemption (SIGTERM in a subprocess), restore onto other meshes, incompatible configs, non-finite stops, early
 errors, and two processes x 4 devices giving the losses of one process x 8 devices."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -199,19 +200,49 @@ def _subprocess_env(devices: int) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def job_processes(commands: list[list[str]], devices: int, cwd: Path):
+    """Starts one job process per command, output to `<cwd>/process_<i>.log` (no pipe to fill up); on exit kills any
+    still running, so a failing test never leaves a training process (or its peer in a collective) behind."""
+    logs = [open(cwd / f"process_{i}.log", "w") for i in range(len(commands))]
+    processes = []
+    try:
+        for command, log in zip(commands, logs):
+            processes.append(subprocess.Popen(command, env=_subprocess_env(devices), stdout=log,
+                                              stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        for log in logs:
+            log.close()
+
+
+def process_output(cwd: Path, index: int) -> str:
+    return (cwd / f"process_{index}.log").read_text()
+
+
+def logged_steps(workdir: Path) -> int:
+    """Train steps logged so far by a running job (a line being written is not counted)."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line and '"eval/' not in line)
+
+
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
-    process = subprocess.Popen(command, env=_subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path)  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (tmp_path / "metrics.jsonl").exists() and len(train_losses(tmp_path)) >= 3:
-            break
-        time.sleep(0.5)
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    with job_processes([command], devices=1, cwd=tmp_path) as (process,):
+        hang_guard = time.time() + 600  # not a speed limit: only stops a hung job from hanging the suite
+        while logged_steps(tmp_path) < 3:
+            assert process.poll() is None, "the job exited before it was signalled:\n" + process_output(tmp_path, 0)[-3000:]
+            assert time.time() < hang_guard, "no 3 logged steps in 600 s:\n" + process_output(tmp_path, 0)[-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    output = process_output(tmp_path, 0)
     assert process.returncode == 0, output[-3000:]
     assert "stop requested: saved step" in output
     saved = checkpoint.make_manager(tmp_path, read_only=True).latest_step()
@@ -232,12 +263,10 @@ def test_two_processes_match_one_process(reference, data_root, tmp_path):
     port = _free_port()
     common = [sys.executable, str(SCRIPT), f"--workdir={multi}", "--mesh=8x1", f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", *cli_overrides(data_root, total_steps=steps)]  # fmt: skip
-    processes = [
-        subprocess.Popen([*common, f"--process_id={i}"], env=_subprocess_env(4), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400)[0] for p in processes]
+    with job_processes([[*common, f"--process_id={i}"] for i in range(2)], devices=4, cwd=tmp_path) as processes:
+        for process in processes:
+            process.wait(timeout=600)  # a hang guard (a peer stuck in a collective), not a speed limit
+    outputs = [process_output(tmp_path, i) for i in range(2)]
     for p, output in zip(processes, outputs):
         assert p.returncode == 0, output[-4000:]
     one, two = train_losses(single), train_losses(multi)

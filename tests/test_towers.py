@@ -114,8 +114,29 @@ def test_bf16_compute_keeps_fp32_params(modality):
     hidden16, pooled16 = build_tower(config.replace(dtype="bfloat16")).apply({"params": params}, *inputs)
     assert hidden16.dtype == jnp.bfloat16 and hidden32.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    np.testing.assert_allclose(np.asarray(hidden16, np.float32), hidden32, atol=0.1)
-    assert float(jnp.abs(hidden16.astype(jnp.float32) - hidden32).max()) > 0  # really computed in bf16
+    error = np.abs(np.asarray(hidden16, np.float32) - np.asarray(hidden32))
+    assert error.max() < 0.05 and error.mean() < 0.01  # measured: max <= 0.03, mean <= 0.004 on O(3) activations
+    # Really computed in bf16: every matmul and convolution takes bf16 operands (and none does in float32 mode).
+    assert set(matmul_operand_dtypes(build_tower(config.replace(dtype="bfloat16")), params, inputs)) == {"bfloat16"}
+    assert set(matmul_operand_dtypes(module, params, inputs)) == {"float32"}
+
+
+def matmul_operand_dtypes(module, params, inputs) -> list[str]:
+    """Operand dtypes of every dot_general / conv in the traced forward pass (nested jaxprs included)."""
+
+    def collect(jaxpr) -> list[str]:
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found += [str(v.aval.dtype) for v in eqn.invars]
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        found += collect(inner)
+        return found
+
+    return collect(jax.make_jaxpr(lambda p: module.apply({"params": p}, *inputs))(params).jaxpr)
 
 
 @pytest.mark.parametrize("modality", sorted(TOWERS))

@@ -63,7 +63,7 @@ def test_missing_pooler_is_initialised_and_logged(caplog):
     assert "params['pooler', 'kernel'] initialised" in caplog.text
     assert "lm_head" in caplog.text  # the ignored MLM head is reported with its reason
     kernel = params["pooler"]["kernel"]
-    assert kernel.std() == pytest.approx(module.config.initializer_range, rel=0.3)
+    assert kernel.std() == pytest.approx(module.config.initializer_range, rel=0.1)  # 576 draws: standard error 3 %
     assert not params["pooler"]["bias"].any()
 
 
