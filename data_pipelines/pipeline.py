@@ -1,7 +1,8 @@
 """Grain input pipelines over precomputed shards, for pre-training (train) and evaluation.
 
-    train: shards -> this process's slice -> seeded shuffle -> repeat (reshuffled each epoch) -> decode + augment
-           (image, audio) + text (prompt or caption) + tokenise, all seeded per element -> batch (drop remainder)
+    train: shards -> this process's slice -> shuffle (a seed per slice) -> repeat (reshuffled each epoch) -> decode
+           + augment (image, audio) + text (prompt or caption) + tokenise, all seeded per element -> batch (drop
+           remainder)
     eval:  shards -> this process's slice -> pad to whole batches -> decode + tokenise, deterministic (a prompt
            is still a random template and synonym, but seeded by row id: the same every evaluation)
            -> batch with a `valid` mask
@@ -148,6 +149,13 @@ def _process_slice(config: PipelineConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def slice_seed(seed: int, index: int) -> int:
+    """The shuffle and augmentation seed of input slice `index` (slice 0 keeps `seed`). With one seed for all
+    slices, the k-th example of every slice would sit at the same shuffled position and get the same random crop,
+    flips, audio ops and prompt: `count` neighbouring manifest rows would share every global batch, forever."""
+    return seed + 1_000_003 * index
+
+
 def eval_length(num_examples: int, batch_size: int, process_count: int) -> int:
     """Examples per process after padding: the same whole number of batches on every process."""
     per_process = math.ceil(num_examples / process_count)
@@ -171,7 +179,8 @@ def build_dataset(config: PipelineConfig, tokenizer=None) -> grain.IterDataset:
             raise ValueError(
                 f"process {index} has {len(dataset)} training examples, fewer than one batch of {config.batch_size}"
             )
-        dataset = dataset.seed(config.seed).shuffle().repeat(config.num_epochs).map(_TrainElement())
+        dataset = dataset.seed(slice_seed(config.seed, index)).shuffle().repeat(config.num_epochs)
+        dataset = dataset.map(_TrainElement())
         dataset = dataset.random_map(transform)
     else:
         length = eval_length(len(source), config.batch_size, count)

@@ -67,7 +67,7 @@ class PrecomputeConfig:
         return dataclasses.asdict(self)
 
 
-class PrecomputeError(RuntimeError):
+class PrecomputeError(ValueError):
     """Nothing usable came out (every row was bad), or the manifest itself is unusable."""
 
 

@@ -166,14 +166,16 @@ def evaluate(state, encoder_params, eval_step, mesh, make_input, missing, stats,
         valid = gather(batch["valid"])
         if missing != "text":
             out["baseline_ssim"] = gather(baseline_ssim(out["target"], stats["mean_target"]))
+            out["baseline_mse"] = np.mean((out["target"] - stats["mean_target"][None]) ** 2, axis=(1, 2, 3))
         for key, value in out.items():
+            if key in ("recon", "target") and missing != "text" and sum(map(len, parts.get(key, []))) >= num_samples:
+                continue  # images and spectrograms: the metrics are per example, keep only the samples' pixels
             parts.setdefault(key, []).append(value[valid])
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     samples = {k: v[:num_samples] for k, v in cols.items() if k in ("recon", "target", "predicted", "mask")}
     if missing != "text":
         metrics = mmr_train.grid_metrics(cols["mse"], cols["ssim"])
-        baseline_mse = np.mean((cols["target"] - stats["mean_target"][None]) ** 2, axis=(1, 2, 3))
-        baseline = mmr_train.grid_metrics(baseline_mse, cols["baseline_ssim"])
+        baseline = mmr_train.grid_metrics(cols["baseline_mse"], cols["baseline_ssim"])
         metrics.update({f"baseline_mean_target/{k}": v for k, v in baseline.items()})
     else:
         tokens, positions = cols["mask"].sum(), cols["mask"].size
@@ -414,9 +416,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("outputs: " + ", ".join(s["outputs"]))
 
 
-SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
-
-
 def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -428,8 +427,7 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
     config = command_line["config"].value
     workdir = command_line["workdir"].value or str(Path("runs") / f"mmr_{config.name}_{missing}")
-    summary = distributed.run_or_exit(run, config, checkpoint_dir, missing, workdir, command_line["mesh"].value,
-                                      setup_errors=SETUP_ERRORS)  # fmt: skip
+    summary = distributed.run_or_exit(run, config, checkpoint_dir, missing, workdir, command_line["mesh"].value)
     if is_main_process():
         print_summary(summary)
 

@@ -72,8 +72,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
     c = config.data
     if c.demo:
         root = Path(c.dir) if c.dir else workdir / "data"
-        if is_main_process():
-            demo.ensure_demo_data(root, precompute_config(config), progress=config.progress)
+        distributed.on_main_process("demo data", demo.ensure_demo_data, root, precompute_config(config),
+                                    progress=config.progress)  # fmt: skip
         data_dir, tokenizer = root / "precomputed", str(root / "raw" / "tokenizer")
     else:
         if not c.dir:
@@ -84,10 +84,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> Data:
                 continue
             if not Path(manifest).is_file():
                 raise FileNotFoundError(f"--config.data.{split}_manifest: {manifest} does not exist")
-            if is_main_process():
-                precompute.precompute(manifest, data_dir, precompute_config(config), split=split, workers=c.workers)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("data prepared")
+            distributed.on_main_process(f"precompute {split}", precompute.precompute, manifest, data_dir,
+                                        precompute_config(config), split=split, workers=c.workers)  # fmt: skip
     train_metadata = precompute.load_metadata(data_dir, c.train_split)
     eval_metadata = precompute.load_metadata(data_dir, c.eval_split)
     return Data(data_dir, tokenizer, train_metadata, eval_metadata)
@@ -556,9 +554,6 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{query + '->' + candidate:16s} " + " ".join(f"{100 * summary[f'{key}/R@{k}']:6.1f}" for k in (1, 5, 10)))
 
 
-SETUP_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
-
-
 def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -570,7 +565,7 @@ def main(argv, command_line: dict[str, flags.FlagHolder]) -> None:
     )
     config = command_line["config"].value
     workdir = command_line["workdir"].value or str(Path("runs") / (config.name or "run"))
-    summary = distributed.run_or_exit(run, config, workdir, command_line["mesh"].value, setup_errors=SETUP_ERRORS)
+    summary = distributed.run_or_exit(run, config, workdir, command_line["mesh"].value)
     if is_main_process():
         print_summary(summary)
 

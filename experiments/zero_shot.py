@@ -400,16 +400,20 @@ def precomputed_source(dataset_kind: str, model: Model, options: Options) -> tup
     split = options.split or "test"
     if dataset_kind == "demo":
         root = Path(options.data_dir).expanduser() if options.data_dir else run_data_root(model)
-        if not precompute.metadata_path(root / "precomputed", split).is_file():
-            log(f"demo data not found under {root}: generating it there")
-            demo.ensure_demo_data(root, frontend)
+
+        def generate_if_missing():  # decided on process 0 alone, so every process reaches the same barrier
+            if not precompute.metadata_path(root / "precomputed", split).is_file():
+                log(f"demo data not found under {root}: generating it there")
+                demo.ensure_demo_data(root, frontend)
+
+        distributed.on_main_process("demo data", generate_if_missing)
         return str(root / "precomputed"), split
     if not options.data_dir:
         raise ValueError("--dataset=precomputed needs --data_dir: a precomputed folder or a manifest CSV")
     source = Path(options.data_dir).expanduser()
     if source.suffix == ".csv":
         out = source.parent / "precomputed"
-        precompute.precompute(source, out, frontend, progress=options.progress)
+        distributed.on_main_process("precompute", precompute.precompute, source, out, frontend, progress=options.progress)
         return str(out), precompute.split_name(source)
     return str(source), split
 
@@ -558,7 +562,7 @@ def main(argv) -> None:
     try:
         distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
         results = run(options_from_flags())
-    except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError) as error:
+    except distributed.SETUP_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if is_main_process():

@@ -40,7 +40,7 @@ MODALITY_PARAMS = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or written by an incompatible config."""
 
 
@@ -275,6 +275,10 @@ def restore_params(
     manager = make_manager(workdir, read_only=True)
     step = _latest(manager, step)
     saved = saved_config(manager, step)
+    if not all(name in saved.get("model", {}) for name in TOWERS):
+        manager.close()
+        raise CheckpointError(f"{workdir} is not a pre-training run (its checkpoint has no tower configs): pass the "
+                              "workdir of experiments/pretrain.py")  # fmt: skip
     model_config = model_config_from_dict(saved["model"], dtype=dtype)
     model = SynergyCLIP(model_config)
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_batch(model_config, 1))["params"]

@@ -72,6 +72,19 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def on_main_process(what: str, work, *args, **kwargs) -> None:
+    """`work(*args, **kwargs)` on process 0 only, then every process waits for it: for writes to a shared
+    filesystem (data generation, precompute) that concurrent processes would race on."""
+    import jax
+
+    if is_main_process():
+        work(*args, **kwargs)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(what)
+
+
 def log(message: str) -> None:
     """print() on process 0 only."""
     if is_main_process():
@@ -102,9 +115,15 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_or_exit(job, *args, setup_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)):
-    """Runs a job; a non-finite training state exits 1, a setup error (bad flag, data, checkpoint) exits 2, each
-    with a one-line message instead of a traceback. The jobs share these exit codes (see docs/pretrain.md)."""
+# A bad flag, manifest, precompute output or checkpoint (the project's errors for these subclass ValueError), or a
+# missing file or tokenizer (OSError).
+SETUP_ERRORS = (ValueError, OSError)
+
+
+def run_or_exit(job, *args):
+    """Runs a job; a non-finite training state exits 1, a setup error (bad flag, data, checkpoint, a missing file or
+    tokenizer) exits 2, each with a one-line message instead of a traceback. The jobs share these exit codes (see
+    docs/pretrain.md)."""
     import sys
 
     from synergy_jax.train import NonFiniteLossError
@@ -114,7 +133,7 @@ def run_or_exit(job, *args, setup_errors: tuple[type[BaseException], ...] = (Val
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except setup_errors as error:
+    except SETUP_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -209,6 +209,9 @@ def test_two_processes_see_disjoint_rows_that_cover_the_split(data):
         config = _config(paths, process_index=index, process_count=2, batch_size=5)
         seen.append(np.concatenate([b["row_id"] for b in _batches(config, tokenizer, 3)]))  # one epoch: 15 rows
     assert not set(seen[0]) & set(seen[1]) and sorted(np.concatenate(seen)) == all_train
+    # Each slice shuffles with its own seed: slice 0's k-th stored row is not always next to slice 1's k-th.
+    positions = [np.searchsorted(all_train, rows) // 2 for rows in seen]
+    assert not np.array_equal(positions[0], positions[1])
 
     eval_seen, batch_counts = [], []
     for index in range(2):

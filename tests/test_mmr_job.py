@@ -137,6 +137,12 @@ def test_interrupted_run_resumes_to_the_same_losses(pretrain_run, image_run, tmp
         mmr_job.run(tiny_config(**{"model.decoder_dim": 24}), pretrain_run, "image", resumed_dir)
 
 
+def test_an_mmr_run_is_not_taken_for_a_pretrain_run(image_run, tmp_path):
+    mmr_dir, _ = image_run
+    with pytest.raises(checkpoint.CheckpointError, match="not a pre-training run"):
+        mmr_job.run(tiny_config(), mmr_dir, "audio", tmp_path)
+
+
 def test_text_loss_flag_counts_pads():
     """The reference's objective (`text_loss_on_pads`) is the pad-inclusive CE; ours ignores pad positions."""
     ids = jnp.array([[0, 7, 2, 1, 1], [0, 5, 6, 2, 1]])
