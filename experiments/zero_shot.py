@@ -572,4 +572,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=distributed.parse_flags_or_exit)

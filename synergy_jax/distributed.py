@@ -149,8 +149,23 @@ def start_job(define_flags, main, config_file) -> None:
     try:
         command_line = define_flags()
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        what = error.args[0] if error.args else error  # KeyError's str() adds a second pair of quotes
+        what = str(error.args[0] if error.args else error).strip("'\"")  # ml_collections quotes a KeyError's key
         print(f"error: bad --config or --config.<field> override: {what}. The fields are in {config_file}.",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
-    app.run(lambda argv: main(argv, command_line))
+    app.run(lambda argv: main(argv, command_line), flags_parser=parse_flags_or_exit)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a bad flag (unknown flag, bad value, unknown config name) exits 2 with the one line
+    that names it, instead of absl's exit 1 with the config file's traceback."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        print(f"error: {lines[-1] if lines else error}\nPass --helpshort or --helpfull to see the flags.", file=sys.stderr)
+        sys.exit(2)

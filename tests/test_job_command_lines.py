@@ -31,3 +31,17 @@ def test_zero_shot_without_a_run_says_how_to_make_one(tmp_path):
     result = _run("zero_shot.py", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "runs/demo" in result.stderr and "python experiments/pretrain.py" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("pretrain.py", [f"--config={ROOT}/experiments/configs/pretrain.py:nope"], "unknown pretrain config 'nope'"),
+        ("zero_shot.py", ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+        ("mmr.py", ["--missing=sound"], "--missing=sound: value should be one of"),
+    ],
+)  # fmt: skip
+def test_bad_flag_exits_2_with_one_line(script, args, message, tmp_path):
+    result = _run(script, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
