@@ -57,12 +57,14 @@ def initialize(arguments: dict | None) -> bool:
 
 
 def default_log_verbosity() -> None:
-    """absl logging at WARNING unless --verbosity was given: Orbax logs every file operation at INFO."""
+    """The jobs' logging defaults: absl at WARNING unless --verbosity was given (Orbax logs every file operation at
+    INFO), and no transformers advisory that PyTorch is missing (expected: the jobs use only its tokenizers)."""
     from absl import flags
     from absl import logging as absl_logging
 
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def is_main_process() -> bool:
