@@ -265,6 +265,9 @@ def precompute(
     shards = [shard_path(out, split, index) for index in range(len(chunks))]
     fingerprints = [shard_fingerprint(chunk, config) for chunk in chunks]
     sidecars = [finished_sidecar(shard, fp) for shard, fp in zip(shards, fingerprints)]
+    # Until the new metadata is written the split is unfinished: an interrupted rerun must not leave the old
+    # metadata describing a mix of old and new shards.
+    metadata_path(out, split).unlink(missing_ok=True)
     _remove_leftovers(out, split, keep={s for s, sidecar in zip(shards, sidecars) if sidecar is not None})
     todo = [index for index, sidecar in enumerate(sidecars) if sidecar is None]
 
@@ -307,7 +310,7 @@ def build_metadata(manifest, split, config, rows, manifest_problems, shards, sid
     skipped += [problem for sidecar in sidecars for problem in sidecar["skipped"]]
     skipped.sort(key=lambda problem: problem["row_id"])
     shard_entries = [
-        {"file": shard.name, "num_records": sidecar["num_records"], "sha256": sidecar["sha256"]}
+        {"file": shard.name, "num_records": sidecar["num_records"], "bytes": sidecar["bytes"], "sha256": sidecar["sha256"]}
         for shard, sidecar in zip(shards, sidecars)
     ]
     written_ids = {row_id for sidecar in sidecars for row_id in sidecar["row_ids"]}
@@ -358,8 +361,12 @@ def load_metadata(out: str | os.PathLike, split: str) -> dict:
     if metadata.get("format_version") != records.FORMAT_VERSION:
         raise ValueError(f"{path}: format version {metadata.get('format_version')}, expected {records.FORMAT_VERSION}")
     for shard in metadata["shards"]:
-        if not (Path(out) / shard["file"]).is_file():
+        file = Path(out) / shard["file"]
+        if not file.is_file():
             raise FileNotFoundError(f"{path} lists shard {shard['file']}, which is missing: re-run precompute")
+        if file.stat().st_size != shard.get("bytes", file.stat().st_size):  # (metadata before sizes were recorded)
+            raise ValueError(f"{file} has {file.stat().st_size} bytes, its metadata {shard['bytes']} (truncated or "
+                             "replaced): re-run precompute")  # fmt: skip
     return metadata
 
 

@@ -270,7 +270,7 @@ def zero_shot(config, params, tokenizer, embed_text, mesh, embeddings, label_ids
     return metrics
 
 
-def evaluate(config, state, eval_step, embed_text, mesh, data, tokenizer, contrastive_batch) -> dict[str, float]:
+def evaluate(config, model, state, eval_step, embed_text, mesh, data, tokenizer, contrastive_batch) -> dict[str, float]:
     """Pair losses, six-direction retrieval and zero-shot over the whole eval split (padding excluded)."""
     parts: dict[str, list[np.ndarray]] = {"image": [], "text": [], "audio": [], "valid": [], "label_id": []}
     for host_batch in eval_input(config, data, tokenizer):
@@ -283,7 +283,8 @@ def evaluate(config, state, eval_step, embed_text, mesh, data, tokenizer, contra
     valid = np.concatenate(parts.pop("valid"))
     columns = {name: np.concatenate(chunks)[valid] for name, chunks in parts.items()}
     label_ids = columns.pop("label_id")
-    log_scales = {pair: float(gather(state.params[f"logit_scale_{pair}"])) for pair in ("it", "ta", "ai")}
+    scales = model.apply({"params": state.params}, method=SynergyCLIP.logit_scales)  # clamped as in training
+    log_scales = {pair: float(gather(scale)) for pair, scale in scales.items()}
     loss_config = losses.LossConfig(**config.loss)
     metrics = {f"eval/{k}": v for k, v in evaluation.contrastive_losses(columns, log_scales, contrastive_batch,
                                                                        loss_config.pair_weights).items()}  # fmt: skip
@@ -426,7 +427,7 @@ def run(
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
 
     def do_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(config, state, eval_step, embed_text, mesh, data, tokenizer, contrastive_batch)
+        metrics = evaluate(config, model, state, eval_step, embed_text, mesh, data, tokenizer, contrastive_batch)
         writer.write(step, metrics)
         return metrics
 

@@ -76,15 +76,25 @@ def is_main_process() -> bool:
 
 def on_main_process(what: str, work, *args, **kwargs) -> None:
     """`work(*args, **kwargs)` on process 0 only, then every process waits for it: for writes to a shared
-    filesystem (data generation, precompute) that concurrent processes would race on."""
+    filesystem (data generation, precompute) that concurrent processes would race on. If it fails, every process
+    raises (process 0 its own error), instead of the others waiting for it forever."""
     import jax
 
+    error = None
     if is_main_process():
-        work(*args, **kwargs)
+        try:
+            work(*args, **kwargs)
+        except Exception as caught:  # re-raised below, after the others have heard of it
+            error = caught
     if jax.process_count() > 1:
+        import numpy as np
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(what)
+        failed = bool(np.any(multihost_utils.process_allgather(np.asarray([error is not None]))))
+        if failed and error is None:
+            raise ValueError(f"process 0 failed: {what} (its output says why)")
+    if error is not None:
+        raise error
 
 
 def log(message: str) -> None:

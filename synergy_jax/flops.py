@@ -8,7 +8,7 @@ only). Peaks are dense bf16 per chip from the vendors' data sheets; an fp32 run 
 
 from __future__ import annotations
 
-# Dense bf16 TFLOP/s per device, matched against `jax.Device.device_kind` by substring (first match wins, so more
+# Dense bf16 TFLOP/s per JAX device (a chip from v4 on, a TensorCore on v2/v3), matched against `jax.Device.device_kind` by substring (first match wins, so more
 # specific names come first).
 PEAK_TFLOPS = (
     ("TPU v6 lite", 918.0),  # v6e (Trillium)
@@ -16,8 +16,8 @@ PEAK_TFLOPS = (
     ("TPU v5p", 459.0),
     ("TPU v5", 459.0),
     ("TPU v4", 275.0),
-    ("TPU v3", 123.0),
-    ("TPU v2", 45.0),
+    ("TPU v3", 61.5),  # 123 per chip; a v2/v3 chip is two JAX devices (TensorCores)
+    ("TPU v2", 22.5),  # 45 per chip
     ("H200", 989.0),
     ("H100", 989.0),
     ("A100", 312.0),

@@ -204,6 +204,28 @@ def test_changed_inputs_or_settings_recompute_only_what_changed(tmp_path):
     assert Image.open(io.BytesIO(_read_examples(out, "train")[0]["image"])).format == "JPEG"
 
 
+def test_an_interrupted_rerun_leaves_no_stale_metadata_and_a_truncated_shard_is_caught(tmp_path, monkeypatch):
+    manifest = _good_manifest(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    precompute.precompute(manifest, out, TINY, progress=False)
+    soundfile.write(tmp_path / "data" / "ok3.wav", np.zeros(4000, np.float32), 8000)  # shard 1 must be redone
+
+    def interrupted(row, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute, "process_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        precompute.precompute(manifest, out, TINY, progress=False)
+    with pytest.raises(FileNotFoundError, match="run `python -m data_pipelines.precompute"):
+        precompute.load_metadata(out, "train")  # the old metadata no longer describes the shards on disk
+    monkeypatch.undo()
+    precompute.precompute(manifest, out, TINY, progress=False)
+    shard = out / "train-00001.array_record"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated or replaced"):
+        precompute.load_metadata(out, "train")
+
+
 def test_worker_processes_give_the_same_shards(tmp_path):
     manifest = _good_manifest(tmp_path / "data", 5)
     serial = precompute.precompute(manifest, tmp_path / "serial", TINY, workers=0, progress=False)
