@@ -347,6 +347,7 @@ def total_steps(config: ml_collections.ConfigDict, data: Data) -> tuple[int, int
 def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     """Shape errors before any expensive work."""
     train.check_batch(config.batch_size, mesh, config.accum_steps)
+    losses.LossConfig(**config.loss).contrastive_batch(config.batch_size // config.accum_steps, mesh.shape["data"])
     slices, processes = input_slices(config), jax.process_count()
     if slices % processes or config.batch_size % slices:
         raise ValueError(f"--config.data.input_slices={slices} must be a multiple of the {processes} processes and "
@@ -419,9 +420,7 @@ def run(
     eval_step = train.make_eval_step(model, loss_config, mesh, shardings)
     embed_text = make_text_embedder(model, mesh, shardings)
     microbatch = config.batch_size // config.accum_steps
-    contrastive_batch = config.eval_contrastive_batch or (
-        microbatch // mesh.shape["data"] if loss_config.negatives == "local" else microbatch
-    )
+    contrastive_batch = config.eval_contrastive_batch or loss_config.contrastive_batch(microbatch, mesh.shape["data"])
     eval_every = config.eval_every or steps_per_epoch
     train_flops = flops.train_flops_per_sample(model_config.forward_flops(config.data.max_length), model_config.vision.remat)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)

@@ -9,7 +9,9 @@ Two kinds of negatives, both computed per device inside `jax.shard_map` over the
   the full-batch loss exactly, and its gradients flow back through the gather's transpose (a reduce-scatter), so
   no custom VJP is needed.
 - `local`: negatives only within each device's shard (what the reference's DDP did); the loss is the mean of the
-  per-shard losses.
+  per-shard losses. With `local_batch` > 0 each shard is further split into contrastive groups of that size, so
+  the statistics do not depend on the device count: the reference's 35 per GPU on 2 GPUs is `local_batch=35` on
+  1, 2, 4, ... devices alike (REFERENCE_SPEC §8).
 """
 
 from __future__ import annotations
@@ -32,10 +34,23 @@ class LossConfig:
     beta: float = 1.0  # text-audio weight
     gamma: float = 1.0  # audio-image weight
     negatives: str = "global"
+    local_batch: int = 0  # negatives='local': contrastive groups of this size within each shard; 0: the whole shard
 
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        if self.local_batch < 0 or (self.local_batch and self.negatives != "local"):
+            raise ValueError(f"local_batch={self.local_batch} needs negatives='local' and a positive size (0: off)")
+
+    def contrastive_batch(self, microbatch: int, data_axis: int) -> int:
+        """Examples each one is contrasted with (itself included) for a global microbatch over the data axis."""
+        if self.negatives == "global":
+            return microbatch
+        per_device = microbatch // data_axis
+        if self.local_batch and per_device % self.local_batch:
+            raise ValueError(f"loss.local_batch={self.local_batch} must divide the per-device microbatch "
+                             f"{per_device} (= batch / accumulation steps / data axis {data_axis})")  # fmt: skip
+        return self.local_batch or per_device
 
     @property
     def pair_weights(self) -> dict[str, float]:
@@ -70,6 +85,19 @@ def pair_loss(
     return loss, acc
 
 
+def grouped_pair_loss(rows: jax.Array, cols: jax.Array, log_scale: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """`pair_loss` within each run of `group` consecutive samples, averaged over the (equal-sized) groups."""
+    if rows.shape[0] % group:
+        raise ValueError(f"loss.local_batch={group} does not divide the {rows.shape[0]} samples of a shard")
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0] // group, group, *x.shape[1:])
+
+    per_group = jax.vmap(pair_loss, in_axes=(0, 0, 0, 0, None, None))
+    loss, acc = per_group(split(rows), split(cols), split(rows), split(cols), log_scale, jnp.zeros((), jnp.int32))
+    return jnp.mean(loss), jnp.mean(acc)
+
+
 def tri_modal_loss_local(
     embeddings: dict[str, jax.Array],
     log_scales: dict[str, jax.Array],
@@ -87,8 +115,12 @@ def tri_modal_loss_local(
     else:
         gathered, offset = embeddings, jnp.zeros((), jnp.int32)
     metrics = {}
+    grouped = not gather and config.local_batch > 0
     for pair, (a, b) in PAIRS.items():
-        loss, acc = pair_loss(embeddings[a], embeddings[b], gathered[a], gathered[b], log_scales[pair], offset)
+        if grouped:
+            loss, acc = grouped_pair_loss(embeddings[a], embeddings[b], log_scales[pair], config.local_batch)
+        else:
+            loss, acc = pair_loss(embeddings[a], embeddings[b], gathered[a], gathered[b], log_scales[pair], offset)
         metrics[f"loss/{pair}"], metrics[f"acc/{pair}"] = loss, acc
     metrics["loss"] = sum(config.pair_weights[pair] * metrics[f"loss/{pair}"] for pair in PAIRS)
     if axis_name is not None:

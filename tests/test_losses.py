@@ -97,6 +97,29 @@ def test_local_negatives_equal_mean_of_per_shard_losses():
     assert float(global_loss) > float(loss)  # 32-way negatives are harder than 4-way ones
 
 
+def test_local_batch_groups_give_the_reference_statistics_on_any_mesh():
+    """local_batch=4: groups of 4 on 1 device (8 groups), 2 data shards (4 each) or 8 (1 each) = 8 shards of 4."""
+    embeddings = random_embeddings(32, seed=3)
+    config = losses.LossConfig(negatives="local", local_batch=4)
+
+    def mean_of_groups(e, s):
+        groups = [{k: v[i * 4 : (i + 1) * 4] for k, v in e.items()} for i in range(8)]
+        plain = losses.LossConfig(negatives="local")
+        return sum(losses.tri_modal_loss_local(g, s, plain, axis_name=None)["loss"] for g in groups) / 8
+
+    expected_loss, expected_grads = jax.value_and_grad(mean_of_groups)(embeddings, LOG_SCALES)
+    for mesh in (parallel.make_mesh("1x1", jax.devices()[:1]), parallel.make_mesh("2x4"), parallel.make_mesh("8x1")):
+        loss, (grads, _) = sharded_value_and_grad(mesh, config, embeddings)
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+        for name in embeddings:
+            assert_gradients_close(grads[name], expected_grads[name])
+    assert config.contrastive_batch(microbatch=32, data_axis=2) == 4
+    with pytest.raises(ValueError, match="local_batch=5 must divide the per-device microbatch 16"):
+        losses.LossConfig(negatives="local", local_batch=5).contrastive_batch(microbatch=32, data_axis=2)
+    with pytest.raises(ValueError, match="needs negatives='local'"):
+        losses.LossConfig(negatives="global", local_batch=4)
+
+
 def test_global_loss_is_the_same_on_a_mesh_with_a_model_axis():
     embeddings = random_embeddings(16, seed=2)
     config = losses.LossConfig()

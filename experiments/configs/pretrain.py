@@ -9,8 +9,10 @@
 The four paper models use the reference's hyperparameters (REFERENCE_SPEC §3): per-device batch 35 (Base) / 14
 (Large) on 2 devices with 4 / 8 accumulation steps, i.e. a global batch of 280 / 224 split into 4 / 8 contrastive
 microbatches; AdamW lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter, constant; 10 epochs;
-text length 32; seeds 77 (Base) / 42 (Large); fp32; negatives only within each device's microbatch ('local'), as the
-reference's DDP. `--config.loss.negatives=global` contrasts every microbatch across all devices instead (what scales).
+text length 32; seeds 77 (Base) / 42 (Large); fp32; negatives only within groups of 35 / 14 ('local' with
+`loss.local_batch`), as the reference's DDP, whatever the device count (1 device: 2 groups per microbatch, 2 devices:
+one each, as the reference). `--config.loss.negatives=global --config.loss.local_batch=0` contrasts every
+microbatch across all devices instead (what scales).
 """
 
 import ml_collections
@@ -73,7 +75,9 @@ def common() -> ml_collections.ConfigDict:
     config.epochs = 10
     config.total_steps = 0  # >0 overrides epochs
     config.optimizer = train.optimizer_config()
-    config.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=1.0, gamma=1.0, negatives="local"))
+    # negatives 'local' with local_batch N: contrastive groups of N within each device's microbatch (0: the whole
+    # device shard); 'global': the whole microbatch across devices (local_batch must be 0).
+    config.loss = ml_collections.ConfigDict(dict(alpha=1.0, beta=1.0, gamma=1.0, negatives="local", local_batch=0))
     config.sharding = "replicate"  # parameter rules: replicate | fsdp | tp | fsdp_tp
 
     config.eval_batch_size = 256  # global
@@ -142,6 +146,7 @@ def paper(size: str, text: str) -> ml_collections.ConfigDict:
     config.data.tokenizer = text_tower
     config.batch_size = per_device * devices * accum
     config.accum_steps = accum
+    config.loss.local_batch = per_device  # the reference's 35 / 14 per GPU on any number of devices
     config.eval_batch_size = per_device * devices * 4
     config.epochs = 10
     return config
