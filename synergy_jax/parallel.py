@@ -11,7 +11,9 @@ Parameters carry logical axis names (see synergy_jax/models/layers.py). A rule s
 - `fsdp_tp`: both.
 
 A dimension that does not divide evenly over its mesh axis stays unsplit (e.g. a 3-row token-type table), and a
-mesh axis is used at most once per parameter.
+mesh axis is used at most once per parameter. Under `tp` a matrix whose rule-named dimension does not divide
+(RoBERTa's 50265-row vocabulary on any even model axis; 12 heads on a model axis of 8) falls back to splitting its
+`embed` dimension over 'model' instead of staying whole on every device.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ RULES: dict[str, dict[str, str]] = {
     "tp": {"heads": "model", "mlp": "model", "vocab": "model"},
     "fsdp_tp": {"embed": "data", "heads": "model", "mlp": "model", "vocab": "model"},
 }
+# Second-choice rules, for matrices that the first rules left without any split over that mesh axis.
+FALLBACK_RULES: dict[str, dict[str, str]] = {"tp": {"embed": "model"}}
 
 
 def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
@@ -66,18 +70,24 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def logical_to_mesh_spec(
-    names: Sequence[str | None], shape: Sequence[int], rules: dict[str, str], mesh: Mesh
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    rules: dict[str, str],
+    mesh: Mesh,
+    fallback: dict[str, str] | None = None,
 ) -> jax.P:
-    """The mesh PartitionSpec of one parameter from its logical names, its shape and a rule set."""
+    """The mesh PartitionSpec of one parameter from its logical names, its shape, a rule set and, for matrices
+    that the rules leave unsplit over a mesh axis, second-choice rules."""
     used: set[str] = set()
-    spec: list[str | None] = []
-    for name, size in zip(names, shape):
-        axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or size % mesh.shape[axis]:
-            spec.append(None)
-            continue
-        used.add(axis)
-        spec.append(axis)
+    spec: list[str | None] = [None] * len(shape)
+    passes = [rules] + ([fallback] if fallback and len(shape) >= 2 else [])
+    for rule_set in passes:
+        for dim, (name, size) in enumerate(zip(names, shape)):
+            axis = rule_set.get(name) if name is not None else None
+            if axis is None or axis in used or spec[dim] is not None or size % mesh.shape[axis]:
+                continue
+            used.add(axis)
+            spec[dim] = axis
     return jax.P(*spec)
 
 
@@ -86,11 +96,12 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules: str | dict[str, str]) 
     if isinstance(rules, str) and rules not in RULES:
         raise ValueError(f"unknown sharding rules {rules!r}; known: {sorted(RULES)}")
     rule_set = RULES[rules] if isinstance(rules, str) else rules
+    fallback = FALLBACK_RULES.get(rules) if isinstance(rules, str) else None
 
     def leaf_sharding(leaf: Any) -> NamedSharding:
         if not isinstance(leaf, nn.LogicallyPartitioned):
             raise TypeError(f"parameter without logical axis names (shape {getattr(leaf, 'shape', None)})")
-        return NamedSharding(mesh, logical_to_mesh_spec(leaf.names, leaf.value.shape, rule_set, mesh))
+        return NamedSharding(mesh, logical_to_mesh_spec(leaf.names, leaf.value.shape, rule_set, mesh, fallback))
 
     return jax.tree.map(leaf_sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

@@ -71,3 +71,14 @@ def test_undivisible_dimensions_stay_whole():
     mesh = parallel.make_mesh("8x1")
     assert parallel.logical_to_mesh_spec(("vocab", "embed"), (3, 20), {"embed": "data"}, mesh) == jax.P(None, None)
     assert parallel.logical_to_mesh_spec(("embed", "embed"), (16, 16), {"embed": "data"}, mesh) == jax.P("data", None)
+
+
+def test_tensor_parallel_falls_back_to_embed_for_undivisible_matrices():
+    """RoBERTa's 50265-row vocabulary and 12 heads on a model axis of 8 would otherwise sit whole on every device."""
+    mesh = parallel.make_mesh("1x8")
+    tp, fallback = parallel.RULES["tp"], parallel.FALLBACK_RULES["tp"]
+    assert parallel.logical_to_mesh_spec(("vocab", "embed"), (50265, 768), tp, mesh, fallback) == jax.P(None, "model")
+    assert parallel.logical_to_mesh_spec(("embed", "heads", "kv"), (768, 12, 64), tp, mesh, fallback) == jax.P("model", None, None)
+    assert parallel.logical_to_mesh_spec(("embed", "heads", "kv"), (768, 16, 64), tp, mesh, fallback) == jax.P(None, "model", None)
+    assert parallel.logical_to_mesh_spec(("embed",), (768,), tp, mesh, fallback) == jax.P(None)  # vectors stay whole
+    assert parallel.logical_to_mesh_spec(("vocab", "embed"), (50265, 768), tp, mesh) == jax.P(None, None)
