@@ -210,7 +210,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "clip_vision_model": Architecture(
         TOWERS["vision"],
         clip_vision_rules,
-        prefixes=("", "vision_model."),
+        # Export writes `vision_model.*`, the layout of the hub's CLIP files and of transformers 4.x's
+        # CLIPVisionModel (the reference pins 4.39); 5.x's flattened CLIPVisionModel strips the prefix on load.
+        prefixes=("vision_model.", ""),
         ignored={"*position_ids": _BUFFERS},
     ),
     "roberta": Architecture(

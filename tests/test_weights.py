@@ -42,14 +42,14 @@ def test_export_reproduces_the_checkpoint_bit_for_bit(case, tmp_path):
     out = save_hf_tower(module, params, tmp_path / "export")
     original = safetensors.numpy.load_file(str(FIXTURES / case / "model.safetensors"))
     exported = safetensors.numpy.load_file(str(out / "model.safetensors"))
-    prefix = TOWER_PREFIX[case]
-    tower_keys = {key[len(prefix):] for key in original if key.startswith(prefix)}
+    prefix, export_prefix = TOWER_PREFIX[case], "vision_model." if case.startswith("clip") else ""
+    tower_keys = {export_prefix + key[len(prefix):] for key in original if key.startswith(prefix)}
     if case == "roberta_mlm":
         assert {"pooler.dense.weight", "pooler.dense.bias"} <= set(exported)  # initialised, then exported
         exported = {k: v for k, v in exported.items() if not k.startswith("pooler.")}
     assert set(exported) == tower_keys
     for key, value in exported.items():
-        np.testing.assert_array_equal(value, original[prefix + key], err_msg=key)
+        np.testing.assert_array_equal(value, original[prefix + key[len(export_prefix):]], err_msg=key)
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [module.config.architecture]
