@@ -4,6 +4,7 @@ The fixtures hold the reference modules' state dicts (reference key names), inpu
 load the weights through `mmr.params_from_torch` and must agree within 1e-4.
 """
 
+import dataclasses
 from pathlib import Path
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from synergy_jax import reconstruction_losses as rl
-from synergy_jax.models import mmr
+from synergy_jax.models import layers, mmr
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmr"
 TOL = 1e-4
@@ -135,3 +136,29 @@ def test_masked_token_mean_ignores_pads_unless_reference():
 def test_layer_info_must_chain():
     with pytest.raises(ValueError, match="upscaled by 2"):
         mmr.MMRConfig(img_decoder_layer_info=((2, 8, 4, 4), (2, 4, 16, 16)))
+
+
+def test_text_decoder_block_is_torch_transformer_encoder_layer_in_init_and_dropout():
+    """nn.TransformerEncoderLayer: xavier-uniform packed q/k/v (bound sqrt(6 / 4E)), U(+-1/sqrt(fan_in)) linears and
+    feed-forward biases, zero attention biases; dropout also inside the feed-forward."""
+    hidden, ff = 64, 256
+    spec = layers.BlockSpec(num_heads=4, mlp_dim=ff, activation="gelu", layer_norm_eps=1e-5, init_std=0.02,
+                            pre_norm=False, mlp_dropout=0.5, torch_init=True)  # fmt: skip
+    block = layers.TransformerBlock(spec)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, hidden))
+    params = nn.unbox(block.init(jax.random.PRNGKey(1), x, None, True))["params"]
+    bounds = {("attn", "query", "kernel"): (6 / (4 * hidden)) ** 0.5, ("attn", "out", "kernel"): hidden**-0.5,
+              ("mlp", "fc1", "kernel"): hidden**-0.5, ("mlp", "fc1", "bias"): hidden**-0.5,
+              ("mlp", "fc2", "kernel"): ff**-0.5, ("mlp", "fc2", "bias"): ff**-0.5}  # fmt: skip
+    for (a, b, c), bound in bounds.items():
+        value = np.asarray(params[a][b][c])
+        assert np.abs(value).max() <= bound and np.abs(value).max() > 0.9 * bound, (a, b, c)
+        np.testing.assert_allclose(value.std(), bound / np.sqrt(3), rtol=0.15, err_msg=f"{a}/{b}/{c}")
+    assert not np.asarray(params["attn"]["query"]["bias"]).any() and not np.asarray(params["attn"]["out"]["bias"]).any()
+
+    def run(rate, seed):
+        block = layers.TransformerBlock(dataclasses.replace(spec, mlp_dropout=rate))
+        return block.apply({"params": params}, x, None, False, rngs={"dropout": jax.random.PRNGKey(seed)})
+
+    assert not np.allclose(run(0.5, 0), run(0.5, 1))  # the feed-forward dropout is active in training
+    np.testing.assert_array_equal(run(0.0, 0), run(0.0, 1))  # and the only randomness here

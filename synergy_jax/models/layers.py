@@ -32,6 +32,11 @@ def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
     return nn.with_logical_partitioning(init, names)
 
 
+def uniform_init(bound: float) -> Initializer:
+    """U(-bound, bound), the shape of torch's default Linear/Conv and xavier-uniform initialisations."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     """LayerNorm over the hidden axis with an explicit epsilon (Flax's default 1e-6 matches none of the towers)."""
     return nn.LayerNorm(
@@ -77,6 +82,7 @@ class MultiHeadAttention(nn.Module):
     init_std: float
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    torch_init: bool = False  # torch nn.MultiheadAttention's: xavier-uniform packed q/k/v, U(+-1/sqrt(E)) out, 0 biases
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -84,7 +90,10 @@ class MultiHeadAttention(nn.Module):
         if hidden % self.num_heads:
             raise ValueError(f"hidden size {hidden} is not divisible by num_attention_heads {self.num_heads}")
         head_dim = hidden // self.num_heads
-        kernel_init = nn.initializers.normal(self.init_std)
+        if self.torch_init:  # in_proj_weight is one (3E, E) matrix: xavier bound sqrt(6 / (E + 3E))
+            kernel_init, out_init = uniform_init((6.0 / (4 * hidden)) ** 0.5), uniform_init(hidden**-0.5)
+        else:
+            kernel_init = out_init = nn.initializers.normal(self.init_std)
 
         def project(name: str) -> jax.Array:
             return nn.DenseGeneral(
@@ -105,39 +114,48 @@ class MultiHeadAttention(nn.Module):
             axis=(-2, -1),
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=logical(kernel_init, ("heads", "kv", "embed")),
+            kernel_init=logical(out_init, ("heads", "kv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
 
 
 class Mlp(nn.Module):
-    """Dense(hidden -> mlp) -> activation -> Dense(mlp -> hidden)."""
+    """Dense(hidden -> mlp) -> activation -> [dropout] -> Dense(mlp -> hidden)."""
 
     mlp_dim: int
     activation: str
     init_std: float
     dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0  # between the two layers (torch's TransformerEncoderLayer; none in the HF towers)
+    torch_init: bool = False  # torch Linear's default: weights and biases U(+-1/sqrt(fan_in))
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         hidden = x.shape[-1]
-        kernel_init = nn.initializers.normal(self.init_std)
+
+        def inits(fan_in: int) -> tuple[Initializer, Initializer]:
+            if self.torch_init:
+                return uniform_init(fan_in**-0.5), uniform_init(fan_in**-0.5)
+            return nn.initializers.normal(self.init_std), nn.initializers.zeros
+
+        kernel_init, bias_init = inits(hidden)
         x = nn.Dense(
             self.mlp_dim,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=logical(kernel_init, ("embed", "mlp")),
-            bias_init=logical(nn.initializers.zeros, ("mlp",)),
+            bias_init=logical(bias_init, ("mlp",)),
             name="fc1",
         )(x)
-        x = ACTIVATIONS[self.activation](x)
+        x = nn.Dropout(self.dropout_rate, deterministic=deterministic)(ACTIVATIONS[self.activation](x))
+        kernel_init, bias_init = inits(self.mlp_dim)
         return nn.Dense(
             hidden,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=logical(kernel_init, ("mlp", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            bias_init=logical(bias_init, ("embed",)),
             name="fc2",
         )(x)
 
@@ -154,6 +172,8 @@ class BlockSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     pre_norm: bool = True
+    mlp_dropout: float = 0.0  # inside the MLP, as torch's nn.TransformerEncoderLayer (the MMR text decoder)
+    torch_init: bool = False  # nn.TransformerEncoderLayer's initialisation instead of normal(init_std)
 
 
 def block_spec(config: Any, *, pre_norm: bool, attention_dropout: float = 0.0, hidden_dropout: float = 0.0) -> BlockSpec:
@@ -185,14 +205,15 @@ class TransformerBlock(nn.Module):
         spec = self.spec
         ln1 = layer_norm(spec.layer_norm_eps, self.dtype, "ln1")
         ln2 = layer_norm(spec.layer_norm_eps, self.dtype, "ln2")
-        attn = MultiHeadAttention(spec.num_heads, spec.init_std, spec.attention_dropout, self.dtype, name="attn")
-        mlp = Mlp(spec.mlp_dim, spec.activation, spec.init_std, self.dtype, name="mlp")
+        attn = MultiHeadAttention(spec.num_heads, spec.init_std, spec.attention_dropout, self.dtype, spec.torch_init,
+                                  name="attn")  # fmt: skip
+        mlp = Mlp(spec.mlp_dim, spec.activation, spec.init_std, self.dtype, spec.mlp_dropout, spec.torch_init, name="mlp")
         drop = nn.Dropout(spec.hidden_dropout, deterministic=deterministic)
         if spec.pre_norm:
             x = x + drop(attn(ln1(x), mask, deterministic))
-            return x + drop(mlp(ln2(x)))
+            return x + drop(mlp(ln2(x), deterministic))
         x = ln1(x + drop(attn(x, mask, deterministic)))
-        return ln2(x + drop(mlp(x)))
+        return ln2(x + drop(mlp(x, deterministic)))
 
 
 class Encoder(nn.Module):

@@ -123,8 +123,7 @@ def torch_kernel_init() -> layers.Initializer:
 
 
 def torch_bias_init(fan_in: int) -> layers.Initializer:
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return layers.uniform_init(1.0 / math.sqrt(fan_in))
 
 
 def dense(features: int, fan_in: int, use_bias: bool = True, name: str | None = None, **kw: Any) -> nn.Dense:
@@ -283,6 +282,8 @@ class TextDecoder(nn.Module):
             attention_dropout=c.decoder_dropout,
             hidden_dropout=c.decoder_dropout,
             pre_norm=False,
+            mlp_dropout=c.decoder_dropout,  # nn.TransformerEncoderLayer drops inside its feed-forward too
+            torch_init=True,
         )
         for i in range(c.decoder_depth):
             h = layers.TransformerBlock(spec, name=f"layer_{i}")(h, None, not train)
