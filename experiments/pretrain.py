@@ -344,10 +344,24 @@ def total_steps(config: ml_collections.ConfigDict, data: Data) -> tuple[int, int
     return (config.total_steps or config.epochs * steps_per_epoch), steps_per_epoch
 
 
+def batch_fits(config: ml_collections.ConfigDict, data: int, accum_steps: int) -> bool:
+    """Whether the global batch splits into `accum_steps` microbatches over `data` devices (and contrastive groups)."""
+    loss = losses.LossConfig(**config.loss)
+    if config.batch_size % (data * accum_steps):
+        return False
+    return not loss.local_batch or (config.batch_size // (data * accum_steps)) % loss.local_batch == 0
+
+
 def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     """Shape errors before any expensive work."""
-    train.check_batch(config.batch_size, mesh, config.accum_steps)
-    losses.LossConfig(**config.loss).contrastive_batch(config.batch_size // config.accum_steps, mesh.shape["data"])
+    data = mesh.shape["data"]
+    try:
+        train.check_batch(config.batch_size, mesh, config.accum_steps)
+        losses.LossConfig(**config.loss).contrastive_batch(config.batch_size // config.accum_steps, data)
+    except ValueError as error:
+        fitting = [k for k in range(config.accum_steps - 1, 0, -1) if batch_fits(config, data, k)]
+        hint = f"; --config.accum_steps={fitting[0]} fits this mesh (same batch)" if fitting else ""
+        raise ValueError(f"{error}{hint}") from None
     slices, processes = input_slices(config), jax.process_count()
     if slices % processes or config.batch_size % slices:
         raise ValueError(f"--config.data.input_slices={slices} must be a multiple of the {processes} processes and "

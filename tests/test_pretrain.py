@@ -180,6 +180,7 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_
     [
         ("3x1", {}, ValueError, "asks for 3x1=3 devices but this job has 8"),
         ("8x1", {"batch_size": 12}, ValueError, "batch size 12 must be divisible by data-axis size 8"),
+        ("8x1", {"batch_size": 16, "accum_steps": 4}, ValueError, "accum_steps=2 fits this mesh"),
         ("8x1", {"eval_batch_size": 12}, ValueError, "eval_batch_size=12 must be divisible"),
         ("8x1", {"data.demo": False, "data.dir": "/nonexistent/pre"}, FileNotFoundError, "run `python -m data_pipel"),
         ("8x1", {"data.demo": False, "data.dir": "/x", "data.train_manifest": "/no/train.csv"}, FileNotFoundError,
