@@ -310,7 +310,7 @@ def build_metadata(manifest, split, config, rows, manifest_problems, shards, sid
     skipped += [problem for sidecar in sidecars for problem in sidecar["skipped"]]
     skipped.sort(key=lambda problem: problem["row_id"])
     shard_entries = [
-        {"file": shard.name, "num_records": sidecar["num_records"], "bytes": sidecar["bytes"], "sha256": sidecar["sha256"]}
+        {"file": shard.name} | {key: sidecar[key] for key in ("num_records", "bytes", "sha256")}
         for shard, sidecar in zip(shards, sidecars)
     ]
     written_ids = {row_id for sidecar in sidecars for row_id in sidecar["row_ids"]}
@@ -364,9 +364,10 @@ def load_metadata(out: str | os.PathLike, split: str) -> dict:
         file = Path(out) / shard["file"]
         if not file.is_file():
             raise FileNotFoundError(f"{path} lists shard {shard['file']}, which is missing: re-run precompute")
-        if file.stat().st_size != shard.get("bytes", file.stat().st_size):  # (metadata before sizes were recorded)
-            raise ValueError(f"{file} has {file.stat().st_size} bytes, its metadata {shard['bytes']} (truncated or "
-                             "replaced): re-run precompute")  # fmt: skip
+        size, recorded = file.stat().st_size, shard.get("bytes")  # None: metadata from before sizes were recorded
+        if recorded is not None and size != recorded:
+            raise ValueError(f"{file} has {size} bytes, its metadata {recorded} (truncated or replaced): re-run "
+                             "precompute")  # fmt: skip
     return metadata
 
 

@@ -344,22 +344,26 @@ def total_steps(config: ml_collections.ConfigDict, data: Data) -> tuple[int, int
     return (config.total_steps or config.epochs * steps_per_epoch), steps_per_epoch
 
 
-def batch_fits(config: ml_collections.ConfigDict, data: int, accum_steps: int) -> bool:
-    """Whether the global batch splits into `accum_steps` microbatches over `data` devices (and contrastive groups)."""
-    loss = losses.LossConfig(**config.loss)
-    if config.batch_size % (data * accum_steps):
+def check_batch_split(config: ml_collections.ConfigDict, mesh, accum_steps: int) -> None:
+    """The global batch must split into `accum_steps` microbatches over the data axis (and contrastive groups)."""
+    train.check_batch(config.batch_size, mesh, accum_steps)
+    losses.LossConfig(**config.loss).contrastive_batch(config.batch_size // accum_steps, mesh.shape["data"])
+
+
+def batch_splits(config: ml_collections.ConfigDict, mesh, accum_steps: int) -> bool:
+    try:
+        check_batch_split(config, mesh, accum_steps)
+    except ValueError:
         return False
-    return not loss.local_batch or (config.batch_size // (data * accum_steps)) % loss.local_batch == 0
+    return True
 
 
 def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     """Shape errors before any expensive work."""
-    data = mesh.shape["data"]
     try:
-        train.check_batch(config.batch_size, mesh, config.accum_steps)
-        losses.LossConfig(**config.loss).contrastive_batch(config.batch_size // config.accum_steps, data)
+        check_batch_split(config, mesh, config.accum_steps)
     except ValueError as error:
-        fitting = [k for k in range(config.accum_steps - 1, 0, -1) if batch_fits(config, data, k)]
+        fitting = [k for k in range(config.accum_steps - 1, 0, -1) if batch_splits(config, mesh, k)]
         hint = f"; --config.accum_steps={fitting[0]} fits this mesh (same batch)" if fitting else ""
         raise ValueError(f"{error}{hint}") from None
     slices, processes = input_slices(config), jax.process_count()

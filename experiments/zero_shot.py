@@ -559,12 +559,12 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.default_log_verbosity()
-    try:
+
+    def start() -> dict:
         distributed.initialize(distributed.distributed_arguments())  # env / TPU pod / SLURM / MPI; None: 1 process
-        results = run(options_from_flags())
-    except distributed.SETUP_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return run(options_from_flags())
+
+    results = distributed.run_or_exit(start)
     if is_main_process():
         print_table(results)
         print("\nwrote " + ", ".join(results["outputs"]))

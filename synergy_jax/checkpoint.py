@@ -15,6 +15,7 @@ so evaluation jobs need nothing but the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -153,15 +154,20 @@ def make_manager(
         read_only=read_only,
         create=not read_only,
     )
-    if not read_only:
+    # Orbax warns 'Given directory is read only' on every read-only open.
+    with _absl_logging_at(logging.ERROR) if read_only else contextlib.nullcontext():
         return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+
+
+@contextlib.contextmanager
+def _absl_logging_at(level: int):
     absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns 'Given directory is read only' on every read-only open
+    previous = absl_logger.level
+    absl_logger.setLevel(level)
     try:
-        return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+        yield
     finally:
-        absl_logger.setLevel(level)
+        absl_logger.setLevel(previous)
 
 
 def save(

@@ -8,8 +8,8 @@ only). Peaks are dense bf16 per chip from the vendors' data sheets; an fp32 run 
 
 from __future__ import annotations
 
-# Dense bf16 TFLOP/s per JAX device (a chip from v4 on, a TensorCore on v2/v3), matched against `jax.Device.device_kind` by substring (first match wins, so more
-# specific names come first).
+# Dense bf16 TFLOP/s per JAX device (a chip from v4 on, a TensorCore on v2/v3), matched against
+# `jax.Device.device_kind` by substring (first match wins, so more specific names come first).
 PEAK_TFLOPS = (
     ("TPU v6 lite", 918.0),  # v6e (Trillium)
     ("TPU v5 lite", 197.0),  # v5e

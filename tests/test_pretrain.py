@@ -82,7 +82,10 @@ def cli_overrides(data_root: Path, **overrides) -> list[str]:
 
 
 def metric_lines(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    """The complete lines of metrics.jsonl (a running job may be writing the last one); none before it exists."""
+    path = workdir / "metrics.jsonl"
+    complete = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in complete]
 
 
 def train_losses(workdir: Path) -> dict[int, float]:
@@ -225,19 +228,12 @@ def process_output(cwd: Path, index: int) -> str:
     return (cwd / f"process_{index}.log").read_text()
 
 
-def logged_steps(workdir: Path) -> int:
-    """Train steps logged so far by a running job (a line being written is not counted)."""
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line and '"eval/' not in line)
-
-
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
     with job_processes([command], devices=1, cwd=tmp_path) as (process,):
         hang_guard = time.time() + 600  # not a speed limit: only stops a hung job from hanging the suite
-        while logged_steps(tmp_path) < 3:
+        while len(train_losses(tmp_path)) < 3:
             assert process.poll() is None, "the job exited before it was signalled:\n" + process_output(tmp_path, 0)[-3000:]
             assert time.time() < hang_guard, "no 3 logged steps in 600 s:\n" + process_output(tmp_path, 0)[-3000:]
             time.sleep(0.5)
