@@ -320,6 +320,14 @@ def generate(out: str | os.PathLike, train_per_class: int = 16, test_per_class: 
     return DemoPaths(root=out, manifests=manifests, tokenizer_dir=out / "tokenizer")
 
 
+def layout(root: str | os.PathLike) -> DemoPaths:
+    """Where `ensure_demo_data(root)` keeps the demo: the raw files under root/raw, the shards under
+    root/precomputed (nothing is checked or created)."""
+    raw = Path(root) / "raw"
+    return DemoPaths(root=raw, manifests={split: raw / f"{split}.csv" for split in SPLITS},
+                     tokenizer_dir=raw / "tokenizer", precomputed_dir=Path(root) / "precomputed")  # fmt: skip
+
+
 def _is_generated(root: Path, train_per_class: int, test_per_class: int, seed: int) -> bool:
     try:
         info = json.loads((root / "demo.json").read_text())
@@ -354,12 +362,7 @@ def ensure_demo_data(
     precomputed = root / "precomputed"
     for split in SPLITS:
         precompute.precompute(raw / f"{split}.csv", precomputed, config, workers=workers, progress=progress)
-    return DemoPaths(
-        root=raw,
-        manifests={split: raw / f"{split}.csv" for split in SPLITS},
-        tokenizer_dir=raw / "tokenizer",
-        precomputed_dir=precomputed,
-    )
+    return layout(root)
 
 
 def _run(argv) -> None:

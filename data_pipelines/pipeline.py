@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
-from typing import Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
 from data_pipelines import augment, precompute, records
-from synergy_jax import audio, text
+from synergy_jax import audio, parallel, text
+from synergy_jax.errors import CheckpointError
 
 HOST_ONLY_FIELDS = ("row_id",)
 
@@ -158,8 +157,7 @@ def slice_seed(seed: int, index: int) -> int:
 
 def eval_length(num_examples: int, batch_size: int, process_count: int) -> int:
     """Examples per process after padding: the same whole number of batches on every process."""
-    per_process = math.ceil(num_examples / process_count)
-    return max(1, math.ceil(per_process / batch_size)) * batch_size
+    return parallel.padded_length(num_examples, batch_size, process_count)
 
 
 def build_dataset(config: PipelineConfig, tokenizer=None) -> grain.IterDataset:
@@ -202,32 +200,51 @@ def build_dataset(config: PipelineConfig, tokenizer=None) -> grain.IterDataset:
     return dataset
 
 
-def global_batch(batch: dict, mesh, axis: str = "data") -> dict:
-    """Host batch -> global jax.Arrays sharded on `axis` (batch dimension); host-only fields are dropped.
+def global_batch(batch: dict, mesh) -> dict:
+    """Host batch -> global jax.Arrays sharded over the mesh's 'data' axis; host-only fields are dropped."""
+    return parallel.global_batch({k: v for k, v in batch.items() if k not in HOST_ONLY_FIELDS}, mesh)
 
-    Every process passes its own local batch; the global batch is their concatenation in process order.
+
+class SlicedInput:
+    """One process's share of a global training batch, assembled from input slices (a resumable iterator).
+
+    The data order depends only on the number of slices, so a run with a fixed number gives the same batches on
+    one process or on any number of processes that divides it. `configs` are this process's slices in order; each
+    batch is their batches concatenated.
+    """
+
+    def __init__(self, configs: list[PipelineConfig], tokenizer):
+        self.iterators = [iter(build_dataset(c, tokenizer)) for c in configs]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(iterator) for iterator in self.iterators]
+        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    def get_state(self) -> dict:
+        return {"slices": [iterator.get_state() for iterator in self.iterators]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["slices"]) != len(self.iterators):
+            raise CheckpointError(
+                f"the checkpoint's input state has {len(state['slices'])} slices for this process, this run "
+                f"{len(self.iterators)}: keep --config.data.input_slices and the number of processes, or set "
+                "--config.resume_data=False"
+            )
+        for iterator, slice_state in zip(self.iterators, state["slices"]):
+            iterator.set_state(slice_state)
+
+
+def sliced_input(config: PipelineConfig, slices: int, tokenizer) -> SlicedInput:
+    """This process's slices of a training input. `config.batch_size` is the global batch; each of the `slices` input slices (a multiple of the process count)
+    yields `batch_size // slices` rows, and this process reads its consecutive share of them.
     """
     import jax
 
-    sharding = jax.NamedSharding(mesh, jax.P(axis))
-    return {
-        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for name, value in batch.items()
-        if name not in HOST_ONLY_FIELDS
-    }
-
-
-def label_names_from_metadata(data_dir: str, split: str) -> tuple[str, ...]:
-    """The sorted distinct labels of a precomputed split (for label ids and zero-shot class lists)."""
-    return tuple(precompute.load_metadata(data_dir, split)["labels"])
-
-
-def example_shapes(metadata: dict, image_size: int, max_length: int) -> dict[str, Sequence[int]]:
-    """Per-example shapes of the batch fields, from precompute metadata (for model init / eval_shape)."""
-    fbank = metadata["config"]["fbank"]
-    return {
-        "image": (image_size, image_size, 3),
-        "audio": (fbank["max_frames"], fbank["num_mel_bins"]),
-        "input_ids": (max_length,),
-        "attention_mask": (max_length,),
-    }
+    per_process = slices // jax.process_count()
+    first = jax.process_index() * per_process
+    configs = [dataclasses.replace(config, batch_size=config.batch_size // slices, process_index=i, process_count=slices)
+               for i in range(first, first + per_process)]  # fmt: skip
+    return SlicedInput(configs, tokenizer)

@@ -26,86 +26,15 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from synergy_jax import parallel, train
-from synergy_jax.models import TOWERS
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from synergy_jax import parallel
+from synergy_jax.errors import CheckpointError
+from synergy_jax.models import param_groups
+from synergy_jax.models.synergy import SynergyCLIP, example_batch
+from synergy_jax.record import RunRecord
 
 STATE, DATA, CONFIG = "state", "data", "config"
 CHECKPOINT_SUBDIR = "checkpoints"
-PARAM_GROUPS = ("vision_model", "text_model", "audio_model", "vision_projection", "text_projection",
-                "audio_projection", "logit_scale_it", "logit_scale_ta", "logit_scale_ai")  # fmt: skip
-MODALITY_PARAMS = {
-    "image": ("vision_model", "vision_projection"),
-    "text": ("text_model", "text_projection"),
-    "audio": ("audio_model", "audio_projection"),
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or written by an incompatible config."""
-
-
-# ------------------------------------------------------------------------------------------ model config <-> JSON
-
-
-def model_config_to_dict(config: SynergyConfig) -> dict[str, Any]:
-    """What rebuilds the model: each tower's Hugging Face config fields, the projection and the temperatures."""
-    return {
-        "vision": config.vision.to_hf_dict(),
-        "text": config.text.to_hf_dict(),
-        "audio": config.audio.to_hf_dict(),
-        "projection_dim": config.projection_dim,
-        "logit_scale_init": config.logit_scale_init,
-        "logit_scale_max": config.logit_scale_max,
-    }
-
-
-def model_config_from_dict(saved: Mapping[str, Any], dtype: str = "float32", remat: bool = False) -> SynergyConfig:
-    towers = {name: TOWERS[name].config_cls.from_hf_dict(saved[name], dtype=dtype, remat=remat) for name in TOWERS}
-    return SynergyConfig(
-        **towers,
-        projection_dim=saved["projection_dim"],
-        logit_scale_init=saved["logit_scale_init"],
-        logit_scale_max=saved["logit_scale_max"],
-    )
-
-
-def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
-    if isinstance(saved, Mapping) and isinstance(current, Mapping):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            where = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in current:
-                out.append(f"{where}: {'absent' if key not in saved else saved[key]!r} -> "
-                           f"{'absent' if key not in current else current[key]!r}")  # fmt: skip
-            else:
-                out.extend(_differences(saved[key], current[key], where))
-        return out
-    same = saved == current or (isinstance(saved, (list, tuple)) and list(saved) == list(current))
-    return [] if same else [f"{path}: {saved!r} -> {current!r}"]
-
-
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-    """Raises CheckpointError naming every field that makes the saved state unusable for the current run.
-
-    Compared: the model config (and, when given, the config fields that define it) and the optimizer options that change the optimizer state's structure. Everything
-    else (learning rate, steps, batch size, mesh, logging) may change between runs.
-    """
-    problems = _differences(saved.get("model", {}), current["model"], "model")
-    if "model_spec" in current:
-        problems += _differences(saved.get("model_spec", {}), current["model_spec"], "model_spec")
-    problems += _differences(saved.get("optimizer_structure", {}), current["optimizer_structure"], "optimizer")
-    if problems:
-        raise CheckpointError(
-            f"the checkpoint in {where} was written by an incompatible config ({len(problems)} difference(s), "
-            f"saved -> now): " + "; ".join(problems[:12]) + ". Use another --workdir for a new run, or the config "
-            "that wrote it."
-        )
-
-
-def optimizer_structure(optimizer_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The optimizer options that decide the shape of its state (see `train.make_optimizer`)."""
-    return {"clip_grad_norm": optimizer_config["clip_grad_norm"] > 0, "weight_decay_on": optimizer_config["weight_decay_on"]}
+LOGIT_SCALES = ("logit_scale_it", "logit_scale_ta", "logit_scale_ai")
 
 
 # ------------------------------------------------------------------------------------------ the manager
@@ -173,15 +102,15 @@ def _absl_logging_at(level: int):
 def save(
     manager: ocp.CheckpointManager,
     step: int,
-    state: train.TrainState,
-    config: Mapping[str, Any],
+    state: Any,
+    record: RunRecord,
     data_state: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> bool:
     """Saves (asynchronously) if `step` is due or `force`; returns whether a save started."""
     import grain
 
-    items = {STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(dict(config))}
+    items = {STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(record.to_json())}
     if data_state is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(_DataState(data_state))
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -209,10 +138,20 @@ def latest_step(workdir: str | Path, step: int | None = None) -> int:
         manager.close()
 
 
-def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
-    """The config JSON of a checkpoint (default: the latest)."""
+def saved_record(manager: ocp.CheckpointManager, step: int | None = None) -> RunRecord:
+    """The run record of a checkpoint (default: the latest)."""
     step = _latest(manager, step)
-    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    saved = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    return RunRecord.from_json(saved, f"{manager.directory}/{step}")
+
+
+def read_record(workdir: str | Path, step: int | None = None) -> RunRecord:
+    """The run record of a run folder's checkpoint (default: the latest), without reading any array."""
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return saved_record(manager, step)
+    finally:
+        manager.close()
 
 
 def _restore_tree(manager: ocp.CheckpointManager, step: int, target: Any, partial: bool) -> Any:
@@ -227,9 +166,7 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, target: Any, partia
         ) from error
 
 
-def restore_train_state(
-    manager: ocp.CheckpointManager, abstract_state: train.TrainState, step: int | None = None
-) -> train.TrainState:
+def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
     """The full train state of a checkpoint, placed in `abstract_state`'s shardings (any mesh)."""
     return _restore_tree(manager, _latest(manager, step), abstract_state, partial=False)
 
@@ -252,14 +189,15 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict[str, A
 
 def resolve_groups(groups: Iterable[str] | None) -> tuple[str, ...]:
     """Parameter groups by name; modality names ('image', 'text', 'audio') expand to tower + projection."""
+    known = tuple(name for m in ("image", "text", "audio") for name in param_groups(m)) + LOGIT_SCALES
     if groups is None:
-        return PARAM_GROUPS
+        return known
     out: list[str] = []
     for group in groups:
-        names = MODALITY_PARAMS.get(group, (group,))
+        names = param_groups(group) if group in ("image", "text", "audio") else (group,)
         for name in names:
-            if name not in PARAM_GROUPS:
-                raise ValueError(f"unknown parameter group {group!r}; known: {list(MODALITY_PARAMS)} + {PARAM_GROUPS}")
+            if name not in known:
+                raise ValueError(f"unknown parameter group {group!r}; known: image, text, audio + {known}")
             if name not in out:
                 out.append(name)
     return tuple(out)
@@ -273,28 +211,26 @@ def restore_params(
     rules: str = "replicate",
     step: int | None = None,
     dtype: str = "float32",
-) -> tuple[dict[str, Any], SynergyConfig, dict[str, Any]]:
-    """(params, model config, saved config JSON): only the named parameter groups, sharded on `mesh` by `rules`.
+) -> tuple[dict[str, Any], RunRecord]:
+    """(params, run record) of a pre-training run: only the named parameter groups, sharded on `mesh` by `rules`.
 
     `groups`: e.g. ('image', 'text') or ('audio_model',); None = all parameters. Optimizer state is never read.
     """
     manager = make_manager(workdir, read_only=True)
-    step = _latest(manager, step)
-    saved = saved_config(manager, step)
-    if not all(name in saved.get("model", {}) for name in TOWERS):
+    try:
+        step = _latest(manager, step)
+        record = saved_record(manager, step)
+        model_config = record.synergy_config(dtype=dtype)
+        model = SynergyCLIP(model_config)
+        boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_batch(model_config, 1))["params"]
+        shardings = parallel.param_shardings(boxed, mesh, rules)
+        shapes = nn.unbox(boxed)
+        target = {
+            name: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes[name],
+                               shardings[name])  # fmt: skip
+            for name in resolve_groups(groups)
+        }
+        restored = _restore_tree(manager, step, {"params": target}, partial=True)
+    finally:
         manager.close()
-        raise CheckpointError(f"{workdir} is not a pre-training run (its checkpoint has no tower configs): pass the "
-                              "workdir of experiments/pretrain.py")  # fmt: skip
-    model_config = model_config_from_dict(saved["model"], dtype=dtype)
-    model = SynergyCLIP(model_config)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_batch(model_config, 1))["params"]
-    shardings = parallel.param_shardings(boxed, mesh, rules)
-    shapes = nn.unbox(boxed)
-    wanted = resolve_groups(groups)
-    target = {
-        name: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes[name], shardings[name])
-        for name in wanted
-    }  # fmt: skip
-    restored = _restore_tree(manager, step, {"params": target}, partial=True)
-    manager.close()
-    return dict(restored["params"]), model_config, saved
+    return dict(restored["params"]), record

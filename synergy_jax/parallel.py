@@ -113,3 +113,27 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, jax.P())
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> global jax.Arrays split over 'data' along the batch dimension.
+
+    Every process passes its own local rows; the global batch is their concatenation in process order.
+    """
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in batch.items()}
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as one host numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def padded_length(count: int, batch_size: int, process_count: int) -> int:
+    """Examples per process after padding `count` examples: the same whole number of batches on every process."""
+    per_process = math.ceil(count / process_count)
+    return max(1, math.ceil(per_process / batch_size)) * batch_size

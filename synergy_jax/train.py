@@ -23,15 +23,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from synergy_jax import losses, parallel
+from synergy_jax.errors import NonFiniteLossError  # noqa: F401  (re-exported: the step's callers raise it)
 from synergy_jax.models.synergy import PAIRS, SynergyCLIP
 
 Params = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss, gradient or parameter; the jobs stop instead of applying it."""
 
 
 @flax.struct.dataclass
@@ -182,6 +179,93 @@ def check_batch(batch_size: int, mesh: Mesh, accum_steps: int) -> None:
         )
 
 
+# loss_fn(params, batch, rng, mutable, frozen) -> (loss, (metrics, mutable)). `mutable` holds the train-state fields
+# the loss may update besides the parameters (e.g. BatchNorm statistics), `frozen` the parameters the step reads but
+# never trains (e.g. MMR's encoders; None when there are none).
+LossFn = Callable[[Params, Batch, jax.Array, dict[str, Any], Any], tuple[jax.Array, tuple[Metrics, dict[str, Any]]]]
+
+
+def make_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    shardings: Any,
+    mesh: Mesh,
+    accum_steps: int = 1,
+    *,
+    frozen_shardings: Any = None,
+    mutable: tuple[str, ...] = (),
+    schedule: optax.Schedule | None = None,
+    extra_metrics: Callable[[Params], Metrics] | None = None,
+) -> Callable[..., tuple[Any, Metrics]]:
+    """The jitted train step `(state, batch[, frozen]) -> (state, metrics)` of every job.
+
+    It owns what all of them share: gradient accumulation over `accum_steps` microbatches (`lax.scan`, each device
+    keeping its own rows), the gradient norm, the non-finite guard (a non-finite loss or gradient leaves the whole
+    state untouched and sets metrics['nonfinite']), the learning rate of `schedule`, and donation of the state.
+    `shardings` is the state's sharding tree (or one sharding for all of it); `extra_metrics(params)` adds the
+    job's own read-outs of the parameters before the update (e.g. temperatures).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params: Params, batch: Batch, rng: jax.Array, fields: dict, frozen: Any):
+        if accum_steps == 1:
+            (_, (metrics, fields)), grads = grad_fn(params, batch, rng, fields, frozen)
+            return grads, metrics, fields
+
+        def accumulate(carry, inputs):
+            grad_sum, fields = carry
+            index, microbatch = inputs
+            (_, (metrics, fields)), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index), fields, frozen)
+            return (jax.tree.map(jnp.add, grad_sum, grads), fields), metrics
+
+        microbatches = split_microbatches(batch, accum_steps, mesh)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, fields), metrics = jax.lax.scan(accumulate, (zeros, fields), (jnp.arange(accum_steps), microbatches))
+        return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics), fields
+
+    def step(state, batch: Batch, *frozen: Any):
+        rng = jax.random.fold_in(state.rng, state.step)
+        fields = {name: getattr(state, name) for name in mutable}
+        grads, metrics, fields = gradients(state.params, batch, rng, fields, frozen[0] if frozen else None)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state, **fields)  # fmt: skip
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        extra = extra_metrics(state.params) if extra_metrics is not None else {}
+        metrics = {**metrics, **extra, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return new_state, metrics
+
+    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    in_shardings = (shardings, batch_sharding) + (() if frozen_shardings is None else (frozen_shardings,))
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def contrastive_loss(model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh) -> LossFn:
+    """Pre-training's loss for `make_step`: the tri-modal InfoNCE of the model's embeddings (dropout on)."""
+    loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array, mutable: dict, frozen: Any):
+        embeddings, log_scales = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
+        metrics = loss_on_mesh(embeddings, log_scales)
+        return metrics["loss"], (metrics, mutable)
+
+    return loss_fn
+
+
+def temperatures(model: SynergyCLIP) -> Callable[[Params], Metrics]:
+    """The three learned logit scales (exp of the log parameters, clamped if configured), for the step's metrics."""
+
+    def read(params: Params) -> Metrics:
+        log_scales = model.apply({"params": params}, method=SynergyCLIP.logit_scales)
+        return {f"logit_scale/{pair}": jnp.exp(log_scales[pair]) for pair in PAIRS}
+
+    return read
+
+
 def make_train_step(
     model: SynergyCLIP,
     tx: optax.GradientTransformation,
@@ -191,72 +275,6 @@ def make_train_step(
     accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The jitted step. A non-finite loss or gradient leaves the state untouched and sets metrics['nonfinite']."""
-    loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
-
-    def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        embeddings, log_scales = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-        metrics = loss_on_mesh(embeddings, log_scales)
-        return metrics["loss"], metrics
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def gradients(params: Params, batch: Batch, rng: jax.Array) -> tuple[Params, Metrics]:
-        if accum_steps == 1:
-            (_, metrics), grads = grad_fn(params, batch, rng)
-            return grads, metrics
-
-        def accumulate(grad_sum: Params, inputs: tuple[jax.Array, Batch]) -> tuple[Params, Metrics]:
-            index, microbatch = inputs
-            (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, grad_sum, grads), metrics
-
-        microbatches = split_microbatches(batch, accum_steps, mesh)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), microbatches))
-        return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics)
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = gradients(state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updated = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-        )
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-        log_scales = model.apply({"params": state.params}, method=SynergyCLIP.logit_scales)
-        metrics = {
-            **metrics,
-            **{f"logit_scale/{pair}": jnp.exp(log_scales[pair]) for pair in PAIRS},
-            "grad_norm": grad_norm,
-            "nonfinite": (~finite).astype(jnp.float32),
-        }
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        return new_state, metrics
-
-    return jax.jit(
-        step,
-        in_shardings=(shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
-def make_eval_step(
-    model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh, shardings: TrainState
-) -> Callable[[Params, Batch], tuple[Metrics, dict[str, jax.Array]]]:
-    """Deterministic forward: (pair losses on the batch, normalised embeddings sharded on 'data')."""
-    loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
-
-    def evaluate(params: Params, batch: Batch) -> tuple[Metrics, dict[str, jax.Array]]:
-        embeddings, log_scales = model.apply({"params": params}, batch, deterministic=True)
-        return loss_on_mesh(embeddings, log_scales), embeddings
-
-    return jax.jit(
-        evaluate,
-        in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-    )
+    """Pre-training's step: `make_step` with the contrastive loss and the temperatures in the metrics."""
+    return make_step(contrastive_loss(model, loss_config, mesh), tx, shardings, mesh, accum_steps, schedule=schedule,
+                     extra_metrics=temperatures(model))  # fmt: skip

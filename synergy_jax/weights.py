@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from synergy_jax.errors import CheckpointError
 from synergy_jax.models import TOWERS, TowerKind, build_tower, tower_kind
 from synergy_jax.models.hf_config import TowerConfig
 
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 ParamPath = tuple[str, ...]
 HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture its config describes."""
 
 
 # ----------------------------------------------------------------------------------------------------------

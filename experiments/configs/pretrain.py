@@ -18,11 +18,7 @@ microbatch across all devices instead (what scales).
 import ml_collections
 
 from synergy_jax import train
-
-PAPER_TOWERS = {
-    "base": ("openai/clip-vit-base-patch16", "FacebookAI/roberta-base", "MIT/ast-finetuned-audioset-12-12-0.447", 768),
-    "large": ("openai/clip-vit-large-patch14", "FacebookAI/roberta-large", "MIT/ast-finetuned-audioset-10-10-0.4593", 1024),
-}  # fmt: skip
+from synergy_jax.models.synergy import PRESETS
 # (per-device batch, devices, accumulation steps, seed) of the reference runs.
 PAPER_BATCH = {"base": (35, 2, 4, 77), "large": (14, 2, 8, 42)}
 TEXT_MODES = {"p": "prompt", "c": "caption"}
@@ -33,6 +29,8 @@ def common() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = ""
     config.seed = 0
+    config.workdir = ""  # run folder (checkpoints, metrics, TensorBoard); '': runs/<name> (--workdir)
+    config.mesh = "-1x1"  # DxM: D-way data, M-way model parallel, -1 = the rest (--mesh)
 
     config.model = ml_collections.ConfigDict()
     config.model.init = "hub"  # 'hub': pretrained towers from hub ids / local folders; 'scratch': random init
@@ -82,6 +80,7 @@ def common() -> ml_collections.ConfigDict:
 
     config.eval_batch_size = 256  # global
     config.eval_every = 0  # steps; 0: once per epoch (and always at the end)
+    config.evals = ("contrastive", "retrieval", "zero_shot")  # what runs on the eval split (synergy_jax/evaluators)
     config.eval_contrastive_batch = 0  # batch of the reported eval pair losses; 0: the training microbatch
     config.zero_shot_image_templates = ("this is a photo of {}",)  # the reference's ZS prompts (spec §5.4)
     config.zero_shot_audio_templates = ("this is a sound of {}",)
@@ -136,7 +135,7 @@ def paper(size: str, text: str) -> ml_collections.ConfigDict:
     """The reference's pre-training of Synergy-CLIP {Base, Large}_{p, c}."""
     config = common()
     config.name = f"{size}_{text}"
-    vision, text_tower, audio, projection_dim = PAPER_TOWERS[size]
+    vision, text_tower, audio, projection_dim = PRESETS[size]
     per_device, devices, accum, seed = PAPER_BATCH[size]
     config.seed = seed
     config.model.init = "hub"
@@ -157,6 +156,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if name == "demo":
         return demo()
     size, _, text = name.partition("_")
-    if size not in PAPER_TOWERS or text not in TEXT_MODES:
+    if size not in PAPER_BATCH or text not in TEXT_MODES:
         raise ValueError(f"unknown pretrain config {name!r}; known: demo, base_p, base_c, large_p, large_c")
     return paper(size, text)

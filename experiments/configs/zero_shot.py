@@ -1,8 +1,13 @@
-"""Zero-shot evaluation settings as code: prompt sets and the named datasets `experiments/zero_shot.py` knows.
+"""Zero-shot evaluation config: `--config=experiments/configs/zero_shot.py`, any field overridable as --config.x=y
+(and each by its own short flag, e.g. --dataset=esc50 = --config.dataset=esc50; see experiments/zero_shot.py).
+
+Also here, as code: the prompt sets and the named datasets `experiments/zero_shot.py` knows.
 
 Prompt sets: `single` is the reference's protocol (REFERENCE_SPEC §5.4: one template per modality, no final period);
 `ensemble` averages the normalised text embeddings of several templates per class (CLIP's prompt ensembling).
 """
+
+import ml_collections
 
 # The reference's zero-shot templates (ZS_image_task.py / ZS_audio_task.py), verbatim.
 SINGLE = {
@@ -77,3 +82,28 @@ DATASETS = {
 }
 # Also accepted: 'tfds:<name>' (any prepared TFDS image classification set) and 'folder', 'folder:image',
 # 'folder:audio' (a class-per-folder directory).
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Every setting of the job. Empty strings mean "the run's own" (tokenizer, text mode) or "the default"."""
+    config = ml_collections.ConfigDict()
+    config.checkpoint = "runs/demo"  # pre-training run folder (where `python experiments/pretrain.py` writes the demo)
+    config.dataset = "demo"  # a DATASETS name, tfds:<name> or folder[:image|audio]
+    # Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, precomputed folder or manifest CSV; demo: a
+    # demo data root (raw/ + precomputed/), default the run's own data.
+    config.data_dir = ""
+    config.split = ""  # TFDS / precomputed split; '': the set's test split (demo: the run's eval split)
+    config.folds = "all"  # ESC-50 / UrbanSound8K folds: all, 1-5, 1,3, ...
+    config.prompts = "ensemble"  # a PROMPT_SETS name: single | ensemble
+    config.class_names = ""  # optional file, one class name per line, checked against the dataset's label order
+    config.mesh = "-1x1"  # DxM device mesh (any mesh; the checkpoint's need not match)
+    config.sharding = "replicate"  # parameter rules: replicate | fsdp | tp | fsdp_tp
+    config.batch_size = 128  # global; divisible by the data axis and the process count
+    config.step = -1  # checkpoint step; -1: the latest
+    config.dtype = "float32"  # compute dtype of the towers (bfloat16 on TPU/GPU is fine)
+    config.tokenizer = ""  # hub id or folder; '': the run's
+    config.text_mode = ""  # retrieval text: caption | prompt; '': the run's
+    config.out = ""  # results JSON; '': <checkpoint>/zero_shot/<dataset>_<prompts>.json (confusion PNGs beside it)
+    config.workers = 8  # threads decoding images / audio
+    config.progress = True  # progress bars
+    return config

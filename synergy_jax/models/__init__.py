@@ -22,6 +22,19 @@ class TowerKind:
     presets: dict[str, TowerConfig]
 
 
+# The one modality vocabulary. Data, losses and jobs speak of modalities (image, text, audio); towers, configs and
+# parameters are named after the model families (vision, text, audio), as Hugging Face and the reference name them.
+MODALITIES = ("image", "text", "audio")
+TOWER_OF = {"image": "vision", "text": "text", "audio": "audio"}  # modality -> tower (config field, parameter prefix)
+
+
+def param_groups(modality: str) -> tuple[str, str]:
+    """The tri-modal model's top-level parameters of one modality: its tower and its projection."""
+    if modality not in TOWER_OF:
+        raise ValueError(f"unknown modality {modality!r}; known: {MODALITIES}")
+    return f"{TOWER_OF[modality]}_model", f"{TOWER_OF[modality]}_projection"
+
+
 TOWERS: dict[str, TowerKind] = {
     "vision": TowerKind("vision", vision.CLIPVisionConfig, vision.CLIPVisionTower, vision.example_inputs, vision.PRESETS),
     "text": TowerKind("text", text.RobertaConfig, text.RobertaTower, text.example_inputs, text.PRESETS),

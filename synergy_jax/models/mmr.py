@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synergy_jax.models import layers
+from synergy_jax.models import layers, param_groups
 from synergy_jax.models.audio import ASTTower
 from synergy_jax.models.synergy import SynergyConfig
 from synergy_jax.models.text import RobertaTower
@@ -53,7 +53,6 @@ TASKS = {
     "image": Task("image", ("text", "audio"), "mean"),  # TXT_AUD_2_IMG
     "text": Task("text", ("image", "audio"), "mean"),  # IMG_AUD_2_TXT
 }
-TOWER_OF = {"image": "vision_model", "text": "text_model", "audio": "audio_model"}
 MAPPER_OF = {"image": "img_dim_mapper", "text": "txt_dim_mapper", "audio": "aud_dim_mapper"}
 
 
@@ -342,7 +341,7 @@ def encoder_features(
     task = TASKS[missing]
     out = {}
     for modality in task.inputs:
-        params = {"params": encoder_params[TOWER_OF[modality]]}
+        params = {"params": encoder_params[param_groups(modality)[0]]}
         mask = None
         if modality == "image":
             hidden, pooled = CLIPVisionTower(synergy.vision).apply(params, batch["image"], True)

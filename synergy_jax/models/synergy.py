@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from synergy_jax.models import audio, layers, preset, text, vision
 from synergy_jax.models.hf_config import TowerConfig
 
-MODALITIES = ("image", "text", "audio")
 # (rows, columns) of each pair's logit matrix, as the reference orients them: IT rows are images, TA rows are texts,
 # AI rows are audio clips (the symmetric loss does not depend on it).
 PAIRS = {"it": ("image", "text"), "ta": ("text", "audio"), "ai": ("audio", "image")}
@@ -143,9 +142,6 @@ class SynergyCLIP(nn.Module):
             "audio": self.embed_audio(batch["audio"], deterministic),
         }
         return {name: l2_normalize(x) for name, x in embeddings.items()}, self.logit_scales()
-
-
-TOWER_PARAMS = {"vision": "vision_model", "text": "text_model", "audio": "audio_model"}
 
 
 def example_batch(config: SynergyConfig, batch: int = 1, text_length: int = text.REFERENCE_TEXT_LENGTH) -> dict[str, jax.Array]:

@@ -1,0 +1,1 @@
+"""The jobs: pre-training, zero-shot, MMR and benchmarks (importable: notebooks and tests import them)."""

@@ -1,0 +1,1 @@
+"""Configs as code, one file per job (`--config=experiments/configs/<job>.py[:<name>]`)."""

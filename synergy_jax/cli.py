@@ -1,0 +1,141 @@
+"""The jobs' command line, one style for all: an ml_collections config file plus absl flags.
+
+    python experiments/<job>.py [--config=experiments/configs/<job>.py[:<name>]] [--config.<field>=<value> ...]
+                                [--<shortcut>=<value> ...]
+
+Every setting is a config field (`--config.x.y=z` overrides any of them). The fields people set most also have a
+short flag of their own (`Shortcut`): `--mesh=8x1` is `--config.mesh=8x1`. Every job also takes the multi-process
+flags (`--coordinator_address`, `--num_processes`, `--process_id`; see synergy_jax.distributed).
+
+Exit codes (docs/pretrain.md): 0 done or preempted (rerun to resume); 1 a non-finite loss stopped training; 2 a
+bad flag, config value, data, file or checkpoint, with one line naming it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from synergy_jax import distributed
+from synergy_jax.errors import NonFiniteLossError
+
+# A bad flag, config value, manifest, precompute output or checkpoint (the project's errors for these subclass
+# ValueError), or a missing file or tokenizer (OSError).
+SETUP_ERRORS = (ValueError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shortcut:
+    """`--<name>=<value>` sets config field `field` (dotted), converted to the field's type."""
+
+    name: str
+    field: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """`config.<dotted> = value`, converted to the type of the field's current value; a ValueError names it."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    current = node[leaf]
+    try:
+        if isinstance(current, bool) and isinstance(value, str):
+            value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+        elif current is not None and not isinstance(value, type(current)):
+            value = type(current)(value)
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"--config.{dotted}={value!r}: expected a {type(current).__name__}") from None
+    node[leaf] = value
+
+
+def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
+    """Runs a job; a non-finite training state exits 1, a setup error exits 2, each with a one-line message
+    instead of a traceback."""
+    try:
+        return job(*args)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except SETUP_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def start(
+    config_file: Path,
+    run: Callable[[ml_collections.ConfigDict], Any],
+    report: Callable[[Any], None],
+    shortcuts: Sequence[Shortcut] = (),
+    default_config: str = "",
+) -> None:
+    """The `__main__` of a job: defines the flags, parses them (a bad one exits 2), starts the processes, runs
+    `run(config)` under the exit codes and `report(result)` on process 0."""
+    from absl import app
+
+    default = f"{config_file}:{default_config}" if default_config else str(config_file)
+    try:
+        config_flag = _define_flags(default, shortcuts)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # ml_collections applies --config.x=y while defining the flag: a bad override surfaces here.
+        what = str(error.args[0] if error.args else error).strip("'\"")  # a KeyError quotes its key
+        print(f"error: bad --config or --config.<field> override: {what}. The fields are in {config_file}.",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        distributed.default_log_verbosity()
+        result = run_or_exit(_configure_and_run, config_flag.value, shortcuts, run)
+        if distributed.is_main_process():
+            report(result)
+
+    app.run(main, flags_parser=parse_flags_or_exit)
+
+
+def _define_flags(default_config: str, shortcuts: Sequence[Shortcut]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", default_config, "Config file[:name].", lock_config=True)
+    for shortcut in shortcuts:
+        help_text = f"{shortcut.help} (= --config.{shortcut.field})"
+        if shortcut.choices:
+            flags.DEFINE_enum(shortcut.name, None, list(shortcut.choices), help_text)
+        else:
+            flags.DEFINE_string(shortcut.name, None, help_text)
+    flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+    return config_flag
+
+
+def _configure_and_run(config: ml_collections.ConfigDict, shortcuts: Sequence[Shortcut], run) -> Any:
+    from absl import flags
+
+    for shortcut in shortcuts:
+        if flags.FLAGS[shortcut.name].present:
+            set_field(config, shortcut.field, flags.FLAGS[shortcut.name].value)
+    f = flags.FLAGS
+    distributed.initialize(distributed.distributed_arguments(f.coordinator_address, f.num_processes, f.process_id))
+    return run(config)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a bad flag (unknown flag, bad value, unknown config name) exits 2 with the one line
+    that names it, instead of absl's exit 1 with the config file's traceback."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        print(f"error: {lines[-1] if lines else error}\nPass --helpshort or --helpfull to see the flags.", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,293 @@
+"""The one resumable training loop every training job runs (pre-training, MMR, fine-tuning).
+
+A job brings what is its own: a train state, a jitted step (`train.make_step` with its loss), a resumable input
+iterator (`next()`, `get_state()`, `set_state()`), a run record and an evaluation hook. The loop brings the rest:
+
+- resume: `start_state` restores the newest checkpoint (state and input position) after checking that the saved run
+  record is compatible, or initialises a fresh state;
+- steps, with each step's metrics fetched while the next one runs (the host never waits for the device);
+- a non-finite step stops the run (`NonFiniteLossError`, exit 1) and keeps the last good checkpoint;
+- SIGTERM (preemption) or `stop_at(step)` saves and returns with `preempted=True` (exit 0; rerun to resume);
+- metric windows averaged every `log_every` steps with throughput and MFU, to metrics.jsonl and TensorBoard;
+- evaluation every `eval_every` steps and at the end; checkpoints at the manager's cadence and at the end;
+- a progress bar, and summary.json (`summarize`).
+
+Only process 0 writes logs and files; every process runs the same loop (stopping is agreed collectively).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from synergy_jax import checkpoint, flops
+from synergy_jax.distributed import StopRequest, is_main_process, log
+from synergy_jax.errors import NonFiniteLossError
+from synergy_jax.record import RunRecord
+
+Metrics = dict[str, float]
+
+
+class ResumableIterator(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int
+    batch_size: int  # global examples per step (throughput)
+    log_every: int
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    steps_per_epoch: int = 0  # > 0: an 'epoch' column in the logs
+    flops_per_sample: float | None = None  # train FLOPs per example, for MFU
+    peak_flops: float | None = None  # per device, for MFU
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    step: int
+    total_steps: int
+    preempted: bool
+    train_seconds: float  # the loop's time outside evaluation
+    eval_metrics: Metrics
+
+
+class MetricWriter:
+    """JSON lines + TensorBoard scalars, written by process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = is_main_process()
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: Metrics) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def start_state(
+    manager: ocp.CheckpointManager,
+    record: RunRecord,
+    abstract_state: Any,
+    init: Callable[[], Any],
+    data: ResumableIterator,
+    resume_data: bool = True,
+) -> Any:
+    """The newest checkpoint's state (and input position) if the run folder has one, else `init()`.
+
+    A checkpoint written by an incompatible config is a CheckpointError naming the differences. The record is also
+    written as `<workdir>/config.json` for the reader.
+    """
+    step = manager.latest_step()
+    if step is None:
+        state = init()
+    else:
+        checkpoint.saved_record(manager, step).check_resumable_by(record, str(manager.directory))
+        state = checkpoint.restore_train_state(manager, abstract_state, step)
+        if resume_data:
+            data.set_state(checkpoint.restore_data_state(manager, step))
+        log(f"resumed {manager.directory.parent} at step {step}")
+    if is_main_process():
+        (Path(manager.directory).parent / "config.json").write_text(json.dumps(record.to_json(), indent=1))
+    return state
+
+
+class _Window:
+    """Step metrics, fetched one step late and averaged over a log window with the window's throughput."""
+
+    def __init__(self, config: LoopConfig, writer: MetricWriter, bar, latest_checkpoint: Callable[[], Any]):
+        self.config, self.writer, self.bar, self.latest_checkpoint = config, writer, bar, latest_checkpoint
+        self.pending: tuple[int, dict] | None = None
+        self.rows: list[Metrics] = []
+        self.started: float | None = None  # None until a step has completed (the first step compiles)
+        self.steps = 0
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.settle()
+        self.pending = (step, metrics)
+
+    def restart_clock(self) -> None:
+        self.started = None
+
+    def settle(self) -> None:
+        """Fetches the step in flight; stops on a non-finite step; logs at the window's end."""
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if metrics["nonfinite"]:
+            raise NonFiniteLossError(
+                f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad norm {metrics['grad_norm']});"
+                f" the update was not applied. Latest checkpoint: step {self.latest_checkpoint()}. Lower the learning"
+                " rate or check the data."
+            )
+        self.rows.append(metrics)
+        if self.started is None:
+            self.started, self.steps = time.perf_counter(), 0
+        else:
+            self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.config.log_every == 0 or step == self.config.total_steps:
+            self.log(step)
+
+    def log(self, step: int) -> None:
+        c = self.config
+        summary = {k: float(np.mean([m[k] for m in self.rows])) for k in self.rows[0]}
+        elapsed = time.perf_counter() - self.started
+        if self.steps > 0 and elapsed > 0:
+            samples_per_second = self.steps * c.batch_size / elapsed
+            summary["samples_per_second"] = samples_per_second
+            summary["samples_per_second_per_device"] = samples_per_second / jax.device_count()
+            if c.flops_per_sample:
+                utilisation = flops.mfu(samples_per_second, c.flops_per_sample, jax.device_count(), c.peak_flops)
+                if utilisation is not None:
+                    summary["mfu"] = utilisation
+        if c.steps_per_epoch:
+            summary["epoch"] = step / c.steps_per_epoch
+        self.writer.write(step, summary)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{summary['loss']:.4g}", samples_s=f"{summary.get('samples_per_second', 0):.1f}",
+                                 refresh=False)  # fmt: skip
+        self.rows.clear()
+        self.started, self.steps = time.perf_counter(), 0
+
+
+def _progress_bar(config: LoopConfig, step: int):
+    if not (config.progress and is_main_process()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.total_steps, initial=step, desc=config.desc, unit="step", dynamic_ncols=True)
+
+
+def train_loop(
+    config: LoopConfig,
+    state: Any,
+    step_fn: Callable[[Any, dict[str, np.ndarray]], tuple[Any, dict]],
+    data: ResumableIterator | Iterator,
+    manager: ocp.CheckpointManager,
+    record: RunRecord,
+    writer: MetricWriter,
+    evaluate: Callable[[Any, int], Metrics],
+    stop_at: Callable[[int], bool] | None = None,
+) -> LoopResult:
+    """Runs `step_fn(state, next(data))` from the state's step to `config.total_steps` (see the module docstring).
+
+    `evaluate(state, step)` returns the metrics to log (already named, e.g. 'eval/loss'); the last call's are the
+    result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests).
+    """
+    started = time.perf_counter()
+    step = int(jax.device_get(state.step))
+    bar = _progress_bar(config, step)
+    window = _Window(config, writer, bar, manager.latest_step)
+    stop, preempted, eval_metrics, eval_seconds = StopRequest(), False, {}, 0.0
+
+    def save(force: bool) -> None:
+        if not bool(all_finite(state.params)):
+            raise NonFiniteLossError(f"parameters became non-finite by step {step}; not saving them")
+        checkpoint.save(manager, step, state, record, data.get_state(), force=force)
+
+    def run_eval() -> Metrics:
+        nonlocal eval_seconds
+        eval_started = time.perf_counter()
+        metrics = evaluate(state, step)
+        writer.write(step, metrics)
+        eval_seconds += time.perf_counter() - eval_started
+        return metrics
+
+    try:
+        while step < config.total_steps:
+            state, metrics = step_fn(state, next(data))
+            step += 1
+            window.push(step, metrics)  # settles the previous step's metrics while this one runs
+            if _stop_requested(config, step, stop, stop_at):
+                window.settle()
+                save(force=True)
+                preempted = True
+                log(f"stop requested: saved step {step} to {manager.directory}; rerun with the same --workdir to resume")
+                break
+            if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+                window.settle()
+                eval_metrics = run_eval()
+                window.restart_clock()
+            if manager.should_save(step) and step != config.total_steps:
+                window.settle()
+                save(force=False)
+        window.settle()
+        if not preempted:
+            if manager.latest_step() != step:
+                save(force=True)
+            eval_metrics = run_eval()
+    finally:
+        stop.restore()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+    train_seconds = time.perf_counter() - started - eval_seconds
+    return LoopResult(state, step, config.total_steps, preempted, train_seconds, eval_metrics)
+
+
+def _stop_requested(config: LoopConfig, step: int, stop: StopRequest, stop_at: Callable[[int], bool] | None) -> bool:
+    """A test's `stop_at`, or SIGTERM on any process (agreed at log boundaries only on multi-process runs: it is a
+    collective, and every process reaches the same boundaries)."""
+    if stop_at is not None and stop_at(step):
+        return True
+    boundary = step % config.log_every == 0 or step == config.total_steps
+    return stop.agreed() if (jax.process_count() == 1 or boundary) else False
+
+
+def summarize(result: LoopResult, workdir: Path, started: float, **extra: Any) -> dict[str, Any]:
+    """The run's summary (also `<workdir>/summary.json`, written by process 0): where the loop ended, the job's own
+    `extra` entries and the last evaluation's metrics."""
+    summary = {
+        "step": result.step,
+        "total_steps": result.total_steps,
+        "preempted": result.preempted,
+        "wall_seconds": time.time() - started,
+        "train_seconds": result.train_seconds,
+        "workdir": str(workdir),
+        "devices": jax.device_count(),
+        **extra,
+        **result.eval_metrics,
+    }
+    if is_main_process():
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
