@@ -18,11 +18,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from synergy_jax import parallel
+from synergy_jax import parallel, train
 from synergy_jax import reconstruction_losses as rl
 from synergy_jax.models import mmr
 from synergy_jax.models.synergy import SynergyConfig
@@ -31,12 +30,8 @@ Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
-class MMRState:
-    step: jax.Array
-    params: Any
+class MMRState(train.TrainState):
     batch_stats: Any  # BatchNorm running statistics of the text decoder ({'none': 0} for image/audio)
-    opt_state: optax.OptState
-    rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +91,8 @@ def create_state(
 
     def init() -> MMRState:
         params, stats = init_variables(model, feature_dims(synergy, model.missing), init_rng)
-        return MMRState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), state_rng)
+        return MMRState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                        batch_stats=stats)
 
     return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
@@ -107,7 +103,8 @@ def abstract_state(
     """ShapeDtypeStructs (replicated on `mesh`) of the train state, for restores."""
     def init() -> MMRState:
         params, stats = init_variables(model, feature_dims(synergy, model.missing), jax.random.PRNGKey(0))
-        return MMRState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), jax.random.PRNGKey(0))
+        return MMRState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        rng=jax.random.PRNGKey(0), batch_stats=stats)
 
     sharding = parallel.replicated(mesh)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(init))
@@ -131,35 +128,21 @@ def make_train_step(
     options: StepOptions,
     mesh: Mesh,
     encoder_shardings: Any,
-) -> Callable[[MMRState, Any, Batch], tuple[MMRState, dict[str, jax.Array]]]:
-    """(state, encoder params, batch) -> (state, metrics). A non-finite loss or gradient leaves the state as it was."""
+) -> Callable[[MMRState, Batch, Any], tuple[MMRState, dict[str, jax.Array]]]:
+    """`(state, batch, encoder params) -> (state, metrics)`: `train.make_step` with the reconstruction loss; the
+    frozen encoders are the step's third argument and the BatchNorm statistics its mutable field."""
     config = model.config
 
-    def loss_fn(params, stats, features, target, batch, rng):
-        variables = {"params": params, "batch_stats": stats}
-        recon, updates = model.apply(variables, features, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-        metrics = task_loss(recon, target, batch, options)
-        return metrics["loss"], (metrics, updates.get("batch_stats", stats))
-
-    def step(state: MMRState, encoder_params: Any, batch: Batch):
+    def loss_fn(params, batch: Batch, rng: jax.Array, mutable: dict, encoder_params: Any):
         features = mmr.encoder_features(synergy, encoder_params, encoder_inputs(batch, options), options.missing,
                                         config.text_mean_over_pads)  # fmt: skip
-        target = targets(batch, config, options)
-        rng = jax.random.fold_in(state.rng, state.step)
-        (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, features, target, batch, rng
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=stats, opt_state=opt_state)  # fmt: skip
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        return new, {**metrics, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+        variables = {"params": params, "batch_stats": mutable["batch_stats"]}
+        recon, updates = model.apply(variables, features, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        metrics = task_loss(recon, targets(batch, config, options), batch, options)
+        return metrics["loss"], (metrics, {"batch_stats": updates.get("batch_stats", mutable["batch_stats"])})
 
-    replicated = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(replicated, encoder_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))  # fmt: skip
+    return train.make_step(loss_fn, tx, parallel.replicated(mesh), mesh, frozen_shardings=encoder_shardings,
+                           mutable=("batch_stats",))  # fmt: skip
 
 
 def make_eval_step(
@@ -197,16 +180,3 @@ def make_eval_step(
 
     return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), encoder_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))  # fmt: skip
-
-
-def grid_metrics(mse_per_example: np.ndarray, ssim_per_example: np.ndarray) -> dict[str, float]:
-    """Split-level image/audio metrics: PSNR of the pooled MSE (the reference's PSNR on a batch), mean SSIM."""
-    mse = float(np.mean(mse_per_example))
-    return {"mse": mse, "psnr": float(rl.psnr_from_mse(mse)), "ssim": float(np.mean(ssim_per_example)),
-            "psnr_mean_per_example": float(np.mean(rl.psnr_from_mse(np.maximum(mse_per_example, 1e-12))))}  # fmt: skip
-
-
-def text_metrics(nll: np.ndarray, correct: np.ndarray, nll_all: np.ndarray, correct_all: np.ndarray,
-                 tokens: float, positions: float) -> dict[str, float]:  # fmt: skip
-    return {"ce": float(nll.sum() / tokens), "accuracy": float(correct.sum() / tokens),
-            "ce_with_pads": float(nll_all.sum() / positions), "accuracy_with_pads": float(correct_all.sum() / positions)}  # fmt: skip

@@ -98,7 +98,7 @@ class RunRecord:
     def synergy_config(self, dtype: str = "float32", remat: bool = False) -> SynergyConfig:
         """The tri-modal model config of a pre-training run (a CheckpointError for other kinds)."""
         if self.kind != "pretrain" or not all(name in self.model for name in TOWERS):
-            raise CheckpointError(f"a {self.kind} run has no tower configs: pass the run folder of "
+            raise CheckpointError(f"a {self.kind} run is not a pre-training run (it has no tower configs): pass the run folder of "
                                   "experiments/pretrain.py")  # fmt: skip
         return model_config_from_dict(self.model, dtype=dtype, remat=remat)
 

@@ -47,6 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = name
     config.seed = 17  # the reference's default
+    config.checkpoint = "runs/demo"  # the pre-training run folder (default: the main job's demo run) (--checkpoint)
+    config.missing = ""  # the modality to reconstruct: image, text or audio; required (--missing)
+    config.workdir = ""  # MMR run folder; '': runs/mmr_<name>_<missing> (--workdir)
+    config.mesh = "-1x1"  # any mesh; the pre-training mesh need not match (--mesh)
 
     config.model = ml_collections.ConfigDict(dict(
         encoder_dim=enc, encoder_bottleneck_dim=128 if name != "demo" else 32, encoder_dropout=0.1,

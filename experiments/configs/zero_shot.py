@@ -9,6 +9,8 @@ Prompt sets: `single` is the reference's protocol (REFERENCE_SPEC §5.4: one tem
 
 import ml_collections
 
+from synergy_jax.errors import SetupError
+
 # The reference's zero-shot templates (ZS_image_task.py / ZS_audio_task.py), verbatim.
 SINGLE = {
     "image": ("this is a photo of {}",),
@@ -80,30 +82,49 @@ DATASETS = {
     "oxford_flowers102": ("tfds", {"tfds_name": "oxford_flowers102", "split": "test"}),
     "flowers102": ("tfds", {"tfds_name": "oxford_flowers102", "split": "test"}),
 }
-# Also accepted: 'tfds:<name>' (any prepared TFDS image classification set) and 'folder', 'folder:image',
-# 'folder:audio' (a class-per-folder directory).
+
+
+def dataset_kind(name: str) -> tuple[str, dict]:
+    """--dataset -> (kind, options): a DATASETS name, 'tfds:<name>' (any prepared TFDS image classification set) or
+    'folder', 'folder:image', 'folder:audio' (a class-per-folder directory)."""
+    prefix, _, rest = name.partition(":")
+    if name in DATASETS:
+        return DATASETS[name][0], dict(DATASETS[name][1])
+    if prefix == "tfds" and rest:
+        return "tfds", {"tfds_name": rest, "split": "test"}
+    if prefix == "folder" and rest in ("", "image", "audio"):
+        return "folder", {"modality": rest or None}
+    raise SetupError(f"unknown --dataset={name!r}; known: {sorted(DATASETS)}, tfds:<name>, folder[:image|audio]")
+
+
+# Every setting of the job: field -> (default, help). No None: '' means "the run's own" or "the default". Each field is
+# also a short flag of the same name (`--dataset=esc50` = `--config.dataset=esc50`).
+FIELDS = {
+    "checkpoint": ("runs/demo", "Pre-training run folder; the default is where `python experiments/pretrain.py` "
+                   "writes the demo run."),
+    "dataset": ("demo", "demo | precomputed | esc50 | urbansound8k | cifar10 | cifar100 | oxford_iiit_pet | "
+                "oxford_flowers102 | tfds:<name> | folder[:image|audio] (the names of DATASETS above and more)."),
+    "data_dir": ("", "Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, precomputed folder or "
+                 "manifest CSV. demo: a demo data root (raw/ + precomputed/); '': the run's own data."),
+    "split": ("", "TFDS / precomputed split; '': test (demo: the run's eval split)."),
+    "folds": ("all", "ESC-50 / UrbanSound8K folds to evaluate: all, 1-5, 1,3, ..."),
+    "prompts": ("ensemble", "single: the reference's one template; ensemble: CLIP's 80 image / our 16 audio "
+                "templates (PROMPT_SETS above)."),
+    "class_names": ("", "Optional file, one class name per line, in the order you expect; the job stops if the "
+                    "dataset's label metadata disagrees."),
+    "mesh": ("-1x1", "Device mesh DxM (any mesh; the checkpoint's need not match)."),
+    "sharding": ("replicate", "Parameter rules: replicate | fsdp | tp | fsdp_tp."),
+    "batch_size": (128, "Global batch (divisible by the data axis and the process count)."),
+    "step": (-1, "Checkpoint step; -1: the latest."),
+    "dtype": ("float32", "Compute dtype of the towers (bfloat16 on TPU/GPU is fine)."),
+    "tokenizer": ("", "Tokenizer (hub id or folder); '': the run's."),
+    "text_mode": ("", "Retrieval text: caption | prompt; '': the run's."),
+    "out": ("", "Results JSON; '': <checkpoint>/zero_shot/<dataset>_<prompts>.json. The confusion-matrix PNGs go "
+            "next to it."),
+    "workers": (8, "Threads decoding images / audio."),
+    "progress": (True, "Show progress bars."),
+}  # fmt: skip
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Every setting of the job. Empty strings mean "the run's own" (tokenizer, text mode) or "the default"."""
-    config = ml_collections.ConfigDict()
-    config.checkpoint = "runs/demo"  # pre-training run folder (where `python experiments/pretrain.py` writes the demo)
-    config.dataset = "demo"  # a DATASETS name, tfds:<name> or folder[:image|audio]
-    # Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, precomputed folder or manifest CSV; demo: a
-    # demo data root (raw/ + precomputed/), default the run's own data.
-    config.data_dir = ""
-    config.split = ""  # TFDS / precomputed split; '': the set's test split (demo: the run's eval split)
-    config.folds = "all"  # ESC-50 / UrbanSound8K folds: all, 1-5, 1,3, ...
-    config.prompts = "ensemble"  # a PROMPT_SETS name: single | ensemble
-    config.class_names = ""  # optional file, one class name per line, checked against the dataset's label order
-    config.mesh = "-1x1"  # DxM device mesh (any mesh; the checkpoint's need not match)
-    config.sharding = "replicate"  # parameter rules: replicate | fsdp | tp | fsdp_tp
-    config.batch_size = 128  # global; divisible by the data axis and the process count
-    config.step = -1  # checkpoint step; -1: the latest
-    config.dtype = "float32"  # compute dtype of the towers (bfloat16 on TPU/GPU is fine)
-    config.tokenizer = ""  # hub id or folder; '': the run's
-    config.text_mode = ""  # retrieval text: caption | prompt; '': the run's
-    config.out = ""  # results JSON; '': <checkpoint>/zero_shot/<dataset>_<prompts>.json (confusion PNGs beside it)
-    config.workers = 8  # threads decoding images / audio
-    config.progress = True  # progress bars
-    return config
+    return ml_collections.ConfigDict({name: default for name, (default, _) in FIELDS.items()})

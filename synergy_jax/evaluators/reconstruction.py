@@ -10,6 +10,7 @@ split only (`target_statistics`).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
@@ -133,3 +134,42 @@ def text_baselines(position_counts: np.ndarray, target: np.ndarray, mask: np.nda
     positions = np.broadcast_to(np.arange(target.shape[1])[None, :], target.shape)
     out["baseline_unigram_per_position/ce"] = float(-np.log(probs[positions[mask], target[mask]]).mean())
     return out
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, spectrogram: bool, zoom: int) -> np.ndarray:
+    """One row per sample: target | reconstruction, uint8 RGB. Spectrograms: mel upwards, time rightwards, each pair
+    scaled by its target's range."""
+    rows = []
+    for target, recon in zip(targets, recons):
+        if spectrogram:
+            low, high = float(target.min()), float(target.max())
+            scale = lambda a: np.repeat(((a[..., 0] - low) / max(high - low, 1e-6)).T[::-1, :, None], 3, -1)  # noqa: E731
+            target, recon = scale(target), scale(recon)
+        pair = np.concatenate([target, np.ones((target.shape[0], 2, 3)), recon], axis=1)
+        rows.extend([pair, np.ones((2, pair.shape[1], 3))])
+    grid = np.concatenate(rows[:-1], axis=0)
+    return np.repeat(np.repeat(_to_uint8(grid), zoom, 0), zoom, 1)
+
+
+def write_samples(out_dir: Path, missing: str, samples: dict[str, np.ndarray], tokenizer) -> list[str]:
+    """reconstructions.png (image/audio: target | reconstruction rows) or text_samples.txt; returns the paths."""
+    if missing == "text":
+        lines = []
+        for predicted, target, mask in zip(samples["predicted"], samples["target"], samples["mask"]):
+            keep = mask.astype(bool)
+            lines.append(f"target:        {tokenizer.decode(target[keep].tolist())}\n"
+                         f"reconstructed: {tokenizer.decode(predicted[keep].tolist())}\n")  # fmt: skip
+        path = out_dir / "text_samples.txt"
+        path.write_text("\n".join(lines))
+        return [str(path)]
+    from PIL import Image
+
+    zoom = max(1, 128 // max(samples["target"].shape[1:3]))
+    grid = reconstruction_grid(samples["target"], samples["recon"], missing == "audio", zoom)
+    path = out_dir / "reconstructions.png"
+    Image.fromarray(grid).save(path)
+    return [str(path)]
