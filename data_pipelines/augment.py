@@ -1,11 +1,11 @@
 """Training-time augmentation, seeded by the numpy Generator Grain hands each element.
 
-Image (numpy/PIL, the reference's torchvision pipeline, REFERENCE_SPEC §2.2, with torchvision's PIL-backend
+Image (numpy/PIL, the reference's torchvision pipeline, docs/reference.md R2.2, with torchvision's PIL-backend
 algorithms): Resize((S, S)) -> RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3), bilinear) ->
 RandomChoice[HorizontalFlip p 0.5, VerticalFlip p 0.15] -> RandomApply(ColorJitter(0.075 x 4), p 0.5) ->
 [0, 1] -> CLIP mean/std. Evaluation does Resize -> [0, 1] -> CLIP mean/std only.
 
-Audio (feature domain; the reference augments the waveform, spec §2.3 step 3, before the fbank we precompute).
+Audio (feature domain; the reference augments the waveform, docs/reference.md R2.3 step 3, before the fbank we precompute).
 Each of its four operations is drawn independently with p = 0.2, in a random order, as `utils.audio_augment`:
   white noise x + 0.005 N(0, 1)  ->  add the noise's exact expected mel power (through DC removal, pre-emphasis,
                                      window, FFT and filters), drawn per frame and bin from a Gamma law with the

@@ -1,7 +1,7 @@
 """Readers for the downstream (zero-shot) classification sets, in their official layouts.
 
 Each reader returns a `ClassificationSet`: class names in the dataset's own label order (from its own metadata,
-never from a hard-coded list: the reference's Pets and Flowers lists were in the wrong order, REFERENCE_SPEC §6
+never from a hard-coded list: the reference's Pets and Flowers lists were in the wrong order, docs/reference.md R6
 items 45-46), one integer label per example, an optional fold per example, and a random-access `examples` sequence
 that decodes example i to model-ready input: a PIL RGB image, or a 16 kHz mono float32 waveform.
 

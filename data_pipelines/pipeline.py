@@ -53,7 +53,7 @@ class PipelineConfig:
     augment_image: bool = True  # train only (unless reference_eval_augmentation)
     augment_audio: bool = True  # train only (unless reference_eval_augmentation)
     audio_augment_p: float = augment.AUDIO_P
-    reference_eval_augmentation: bool = False  # the reference augmented val/test too (spec §6 items 21, 27)
+    reference_eval_augmentation: bool = False  # the reference augmented val/test too (docs/reference.md bug 21, 27)
     label_names: tuple[str, ...] | None = None
     workers: int = 0  # Grain worker processes; 0 = threads in this process
     read_threads: int = 2  # threads computing batches (per worker process when workers > 0)

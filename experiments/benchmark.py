@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_enum("model", "tiny", ["tiny", "base", "large"], "Synergy preset (towers as in REFERENCE_SPEC §1.1).")
+flags.DEFINE_enum("model", "tiny", ["tiny", "base", "large"], "Synergy preset (towers as in docs/reference.md R1.1).")
 flags.DEFINE_string("mesh", "-1x1", "DxM mesh over all devices ('data' x 'model'; -1 = the rest).")
 flags.DEFINE_enum("rules", "replicate", ["replicate", "fsdp", "tp", "fsdp_tp"], "Parameter sharding rules.")
 flags.DEFINE_integer("batch_per_device", 4, "Samples per data-parallel device per microbatch.")

@@ -78,15 +78,6 @@ def step_options(config: ml_collections.ConfigDict, missing: str) -> mmr_train.S
     )  # fmt: skip
 
 
-def resolved_optimizer(config: ml_collections.ConfigDict, steps: int, default_lr: float) -> ml_collections.ConfigDict:
-    optimizer = config.optimizer.copy_and_resolve_references()
-    with optimizer.unlocked():
-        optimizer.learning_rate = optimizer.learning_rate or float(default_lr)
-        if optimizer.schedule != "constant" and optimizer.total_steps == 0:
-            optimizer.total_steps = steps
-    return optimizer
-
-
 def run_record(config, model_config: mmr.MMRConfig, pretrain_dir: Path, source: DataSource, mesh) -> RunRecord:
     """What every checkpoint stores (a resumed run is checked against `model` and the optimizer)."""
     return RunRecord(
@@ -144,7 +135,7 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
 
     # ---- model, optimizer, baselines (training split only; audio SSIM's data range = the training targets' range)
     model_config = mmr_config(config, synergy, source.max_length)
-    model, optimizer = mmr.MMRModel(model_config, missing), resolved_optimizer(config, steps, lr_default)
+    model, optimizer = mmr.MMRModel(model_config, missing), train.resolve_optimizer(config.optimizer, steps, lr_default)
     tx, options = train.make_optimizer(optimizer), step_options(config, missing)
     stats = reconstruction.target_statistics(jax.jit(lambda b: mmr_train.targets(b, model_config, options)),
                                              make_input(config.data.train_split, False, config.eval_batch_size), mesh,

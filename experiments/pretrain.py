@@ -1,13 +1,11 @@
-"""Tri-modal contrastive pre-training of Synergy-CLIP: the main job.
+"""Tri-modal contrastive pre-training of Synergy-CLIP: the main job (docs/pretrain.md).
 
     python experiments/pretrain.py                                   # demo: embedded data, tiny model, CPU ok
     python experiments/pretrain.py --config=experiments/configs/pretrain.py:base_c --mesh=2x1 \
         --config.data.dir=data/vggsound_pre --workdir=runs/base_c
 
-What is this job's own: its data (the demo, or manifests precomputed into shards), the tri-modal model (hub towers,
-presets, or the run being resumed), the contrastive loss, the run record it writes and its report. The loop, the
-step, checkpoints and evaluators are the library's (synergy_jax.loop, train, checkpoint, evaluators). Rerunning
-with the same --workdir resumes; SIGTERM saves and exits 0; a non-finite loss exits 1 (docs/pretrain.md).
+This job's own: its data, the tri-modal model (hub towers, presets, or the run being resumed), the contrastive loss,
+its run record and report; the loop, step, checkpoints and evaluators are the library's. Same --workdir resumes.
 """
 
 from __future__ import annotations
@@ -171,15 +169,6 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
         raise SetupError(f"--config.evals: unknown evaluator(s) {sorted(unknown)}; known: {list(EVALUATORS)}")
 
 
-def resolved_optimizer(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-    """The optimizer config with a decaying schedule's length defaulting to the run's steps."""
-    optimizer = config.optimizer.copy_and_resolve_references()
-    if optimizer.schedule != "constant" and optimizer.total_steps == 0:
-        with optimizer.unlocked():
-            optimizer.total_steps = steps
-    return optimizer
-
-
 def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Trains (or resumes) to the configured number of steps; returns the summary (see `print_summary`).
 
@@ -203,7 +192,7 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
     saved = checkpoint.saved_record(manager) if manager.latest_step() is not None else None
     model_config, pretrained = build_model_config(config, data, tokenizer, saved)
     sources.check_fits(model_config, data, tokenizer)
-    optimizer = resolved_optimizer(config, steps)
+    optimizer = train.resolve_optimizer(config.optimizer, steps)
     tx, model = train.make_optimizer(optimizer), SynergyCLIP(model_config)
     example = example_batch(model_config, 1, config.data.max_length)
     # ---- shardings + state (born sharded, or restored onto this mesh)

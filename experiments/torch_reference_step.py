@@ -5,7 +5,7 @@ Needs torch (the optional fixtures venv, see README "Numerics"); the project its
     .venv-torch/bin/python experiments/torch_reference_step.py --model=tiny --batch=32 --steps=20
     python experiments/benchmark.py --model=tiny --mesh=1x1 --cpu_devices=1 --batch_per_device=32 --steps=20
 
-It rebuilds the reference's Tri_CLIP forward (REFERENCE_SPEC §1.3-1.4: CLIPVisionModel / RobertaModel / ASTModel
+It rebuilds the reference's Tri_CLIP forward (docs/reference.md R1.3-1.4: CLIPVisionModel / RobertaModel / ASTModel
 pooled outputs, bias-free projections, L2 normalisation, three exp-scaled logit matrices, symmetric CE, sum) from
 the same tower configs as our presets, with torch.optim.AdamW(lr=5e-6) and fp32, and reports samples/s.
 """

@@ -4,9 +4,8 @@
     python experiments/zero_shot.py --checkpoint=runs/base_p --dataset=esc50 --data_dir=data/ESC-50 --folds=1-5
     python experiments/zero_shot.py --checkpoint=runs/base_p --dataset=cifar100 --data_dir=~/tensorflow_datasets
 
-Settings: experiments/configs/zero_shot.py (`--config.<field>=<value>` or `--<field>=<value>`). This job's own: its
-datasets (docs/zero_shot.md), the table, JSON and confusion PNGs; the checkpoint, its run record, embedding over the
-mesh and the metrics are the library's (synergy_jax.checkpoint, record, evaluators).
+Settings: experiments/configs/zero_shot.py (`--config.<field>=<value>` or `--<field>=<value>`). The job's own: its
+datasets (docs/zero_shot.md) and its outputs; checkpoint, run record, embedding, metrics are the library's.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from synergy_jax import audio, checkpoint, cli, distributed, parallel, text
 from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.evaluators import embed, retrieval, zero_shot
 from synergy_jax.models import MODALITIES
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig
+from synergy_jax.models.synergy import SynergyCLIP
 from synergy_jax.record import DataSource, RunRecord
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "zero_shot.py"
@@ -41,8 +40,9 @@ SHORTCUTS = tuple(cli.Shortcut(name, name, help_text, tuple(zs_config.PROMPT_SET
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """A checkpoint on the mesh: the model, the parameters the task needs, its record, its data (paths resolved,
-    tokenizer and text mode as the config overrides them) and the tokenizer."""
+    """A checkpoint on the mesh: model, the parameters needed, record, data (paths resolved, config overrides), the
+    tokenizer, `embed_prompts(prompts) -> (N, D)` normalised embeddings and the towers' input shapes (`frontend`: how
+    demo or manifest data is precomputed for them)."""
 
     model: SynergyCLIP
     params: dict
@@ -52,66 +52,61 @@ class Restored:
     data: DataSource
     tokenizer: Any
     mesh: Mesh
+    embed_prompts: Callable
+    frontend: precompute.PrecomputeConfig
 
-    def prompt_embedder(self, batch_size: int) -> Callable:
-        return embed.prompt_embedder(self.model, self.params, self.mesh, self.tokenizer, self.data.max_length, batch_size)
-
-
-def restore(config: ml_collections.ConfigDict, mesh: Mesh, groups) -> Restored:
-    workdir = Path(config.checkpoint).expanduser().absolute()
-    step = checkpoint.latest_step(workdir, None if config.step < 0 else config.step)
-    params, record = checkpoint.restore_params(workdir, mesh, groups, rules=config.sharding, step=step, dtype=config.dtype)
-    if record.data is None:
-        raise CheckpointError(f"{workdir}: its run record names no data (tokenizer, text length); rerun pre-training")
-    data = record.data.resolve(workdir)
-    data = dataclasses.replace(data, tokenizer=config.tokenizer or data.tokenizer, text_mode=config.text_mode or data.text_mode)
-    return Restored(SynergyCLIP(record.synergy_config(config.dtype)), params, step, workdir, record, data,
-                    text.load_tokenizer(data.tokenizer), mesh)  # fmt: skip
-
-
-def frontend(model_config: SynergyConfig) -> precompute.PrecomputeConfig:
-    """The image size and audio features the towers take (what demo or manifest data is precomputed to)."""
-    fbank = audio.FbankConfig(max_frames=model_config.audio.max_length, num_mel_bins=model_config.audio.num_mel_bins)
-    return precompute.PrecomputeConfig(image_size=model_config.vision.image_size, fbank=fbank)
+    @classmethod
+    def load(cls, config: ml_collections.ConfigDict, mesh: Mesh, groups) -> Restored:
+        workdir = Path(config.checkpoint).expanduser().absolute()
+        step = checkpoint.latest_step(workdir, None if config.step < 0 else config.step)
+        params, record = checkpoint.restore_params(workdir, mesh, groups, rules=config.sharding, step=step,
+                                                   dtype=config.dtype)  # fmt: skip
+        if record.data is None:
+            raise CheckpointError(f"{workdir}: its run record names no data (tokenizer, text length); rerun pre-training")
+        overrides = {field: config[field] for field in ("tokenizer", "text_mode") if config[field]}
+        data = dataclasses.replace(record.data.resolve(workdir), **overrides)
+        towers = record.synergy_config(config.dtype)
+        model, tokenizer = SynergyCLIP(towers), text.load_tokenizer(data.tokenizer)
+        embed_prompts = embed.prompt_embedder(model, params, mesh, tokenizer, data.max_length, config.batch_size)
+        fbank = audio.FbankConfig(max_frames=towers.audio.max_length, num_mel_bins=towers.audio.num_mel_bins)
+        frontend = precompute.PrecomputeConfig(image_size=towers.vision.image_size, fbank=fbank)
+        return cls(model, params, step, workdir, record, data, tokenizer, mesh, embed_prompts, frontend)
 
 
 def load_classification_set(kind: str, spec: dict, config: ml_collections.ConfigDict) -> downstream.ClassificationSet:
     if not config.data_dir:
         raise SetupError(f"--dataset={config.dataset} needs --data_dir (see docs/zero_shot.md)")
     data_dir = str(Path(config.data_dir).expanduser())
-    if kind in ("esc50", "urbansound8k"):
-        return (downstream.read_esc50 if kind == "esc50" else downstream.read_urbansound8k)(data_dir, config.folds)
-    if kind == "tfds":
-        return downstream.read_tfds(spec["tfds_name"], data_dir, config.split or spec.get("split", "test"))
-    return downstream.read_folder(data_dir, spec.get("modality"))
+    return {"esc50": lambda: downstream.read_esc50(data_dir, config.folds),
+            "urbansound8k": lambda: downstream.read_urbansound8k(data_dir, config.folds),
+            "tfds": lambda: downstream.read_tfds(spec["tfds_name"], data_dir, config.split or spec.get("split", "test")),
+            "folder": lambda: downstream.read_folder(data_dir, spec.get("modality"))}[kind]()  # fmt: skip
 
 
-def decoder(modality: str, model_config: SynergyConfig) -> Callable:
+def decoder(modality: str, frontend: precompute.PrecomputeConfig) -> Callable:
     """Images: Resize((S, S)) bilinear -> CLIP mean/std, as pre-training evaluates. Audio: 16 kHz waveform -> AST
     features (Kaldi fbank, padded/truncated to the tower's frames), as precompute does."""
-    size, fbank = model_config.vision.image_size, frontend(model_config).fbank
-    return {"image": lambda image: augment.to_normalized_array(augment.resize(image, size)),
-            "audio": lambda waveform: audio.ast_features(waveform, fbank)}[modality]  # fmt: skip
+    return {"image": lambda image: augment.to_normalized_array(augment.resize(image, frontend.image_size)),
+            "audio": lambda waveform: audio.ast_features(waveform, frontend.fbank)}[modality]  # fmt: skip
 
 
-def run_classification(dataset: downstream.ClassificationSet, ckpt: Restored, config: ml_collections.ConfigDict) -> dict:
+def run_classification(dataset: downstream.ClassificationSet, ckpt: Restored, config) -> dict:
     """One modality->text zero-shot task over a whole ClassificationSet."""
     if config.class_names:
         downstream.check_class_names(dataset.class_names, downstream.read_class_list(config.class_names), dataset.name)
-    modality, count, decode = dataset.modality, len(dataset), decoder(dataset.modality, ckpt.model.config)
+    modality, count, decode = dataset.modality, len(dataset), decoder(dataset.modality, ckpt.frontend)
     templates = zs_config.PROMPT_SETS[config.prompts][modality]
     names = [[downstream.prompt_name(name)] for name in dataset.class_names]
-    classes = zero_shot.classes_from_prompts(ckpt.prompt_embedder(config.batch_size), names, templates)
+    classes = zero_shot.classes_from_prompts(ckpt.embed_prompts, names, templates)
     with concurrent.futures.ThreadPoolExecutor(max(1, config.workers)) as pool:  # decodes a batch's examples
-        rows = lambda indices: {modality: np.stack(list(pool.map(lambda i: decode(dataset.examples[int(i)]), indices)))}  # noqa: E731
+        rows = lambda indices: {modality: np.stack(list(pool.map(lambda i: decode(dataset.examples[int(i)]), indices)))}
         queries = embed.embed_split(embed.modality_embedder(ckpt.model, ckpt.params, modality),
                                     embed.indexed_batches(count, config.batch_size, ckpt.mesh, rows), ckpt.mesh,
                                     total=embed.batch_count(count, config.batch_size),
                                     desc=f"{modality} {dataset.name}" if config.progress else None)[modality]  # fmt: skip
     task = zero_shot.classification_results(queries, classes, dataset.labels, dataset.class_names, dataset.folds)
-    folds = None if dataset.folds is None else sorted(int(f) for f in np.unique(dataset.folds))
     return {"tasks": {f"{modality}->text": task}, "class_names": list(dataset.class_names), "num_examples": count,
-            "num_templates": len(templates), "folds": folds}  # fmt: skip
+            "num_templates": len(templates), "folds": None if dataset.folds is None else sorted(set(dataset.folds.tolist()))}
 
 
 def precomputed_source(kind: str, ckpt: Restored, config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -121,22 +116,21 @@ def precomputed_source(kind: str, ckpt: Restored, config: ml_collections.ConfigD
     if kind == "demo":
         data_dir = demo.layout(given).precomputed_dir if given else Path(ckpt.data.dir)
         demo_root, split = str(given or ckpt.data.demo_root), config.split or ckpt.data.eval_split
-        if given or ckpt.data.demo_root:  # decided on process 0 alone, so every process reaches the same barrier
-            distributed.on_main_process("demo data", ensure_demo, demo_root, data_dir, split, frontend(ckpt.model.config))
+
+        def ensure_demo():  # decided on process 0 alone, so every process reaches the same barrier
+            if (given or ckpt.data.demo_root) and not precompute.metadata_path(data_dir, split).is_file():
+                distributed.log(f"demo data not found under {demo_root}: generating it there")
+                demo.ensure_demo_data(demo_root, ckpt.frontend)
+
+        distributed.on_main_process("demo data", ensure_demo)
         return str(data_dir), split
     if given is None:
         raise SetupError("--dataset=precomputed needs --data_dir: a precomputed folder or a manifest CSV")
     if given.suffix != ".csv":
         return str(given), config.split or "test"
     distributed.on_main_process("precompute", precompute.precompute, given, given.parent / "precomputed",
-                                frontend(ckpt.model.config), progress=config.progress)  # fmt: skip
+                                ckpt.frontend, progress=config.progress)  # fmt: skip
     return str(given.parent / "precomputed"), precompute.split_name(given)
-
-
-def ensure_demo(root: str, data_dir: Path, split: str, frontend_config: precompute.PrecomputeConfig) -> None:
-    if not precompute.metadata_path(data_dir, split).is_file():
-        distributed.log(f"demo data not found under {root}: generating it there")
-        demo.ensure_demo_data(root, frontend_config)
 
 
 def run_tri_modal(kind: str, ckpt: Restored, config: ml_collections.ConfigDict) -> dict:
@@ -152,10 +146,9 @@ def run_tri_modal(kind: str, ckpt: Restored, config: ml_collections.ConfigDict) 
                                 pipeline.build_dataset(pipe, ckpt.tokenizer), ckpt.mesh, keep=("label_id",),
                                 total=embed.batch_count(metadata["num_examples"], config.batch_size),
                                 desc=f"{kind} {split}" if config.progress else None)  # fmt: skip
-    embed_prompts = ckpt.prompt_embedder(config.batch_size)
     names = zero_shot.class_names_from_labels(labels)  # every synonym of a VGGSound-style label
     tasks = {f"{m}->text": zero_shot.classification_results(columns[m], zero_shot.classes_from_prompts(
-        embed_prompts, names, prompts[m]), columns["label_id"], labels) for m in ("image", "audio")}  # fmt: skip
+        ckpt.embed_prompts, names, prompts[m]), columns["label_id"], labels) for m in ("image", "audio")}  # fmt: skip
     return {"tasks": tasks, "retrieval": retrieval.retrieval_metrics({m: columns[m] for m in MODALITIES}),
             "retrieval_text_mode": source.text_mode, "class_names": list(labels), "num_examples": len(columns["label_id"]),
             "num_templates": {m: len(prompts[m]) for m in ("image", "audio")},
@@ -173,10 +166,9 @@ def confusion_image(matrix: np.ndarray, class_names: list[str], title: str):
     top = margin + 20  # below the title and the column names
     image = Image.new("RGB", (margin + classes * cell + 10, top + classes * cell + 10), "white")
     draw = ImageDraw.Draw(image)
-    levels = (255 * (1 - matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1))).astype(int)
-    for (i, j), level in np.ndenumerate(levels):
-        x, y = margin + j * cell, top + i * cell
-        draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(int(level), int(level), 255))
+    levels = (255 * (1 - matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1))).astype(np.uint8)  # white..blue
+    cells = Image.fromarray(np.stack([levels, levels, np.full_like(levels, 255)], axis=-1))
+    image.paste(cells.resize((classes * cell, classes * cell), Image.Resampling.NEAREST), (margin, top))
     for i, name in enumerate(names):
         draw.text((4, top + i * cell + cell // 2 - 5), name, fill="black", font=font)
         strip = Image.new("RGBA", (margin - 10, cell), (255, 255, 255, 0))
@@ -186,24 +178,22 @@ def confusion_image(matrix: np.ndarray, class_names: list[str], title: str):
     return image
 
 
-def write_outputs(results: dict, out: Path) -> list[Path]:
+def write_outputs(results: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The JSON (--out, default <checkpoint>/zero_shot/<dataset>[_folds<k>]_<prompts>.json), a confusion PNG per task."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset)
+    if config.folds and config.folds != "all":
+        slug += "_folds" + re.sub(r"[^0-9]+", "-", config.folds)
+    out = Path(config.out or Path(config.checkpoint).expanduser() / "zero_shot" / f"{slug}_{config.prompts}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = [out]
+    written = [str(out)]
     for task, metrics in results["tasks"].items():
         png = out.with_name(f"{out.stem}_{task.split('->')[0]}_confusion.png")
         title = f"{results['dataset']} {task} top-1 {100 * metrics['top1']:.1f}%"
         confusion_image(np.asarray(metrics["confusion_matrix"]), results["class_names"], title).save(png)
         metrics["confusion_png"] = str(png)
-        written.append(png)
+        written.append(str(png))
     out.write_text(json.dumps(results, indent=1))
     return written
-
-
-def default_out(config: ml_collections.ConfigDict) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset)
-    if config.folds and config.folds != "all":
-        slug += "_folds" + re.sub(r"[^0-9]+", "-", config.folds)
-    return Path(config.checkpoint).expanduser() / "zero_shot" / f"{slug}_{config.prompts}.json"
 
 
 def print_table(results: dict) -> None:
@@ -219,8 +209,7 @@ def print_table(results: dict) -> None:
             print(f"  folds mean top-1 {100 * m['fold_mean_top1']:.2f} +- {100 * m['fold_std_top1']:.2f} (std over folds)")
     if "retrieval" in results:
         r = results["retrieval"]
-        print(f"\n{'retrieval':16s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'median rank':>12s}   (text: "
-              f"{results['retrieval_text_mode']})")  # fmt: skip
+        print(f"\n{'retrieval':16s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'median rank':>12s}   (text: {results['retrieval_text_mode']})")
         for query, candidate in retrieval.DIRECTIONS:
             key = f"retrieval/{query}->{candidate}"
             print(f"{query + '->' + candidate:16s} " + " ".join(f"{100 * r[f'{key}/R@{k}']:6.2f}" for k in (1, 5, 10))
@@ -235,25 +224,24 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if config.prompts not in zs_config.PROMPT_SETS:
         raise SetupError(f"--prompts must be one of {list(zs_config.PROMPT_SETS)}, got {config.prompts!r}")
     mesh = parallel.make_mesh(config.mesh)
-    if config.batch_size % math.lcm(mesh.shape["data"], jax.process_count()):
-        raise SetupError(f"--batch_size={config.batch_size} must be divisible by the data axis ({mesh.shape['data']}) "
-                         f"and the process count ({jax.process_count()})")  # fmt: skip
+    if config.batch_size % (divisor := math.lcm(mesh.shape["data"], jax.process_count())):
+        raise SetupError(f"--batch_size={config.batch_size}: not a multiple of the data axis x processes ({divisor})")
     kind, spec = zs_config.dataset_kind(config.dataset)
     classification = None if kind in ("demo", "precomputed") else load_classification_set(kind, spec, config)
     modalities = MODALITIES if classification is None else (classification.modality, "text")
-    ckpt = restore(config, mesh, None if classification is None else (*modalities, *checkpoint.LOGIT_SCALES))
+    ckpt = Restored.load(config, mesh, None if classification is None else (*modalities, *checkpoint.LOGIT_SCALES))
     distributed.log(f"zero-shot {config.dataset}: checkpoint {ckpt.workdir} step {ckpt.step} ({', '.join(modalities)} "
                     f"towers), mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
                     f"{config.prompts} prompts")  # fmt: skip
-    results = run_tri_modal(kind, ckpt, config) if classification is None else run_classification(classification, ckpt, config)
+    results = (run_tri_modal(kind, ckpt, config) if classification is None
+               else run_classification(classification, ckpt, config))  # fmt: skip
     results = {"dataset": config.dataset if classification is None else classification.name,
                "checkpoint": str(ckpt.workdir), "step": ckpt.step, "prompts": config.prompts, "mesh": dict(mesh.shape),
                "devices": jax.device_count(),
                "protocol": "whole split, every example once (the reference drew 128 examples with replacement)",
                **results, "wall_seconds": time.time() - started}  # fmt: skip
     if distributed.is_main_process():
-        out = Path(config.out) if config.out else default_out(config)
-        results["outputs"] = [str(p) for p in write_outputs(results, out)]
+        results["outputs"] = write_outputs(results, config)
     return results
 
 

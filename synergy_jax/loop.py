@@ -210,59 +210,75 @@ def train_loop(
     """Runs `step_fn(state, next(data))` from the state's step to `config.total_steps` (see the module docstring).
 
     `evaluate(state, step)` returns the metrics to log (already named, e.g. 'eval/loss'); the last call's are the
-    result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests).
+    result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests). The manager and
+    the writer are closed when it returns or raises.
     """
-    started = time.perf_counter()
-    step = int(jax.device_get(state.step))
-    bar = _progress_bar(config, step)
-    window = _Window(config, writer, bar, manager.latest_step)
-    stop, preempted, eval_metrics, eval_seconds = StopRequest(), False, {}, 0.0
-
-    def save(force: bool) -> None:
-        if not bool(all_finite(state.params)):
-            raise NonFiniteLossError(f"parameters became non-finite by step {step}; not saving them")
-        checkpoint.save(manager, step, state, record, data.get_state(), force=force)
-
-    def run_eval() -> Metrics:
-        nonlocal eval_seconds
-        eval_started = time.perf_counter()
-        metrics = evaluate(state, step)
-        writer.write(step, metrics)
-        eval_seconds += time.perf_counter() - eval_started
-        return metrics
-
+    run = _Run(config, state, data, manager, record, writer, evaluate)
     try:
-        while step < config.total_steps:
-            state, metrics = step_fn(state, next(data))
-            step += 1
-            window.push(step, metrics)  # settles the previous step's metrics while this one runs
-            if _stop_requested(config, step, stop, stop_at):
-                window.settle()
-                save(force=True)
-                preempted = True
-                log(f"stop requested: saved step {step} to {manager.directory}; rerun with the same --workdir to resume")
-                break
-            if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-                window.settle()
-                eval_metrics = run_eval()
-                window.restart_clock()
-            if manager.should_save(step) and step != config.total_steps:
-                window.settle()
-                save(force=False)
-        window.settle()
-        if not preempted:
-            if manager.latest_step() != step:
-                save(force=True)
-            eval_metrics = run_eval()
+        return run.until_done(step_fn, stop_at)
     finally:
-        stop.restore()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    train_seconds = time.perf_counter() - started - eval_seconds
-    return LoopResult(state, step, config.total_steps, preempted, train_seconds, eval_metrics)
+        run.close()
+
+
+class _Run:
+    """The state of one `train_loop` call: where it is, what it has measured, and the handles it closes."""
+
+    def __init__(self, config: LoopConfig, state, data, manager, record: RunRecord, writer: MetricWriter, evaluate):
+        self.config, self.state, self.data, self.manager, self.record = config, state, data, manager, record
+        self.writer, self.evaluate = writer, evaluate
+        self.step = int(jax.device_get(state.step))
+        self.bar = _progress_bar(config, self.step)
+        self.window = _Window(config, writer, self.bar, manager.latest_step)
+        self.stop = StopRequest()
+        self.eval_metrics: Metrics = {}
+        self.eval_seconds = 0.0
+
+    def until_done(self, step_fn, stop_at) -> LoopResult:
+        started, config, preempted = time.perf_counter(), self.config, False
+        while self.step < config.total_steps:
+            self.state, metrics = step_fn(self.state, next(self.data))
+            self.step += 1
+            self.window.push(self.step, metrics)  # settles the previous step's metrics while this one runs
+            if _stop_requested(config, self.step, self.stop, stop_at):
+                self.window.settle()
+                self.save(force=True)
+                preempted = True
+                log(f"stop requested: saved step {self.step} to {self.manager.directory}; rerun with the same "
+                    "--workdir to resume")  # fmt: skip
+                break
+            if config.eval_every and self.step % config.eval_every == 0 and self.step != config.total_steps:
+                self.window.settle()
+                self.run_eval()
+                self.window.restart_clock()
+            if self.manager.should_save(self.step) and self.step != config.total_steps:
+                self.window.settle()
+                self.save(force=False)
+        self.window.settle()
+        if not preempted:
+            if self.manager.latest_step() != self.step:
+                self.save(force=True)
+            self.run_eval()
+        train_seconds = time.perf_counter() - started - self.eval_seconds
+        return LoopResult(self.state, self.step, config.total_steps, preempted, train_seconds, self.eval_metrics)
+
+    def save(self, force: bool) -> None:
+        if not bool(all_finite(self.state.params)):
+            raise NonFiniteLossError(f"parameters became non-finite by step {self.step}; not saving them")
+        checkpoint.save(self.manager, self.step, self.state, self.record, self.data.get_state(), force=force)
+
+    def run_eval(self) -> None:
+        started = time.perf_counter()
+        self.eval_metrics = self.evaluate(self.state, self.step)
+        self.writer.write(self.step, self.eval_metrics)
+        self.eval_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.manager.wait_until_finished()
+        self.manager.close()
+        self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _stop_requested(config: LoopConfig, step: int, stop: StopRequest, stop_at: Callable[[int], bool] | None) -> bool:

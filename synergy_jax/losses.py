@@ -1,6 +1,6 @@
 """Contrastive losses: symmetric InfoNCE per modality pair and the tri-modal weighted sum.
 
-Reference (REFERENCE_SPEC §1.4): for each pair (a, b) with logits L = exp(s) * a @ b.T,
+Reference (docs/reference.md R1.4): for each pair (a, b) with logits L = exp(s) * a @ b.T,
 clip_loss = (CE(L, arange) + CE(L.T, arange)) / 2, and loss = alpha*IT + beta*TA + gamma*AI.
 
 Two kinds of negatives, both computed per device inside `jax.shard_map` over the 'data' axis:
@@ -11,7 +11,7 @@ Two kinds of negatives, both computed per device inside `jax.shard_map` over the
 - `local`: negatives only within each device's shard (what the reference's DDP did); the loss is the mean of the
   per-shard losses. With `local_batch` > 0 each shard is further split into contrastive groups of that size, so
   the statistics do not depend on the device count: the reference's 35 per GPU on 2 GPUs is `local_batch=35` on
-  1, 2, 4, ... devices alike (REFERENCE_SPEC §8).
+  1, 2, 4, ... devices alike (docs/reference.md R8).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 The encoders' parameters are an argument of every step, never part of the train state: they get no gradient (the
 features are also under `stop_gradient`), no optimizer state, and run deterministically (dropout off; the reference
-left RoBERTa's dropout on while frozen, spec §6 item 16). Batches are sharded over the mesh's 'data' axis; the
+left RoBERTa's dropout on while frozen, docs/reference.md bug 16). Batches are sharded over the mesh's 'data' axis; the
 (small) MMR parameters are replicated.
 
-Targets (spec §4.4): image = the encoder's input image in [0, 1] resized (torch bicubic) to img_size, NHWC;
+Targets (docs/reference.md R4.4): image = the encoder's input image in [0, 1] resized (torch bicubic) to img_size, NHWC;
 audio = the AST features resized to aud_size, (B, frames, mel, 1); text = the input ids.
 """
 
@@ -41,8 +41,8 @@ class StepOptions:
     missing: str
     image_mean: tuple[float, float, float]  # the pipeline's normalisation, undone for [0, 1] targets
     image_std: tuple[float, float, float]
-    reference_unnormalized_images: bool = False  # spec §6 item 38: feed [0, 1] images to the vision tower
-    text_loss_on_pads: bool = False  # spec §6 item 19: CE over all positions, pads included
+    reference_unnormalized_images: bool = False  # docs/reference.md bug 38: feed [0, 1] images to the vision tower
+    text_loss_on_pads: bool = False  # docs/reference.md bug 19: CE over all positions, pads included
     reference_batch_stats_at_eval: bool = False  # the reference never left train mode: BatchNorm batch stats
     alpha: float = rl.ALPHA
     audio_ssim_data_range: float = 1.0  # SSIM data range of audio targets (the job: the training targets' range)

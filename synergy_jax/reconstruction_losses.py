@@ -1,4 +1,4 @@
-"""Reconstruction losses and metrics of Missing Modality Reconstruction (REFERENCE_SPEC §4.4).
+"""Reconstruction losses and metrics of Missing Modality Reconstruction (docs/reference.md R4.4).
 
 Every function is pure and works on NHWC (images: (B, H, W, 3); spectrograms: (B, frames, mel, 1)) float arrays:
 
@@ -10,7 +10,7 @@ Every function is pure and works on NHWC (images: (B, H, W, 3); spectrograms: (B
 - `image_loss` / `audio_loss`: alpha*(1-SSIM) + (1-alpha)*(MSE [+ L1]); alpha 0.75 as the reference hard-codes;
   the audio SSIM takes a data range (the reference's 1.0 is a bug for features spanning about 3).
 - `token_metrics`: text cross-entropy and token accuracy over non-pad tokens, and the reference's pad-inclusive
-  figures (spec §6 item 19).
+  figures (docs/reference.md bug 19).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K = (0.01, 0.03)
 BICUBIC_A = -0.75  # torch's cubic convolution constant
-ALPHA = 0.75  # weight of (1 - SSIM), hard-coded at the reference's call sites (spec §6 item 40)
+ALPHA = 0.75  # weight of (1 - SSIM), hard-coded at the reference's call sites (docs/reference.md bug 40)
 
 
 # ------------------------------------------------------------------------------------------------ resize
@@ -137,7 +137,7 @@ def audio_loss(
 ) -> dict[str, jax.Array]:
     """alpha*(1-SSIM) + (1-alpha)*MSE on (B, frames, mel, 1) (model.py:634-639: the reference's L1 is commented out).
 
-    `data_range` of the SSIM: the reference passes 1.0 although AST features span about 3 (spec §6 item 15), which
+    `data_range` of the SSIM: the reference passes 1.0 although AST features span about 3 (docs/reference.md bug 15), which
     shrinks SSIM's stabilising constants C1, C2 ninefold relative to the signal; the job passes the training
     targets' range unless `reference_audio_ssim_data_range` is set.
     """

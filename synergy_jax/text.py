@@ -1,10 +1,10 @@
 """Text side of the data: the reference's 72 prompt templates, the two text modes, tokenizer loading.
 
-Text modes (REFERENCE_SPEC §1.5): `caption` uses the row's caption ("c" models); `prompt` picks one synonym of the
+Text modes (docs/reference.md R1.5): `caption` uses the row's caption ("c" models); `prompt` picks one synonym of the
 comma-separated label uniformly and one of the 72 templates uniformly and formats them ("p" models). Randomness
 comes from the numpy Generator the caller passes (Grain seeds one per element), never from global state.
 
-Tokenisation as the reference (spec §2.4): a Hugging Face tokenizer (RoBERTa's byte-level BPE by default),
+Tokenisation as the reference (docs/reference.md R2.4): a Hugging Face tokenizer (RoBERTa's byte-level BPE by default),
 `max_length` 32, padding to max length, truncation, attention mask, no token type ids.
 """
 
@@ -111,10 +111,10 @@ def synonyms(label: str) -> list[str]:
 
 
 def random_prompt(label: str, rng: np.random.Generator, templates: Sequence[str] = TEMPLATES) -> str:
-    """One uniformly chosen synonym in one uniformly chosen template (the reference's prompt mode, spec §1.5).
+    """One uniformly chosen synonym in one uniformly chosen template (the reference's prompt mode, docs/reference.md R1.5).
 
     The reference formats a single stripped synonym in Dataset_Step1; its MMR dataset formatted the whole Python
-    list (spec §6 item 26), which we do not reproduce.
+    list (docs/reference.md bug 26), which we do not reproduce.
     """
     words = synonyms(label)
     word = words[rng.integers(len(words))]

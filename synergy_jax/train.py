@@ -58,6 +58,19 @@ def optimizer_config() -> ml_collections.ConfigDict:
     )
 
 
+def resolve_optimizer(
+    config: ml_collections.ConfigDict, steps: int, default_learning_rate: float = 0.0
+) -> ml_collections.ConfigDict:
+    """A job's optimizer config with its run-dependent defaults filled in: a learning rate of 0 means the job's
+    `default_learning_rate`, and a decaying schedule's length defaults to the run's `steps`."""
+    optimizer = config.copy_and_resolve_references()
+    with optimizer.unlocked():
+        optimizer.learning_rate = optimizer.learning_rate or float(default_learning_rate)
+        if optimizer.schedule != "constant" and optimizer.total_steps == 0:
+            optimizer.total_steps = steps
+    return optimizer
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     if config.schedule == "constant":
         return optax.constant_schedule(config.learning_rate)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from synergy_jax import distributed, evaluation, flops, losses
+from synergy_jax import distributed, flops, losses
+from synergy_jax.evaluators import contrastive, retrieval, zero_shot
 from tests.synthetic import random_embeddings
 
 
@@ -18,9 +19,9 @@ def brute_force_ranks(queries, candidates):
 
 def test_ranks_and_recalls_match_brute_force():
     emb = random_embeddings(37, dim=6, seed=3)
-    ranks = evaluation.positive_ranks(emb["image"], emb["text"], chunk=5)  # several chunks, last one short
+    ranks = retrieval.positive_ranks(emb["image"], emb["text"], chunk=5)  # several chunks, last one short
     np.testing.assert_array_equal(ranks, brute_force_ranks(emb["image"], emb["text"]))
-    metrics = evaluation.retrieval_metrics(emb)
+    metrics = retrieval.retrieval_metrics(emb)
     assert len([k for k in metrics if k.endswith("/R@1")]) == 6
     for k in (1, 5, 10):
         assert metrics[f"retrieval/image->text/R@{k}"] == pytest.approx(np.mean(ranks < k))
@@ -31,9 +32,9 @@ def test_ranks_and_recalls_match_brute_force():
 
 def test_perfect_and_shuffled_retrieval():
     x = np.eye(12, dtype=np.float32)
-    assert evaluation.retrieval_metrics({"image": x, "text": x, "audio": x})["retrieval/audio->image/R@1"] == 1.0
+    assert retrieval.retrieval_metrics({"image": x, "text": x, "audio": x})["retrieval/audio->image/R@1"] == 1.0
     shifted = np.roll(x, 1, axis=0)  # every positive scores 0 while one other candidate scores 1
-    metrics = evaluation.retrieval_metrics({"image": x, "text": shifted, "audio": x})
+    metrics = retrieval.retrieval_metrics({"image": x, "text": shifted, "audio": x})
     assert metrics["retrieval/image->text/R@1"] == 0.0 and metrics["retrieval/image->text/R@5"] == 1.0
 
 
@@ -41,7 +42,7 @@ def test_contrastive_losses_match_the_training_loss():
     emb = random_embeddings(10, seed=1)
     scales = {"it": 2.0, "ta": 2.6592, "ai": 1.5}
     config = losses.LossConfig(alpha=0.5, beta=1.0, gamma=2.0)
-    ours = evaluation.contrastive_losses(emb, scales, batch_size=5, weights=config.pair_weights)
+    ours = contrastive.contrastive_losses(emb, scales, batch_size=5, weights=config.pair_weights)
     halves = [
         losses.tri_modal_loss_local({k: v[s : s + 5] for k, v in emb.items()},
                                     {k: np.float32(v) for k, v in scales.items()}, config, None)  # fmt: skip
@@ -49,25 +50,25 @@ def test_contrastive_losses_match_the_training_loss():
     ]
     for key in ("loss", "loss/it", "loss/ta", "loss/ai"):
         assert ours[key] == pytest.approx(np.mean([float(h[key]) for h in halves]), rel=1e-5)
-    uneven = evaluation.contrastive_losses(emb, scales, batch_size=7)  # batches of 7 and 3, weighted by size
+    uneven = contrastive.contrastive_losses(emb, scales, batch_size=7)  # batches of 7 and 3, weighted by size
     first = losses.tri_modal_loss_local({k: v[:7] for k, v in emb.items()}, scales, losses.LossConfig(), None)
     last = losses.tri_modal_loss_local({k: v[7:] for k, v in emb.items()}, scales, losses.LossConfig(), None)
     assert uneven["loss/ta"] == pytest.approx((7 * float(first["loss/ta"]) + 3 * float(last["loss/ta"])) / 10, rel=1e-5)
 
 
 def test_zero_shot_prompts_ensembles_and_accuracy():
-    names = evaluation.class_names_from_labels(["dog, puppy", "car_horn", "rain"])
+    names = zero_shot.class_names_from_labels(["dog, puppy", "car_horn", "rain"])
     assert names == [["dog", "puppy"], ["car horn"], ["rain"]]
-    prompts, owners = evaluation.prompts_for_classes(names, ("a {}", "the {}."))
+    prompts, owners = zero_shot.prompts_for_classes(names, ("a {}", "the {}."))
     assert prompts[:4] == ["a dog", "the dog.", "a puppy", "the puppy."] and owners.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
     rng = np.random.default_rng(0)
-    prompt_emb = evaluation.normalize(rng.normal(size=(len(prompts), 4)))
-    classes = evaluation.class_embeddings(prompt_emb, owners, 3)
+    prompt_emb = zero_shot.normalize(rng.normal(size=(len(prompts), 4)))
+    classes = zero_shot.class_embeddings(prompt_emb, owners, 3)
     expected = prompt_emb[owners == 0].mean(0)
     np.testing.assert_allclose(classes[0], expected / np.linalg.norm(expected), atol=1e-6)
     queries = np.concatenate([classes, -classes[:1]])  # three correct, one pointing away from its class
     labels = np.array([0, 1, 2, 0, -1])  # -1: unknown label, excluded
-    metrics = evaluation.zero_shot_metrics(np.concatenate([queries, classes[:1]]), classes, labels, ks=(1, 2))
+    metrics = zero_shot.zero_shot_metrics(np.concatenate([queries, classes[:1]]), classes, labels, ks=(1, 2))
     assert metrics["top1"] == pytest.approx(3 / 4)
     assert metrics["per_class_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
     assert metrics["chance"] == pytest.approx(1 / 3)

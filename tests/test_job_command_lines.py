@@ -1,11 +1,11 @@
 """The jobs' command lines as a user types them: a bad config override or a missing flag exits 2 with a one-line
-message naming it (the exit codes of synergy_jax.distributed.run_or_exit), before any work."""
+message naming it (the exit codes of synergy_jax.cli.run_or_exit), before any work."""
 
 import subprocess
 import sys
 
 import pytest
-from scripts import ROOT
+from helpers import ROOT
 
 
 def _run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ LOG_SCALES = {"it": jnp.float32(2.6592), "ta": jnp.float32(1.3), "ai": jnp.float
 
 
 def numpy_clip_loss(a: np.ndarray, b: np.ndarray, log_scale: float) -> float:
-    """REFERENCE_SPEC §1.4: L = exp(s) a b^T; (CE(L, arange) + CE(L^T, arange)) / 2, in float64."""
+    """docs/reference.md R1.4: L = exp(s) a b^T; (CE(L, arange) + CE(L^T, arange)) / 2, in float64."""
     logits = np.exp(log_scale) * a.astype(np.float64) @ b.astype(np.float64).T
 
     def ce(x):

@@ -9,18 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scripts import ROOT, load_script
 
 from data_pipelines import demo, precompute
-from synergy_jax import audio, checkpoint, mmr_train, parallel, text, train
+from experiments import mmr as mmr_job
+from experiments.configs import mmr as mmr_configs
+from helpers import ROOT, override, train_losses, write_pretrain_run
+from synergy_jax import audio, checkpoint, mmr_train, text
+from synergy_jax.evaluators import reconstruction
 from synergy_jax.models import mmr, preset
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch, preset_config
+from synergy_jax.models.synergy import SynergyConfig, preset_config
+from synergy_jax.record import DataSource
 
 STEPS = 6
 TEST_EXAMPLES = 20  # 10 classes x 2
-
-mmr_job = load_script("mmr_job", ROOT / "experiments" / "mmr.py")
-mmr_configs = load_script("mmr_configs", ROOT / "experiments" / "configs" / "mmr.py")
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +40,9 @@ def pretrain_run(tmp_path_factory) -> Path:
                                               time_stride=16),  # fmt: skip
         projection_dim=8,
     )
-    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
-    optimizer = train.optimizer_config()
-    tx = train.make_optimizer(optimizer)
-    state, _ = train.create_train_state(SynergyCLIP(model_config), tx, mesh, "replicate", example_batch(model_config),
-                                        jax.random.PRNGKey(0))  # fmt: skip
-    data = {"demo": True, "dir": "", "tokenizer": "", "text_mode": "prompt", "max_length": 32, "image_size": 32}
-    record = {"config": {"data": data, "model": {"text": "tiny"}}, "model": checkpoint.model_config_to_dict(model_config),
-              "optimizer_structure": checkpoint.optimizer_structure(optimizer)}  # fmt: skip
-    manager = checkpoint.make_manager(run)
-    checkpoint.save(manager, 1, state, record, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    data = DataSource(dir="data/precomputed", tokenizer="data/raw/tokenizer", text_mode="prompt", max_length=32,
+                      image_size=32, demo_root="data")  # fmt: skip
+    write_pretrain_run(run, model_config, data)
     return run
 
 
@@ -64,25 +56,19 @@ def tiny_config(**overrides):
         "batch_size": 8, "eval_batch_size": 8, "total_steps": STEPS, "log_every": 1, "checkpoint_every": 3,
         "baseline_examples": 16, "num_samples": 3, "progress": False, "optimizer.learning_rate": 1e-3,
     }  # fmt: skip
-    for key, value in {**small, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(config, {**small, **overrides})
 
 
-def train_losses(workdir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+def run_mmr(config, pretrain_run: Path, missing: str, workdir: Path, stop_at=None) -> dict:
+    return mmr_job.run(override(config, {"checkpoint": str(pretrain_run), "missing": missing, "workdir": str(workdir)}),
+                       stop_at)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def image_run(pretrain_run, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted image run: a direction test and the reference of the resume test."""
     workdir = tmp_path_factory.mktemp("image")
-    return workdir, mmr_job.run(tiny_config(), pretrain_run, "image", workdir)
+    return workdir, run_mmr(tiny_config(), pretrain_run, "image", workdir)
 
 
 @pytest.mark.parametrize("missing", ["image", "audio", "text"])
@@ -91,7 +77,7 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
         tmp_path, summary = image_run
     else:
         tmp_path = tmp_path_factory.mktemp(missing)
-        summary = mmr_job.run(tiny_config(), pretrain_run, missing, tmp_path)
+        summary = run_mmr(tiny_config(), pretrain_run, missing, tmp_path)
     assert summary["step"] == STEPS and not summary["preempted"]
     assert summary["eval/examples"] == TEST_EXAMPLES
     assert sorted(train_losses(tmp_path)) == list(range(1, STEPS + 1))
@@ -119,28 +105,28 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
     saved = checkpoint.make_manager(tmp_path, read_only=True)
     assert saved.all_steps() == [3, 6]
     params = saved.restore(6, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.PyTreeRestore()))["state"]
-    mappers = {mmr_job.mmr.MAPPER_OF[m] for m in mmr_job.mmr.TASKS[missing].inputs}
+    mappers = {mmr.MAPPER_OF[m] for m in mmr.TASKS[missing].inputs}
     assert set(params["params"]) == mappers | {"mm_encoder", "decoder"}
 
 
 def test_interrupted_run_resumes_to_the_same_losses(pretrain_run, image_run, tmp_path):
     (reference_dir, reference), resumed_dir = image_run, tmp_path / "resumed"
-    first = mmr_job.run(tiny_config(), pretrain_run, "image", resumed_dir, stop_at=lambda step: step == 4)
+    first = run_mmr(tiny_config(), pretrain_run, "image", resumed_dir, stop_at=lambda step: step == 4)
     assert first["preempted"] and first["step"] == 4
-    second = mmr_job.run(tiny_config(), pretrain_run, "image", resumed_dir)
+    second = run_mmr(tiny_config(), pretrain_run, "image", resumed_dir)
     assert second["step"] == STEPS
     expected, resumed = train_losses(reference_dir), train_losses(resumed_dir)
     np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
                                rtol=1e-5)  # fmt: skip
     np.testing.assert_allclose(second["eval/psnr"], reference["eval/psnr"], rtol=1e-5)
     with pytest.raises(checkpoint.CheckpointError, match="decoder_dim"):
-        mmr_job.run(tiny_config(**{"model.decoder_dim": 24}), pretrain_run, "image", resumed_dir)
+        run_mmr(tiny_config(**{"model.decoder_dim": 24}), pretrain_run, "image", resumed_dir)
 
 
 def test_an_mmr_run_is_not_taken_for_a_pretrain_run(image_run, tmp_path):
     mmr_dir, _ = image_run
     with pytest.raises(checkpoint.CheckpointError, match="not a pre-training run"):
-        mmr_job.run(tiny_config(), mmr_dir, "audio", tmp_path)
+        run_mmr(tiny_config(), mmr_dir, "audio", tmp_path)
 
 
 def test_text_loss_flag_counts_pads():
@@ -160,7 +146,7 @@ def test_text_loss_flag_counts_pads():
 
 
 def test_audio_ssim_uses_the_data_range_option():
-    """Spec §6 item 15: the reference's data_range 1.0 is kept only behind `reference_audio_ssim_data_range`; the
+    """Spec docs/reference.md bug 15: the reference's data_range 1.0 is kept only behind `reference_audio_ssim_data_range`; the
     loss with range R equals the reference formula on targets and outputs divided by R."""
     key1, key2 = jax.random.split(jax.random.PRNGKey(1))
     target = jax.random.uniform(key1, (2, 16, 16, 1), minval=-1.4, maxval=1.6)
@@ -177,7 +163,7 @@ def test_text_baselines_by_hand():
     counts = np.array([[3, 1, 0, 0], [0, 0, 2, 2]], np.float64)  # training tokens at positions 0 and 1, vocab 4
     target = np.array([[0, 2], [1, 1]])
     mask = np.array([[1, 1], [1, 0]])  # the last position is a pad
-    out = mmr_job.text_baselines(counts, target, mask)
+    out = reconstruction.text_baselines(counts, target, mask)
     assert out["baseline_majority_token/accuracy"] == pytest.approx(1 / 3)  # token 0 everywhere
     assert out["baseline_majority_token/accuracy_with_pads"] == pytest.approx(1 / 4)
     assert out["baseline_majority_token_per_position/accuracy"] == pytest.approx(2 / 3)  # tokens 0, 2

@@ -4,7 +4,6 @@ errors, and two processes x 4 devices giving the losses of one process x 8 devic
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -18,21 +17,15 @@ import numpy as np
 import pytest
 
 from data_pipelines import demo, precompute
+from experiments import pretrain
+from experiments.configs import pretrain as configs
+from helpers import ROOT, metric_lines, override, subprocess_env, train_losses
 from synergy_jax import audio, checkpoint, parallel, train
-from synergy_jax.models.synergy import SynergyCLIP
-from scripts import ROOT, load_script
-
-CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
+from synergy_jax.errors import NonFiniteLossError
+from synergy_jax.models.synergy import SynergyCLIP, example_batch
 
 SCRIPT = ROOT / "experiments" / "pretrain.py"
 STEPS = 8
-
-
-
-
-pretrain = load_script("pretrain_job", SCRIPT)
-
-configs = load_script("pretrain_configs", ROOT / "experiments" / "configs" / "pretrain.py")
 
 # Overrides that make the demo config tiny and short; shared by in-process runs and the subprocess command lines.
 TINY = {
@@ -66,37 +59,22 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def tiny_config(data_root: Path, **overrides):
-    config = configs.get_config("demo")
-    config.data.dir = str(data_root)
-    for key, value in {**TINY, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(configs.get_config("demo"), {"data.dir": str(data_root), **TINY, **overrides})
+
+
+def run_pretrain(config, workdir: Path, mesh: str, stop_at=None) -> dict:
+    return pretrain.run(override(config, {"workdir": str(workdir), "mesh": mesh}), stop_at)
 
 
 def cli_overrides(data_root: Path, **overrides) -> list[str]:
     return [f"--config.{k}={v}" for k, v in {**TINY, "data.dir": data_root, **overrides}.items()]
 
 
-def metric_lines(workdir: Path) -> list[dict]:
-    """The complete lines of metrics.jsonl (a running job may be writing the last one); none before it exists."""
-    path = workdir / "metrics.jsonl"
-    complete = path.read_text().split("\n")[:-1] if path.exists() else []
-    return [json.loads(line) for line in complete]
-
-
-def train_losses(workdir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metric_lines(workdir) if "loss" in m}
-
-
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
     """One uninterrupted 8-step run on the 8x1 mesh."""
     workdir = tmp_path_factory.mktemp("reference")
-    summary = pretrain.run(tiny_config(data_root), workdir, "8x1")
+    summary = run_pretrain(tiny_config(data_root), workdir, "8x1")
     return workdir, summary
 
 
@@ -124,10 +102,10 @@ def test_run_logs_evaluates_and_checkpoints(reference):
 
 def test_interrupted_run_resumes_to_the_same_losses(reference, data_root, tmp_path):
     ref_dir, ref_summary = reference
-    first = pretrain.run(tiny_config(data_root), tmp_path, "8x1", stop_at=lambda step: step == 3)
+    first = run_pretrain(tiny_config(data_root), tmp_path, "8x1", stop_at=lambda step: step == 3)
     assert first["preempted"] and first["step"] == 3
     assert checkpoint.make_manager(tmp_path, read_only=True).latest_step() == 3
-    second = pretrain.run(tiny_config(data_root), tmp_path, "8x1")
+    second = run_pretrain(tiny_config(data_root), tmp_path, "8x1")
     assert second["step"] == STEPS
     expected, resumed = train_losses(ref_dir), train_losses(tmp_path)
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -140,9 +118,10 @@ def test_interrupted_run_resumes_to_the_same_losses(reference, data_root, tmp_pa
 def test_checkpoint_restores_onto_other_meshes(reference):
     workdir, _ = reference
     mesh_8x1 = parallel.make_mesh("8x1")
-    full, model_config, saved = checkpoint.restore_params(workdir, mesh_8x1)
-    assert saved["run"]["mesh"] == {"data": 8, "model": 1}
-    audio_only, _, _ = checkpoint.restore_params(workdir, parallel.make_mesh("2x4"), ["audio"], rules="tp")
+    full, saved = checkpoint.restore_params(workdir, mesh_8x1)
+    model_config = saved.synergy_config()
+    assert saved.run["mesh"] == {"data": 8, "model": 1}
+    audio_only, _ = checkpoint.restore_params(workdir, parallel.make_mesh("2x4"), ["audio"], rules="tp")
     assert sorted(audio_only) == ["audio_model", "audio_projection"]
     for got, want in zip(jax.tree.leaves(audio_only), jax.tree.leaves({k: full[k] for k in audio_only})):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -151,7 +130,7 @@ def test_checkpoint_restores_onto_other_meshes(reference):
     mesh = parallel.make_mesh("4x2")
     model = SynergyCLIP(model_config)
     tx = train.make_optimizer(train.optimizer_config())
-    example = pretrain.example_batch(model_config, 1, 32)
+    example = example_batch(model_config, 1, 32)
     shardings = train.state_shardings(model, tx, mesh, "fsdp", example)
     manager = checkpoint.make_manager(workdir, read_only=True)
     state = checkpoint.restore_train_state(manager, train.abstract_train_state(model, tx, example, shardings))
@@ -165,16 +144,16 @@ def test_incompatible_checkpoint_is_a_clear_error(reference, data_root, tmp_path
     workdir, _ = reference
     config = tiny_config(data_root, **{"model.projection_dim": 24})
     with pytest.raises(checkpoint.CheckpointError, match="incompatible config.*projection_dim: 16 -> 24"):
-        pretrain.run(config, workdir, "8x1")
+        run_pretrain(config, workdir, "8x1")
 
 
 def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_root, tmp_path):
     shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")  # a run finished at step 8
     config = tiny_config(data_root, total_steps=STEPS + 2, checkpoint_every=1, **{"optimizer.learning_rate": float("inf")})
-    with pytest.raises(pretrain.NonFiniteLossError, match="non-finite"):
-        pretrain.run(config, tmp_path, "8x1")
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        run_pretrain(config, tmp_path, "8x1")
     assert checkpoint.make_manager(tmp_path, read_only=True).latest_step() == STEPS
-    params, _, _ = checkpoint.restore_params(tmp_path, parallel.make_mesh("8x1"))
+    params, _ = checkpoint.restore_params(tmp_path, parallel.make_mesh("8x1"))
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params))
 
 
@@ -192,16 +171,8 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_
 )  # fmt: skip
 def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(")):
-        pretrain.run(tiny_config(data_root, **overrides), tmp_path, mesh)
+        run_pretrain(tiny_config(data_root, **overrides), tmp_path, mesh)
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
-
-
-def _subprocess_env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
-    return env
 
 
 @contextlib.contextmanager
@@ -212,7 +183,7 @@ def job_processes(commands: list[list[str]], devices: int, cwd: Path):
     processes = []
     try:
         for command, log in zip(commands, logs):
-            processes.append(subprocess.Popen(command, env=_subprocess_env(devices), stdout=log,
+            processes.append(subprocess.Popen(command, env=subprocess_env(devices), stdout=log,
                                               stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
         yield processes
     finally:

@@ -51,7 +51,7 @@ def test_hf_dict_round_trip(modality):
 
 
 def test_presets_have_reference_token_counts():
-    """REFERENCE_SPEC §1.1: 197/257 image tokens, 852/1214 audio tokens, all towers 768 or 1024 wide."""
+    """docs/reference.md R1.1: 197/257 image tokens, 852/1214 audio tokens, all towers 768 or 1024 wide."""
     assert preset("vision", "openai/clip-vit-base-patch16").num_tokens == 197
     assert preset("vision", "openai/clip-vit-large-patch14").num_tokens == 257
     assert preset("audio", "MIT/ast-finetuned-audioset-12-12-0.447").num_tokens == 852

@@ -18,21 +18,20 @@ import soundfile
 from PIL import Image
 
 from data_pipelines import audio_io, demo, downstream, precompute, records
-from synergy_jax import audio, checkpoint, parallel, text, train
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from experiments import zero_shot as job
+from experiments.configs import zero_shot as zs_config
+from helpers import ROOT, write_pretrain_run
+from synergy_jax import audio, checkpoint, parallel, text
+from synergy_jax.evaluators import retrieval
+from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig
+from synergy_jax.record import DataSource
 import synthetic
-from scripts import ROOT, load_script
 
 CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
 
 SCRIPT = ROOT / "experiments" / "zero_shot.py"
 MAX_LENGTH = 16
-
-
-
-
-job = load_script("zero_shot_job", SCRIPT)
-prompt_sets = job.zs_config.PROMPT_SETS
+prompt_sets = zs_config.PROMPT_SETS
 
 
 # ----------------------------------------------------------------------------------------------- a tiny run
@@ -40,34 +39,25 @@ prompt_sets = job.zs_config.PROMPT_SETS
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A pre-training-style workdir: a checkpoint of a random 1-layer model + the config JSON naming its tokenizer."""
+    """A pre-training run folder: a checkpoint of a random 1-layer model + its run record (`RunRecord` of kind
+    'pretrain'), whose data names the tokenizer (a folder of the run, recorded relative to it as pre-training does)."""
     root = tmp_path_factory.mktemp("run")
     words = "photo sound this is a of the bell drum rain dog cat bird siren horn engine wind clock recording".split()
     demo.train_tokenizer([" ".join(words)] * 4, root / "tokenizer", vocab_size=300)
     base = synthetic.tiny_config(layers=1, dropout=False)
     config = SynergyConfig(vision=base.vision, text=base.text.replace(vocab_size=512), audio=base.audio,
                            projection_dim=base.projection_dim)  # fmt: skip
-    model = SynergyCLIP(config)
-    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
-    tx = train.make_optimizer(train.optimizer_config())
-    state, _ = train.create_train_state(model, tx, mesh, "replicate", example_batch(config, 1, MAX_LENGTH),
-                                        jax.random.PRNGKey(3))  # fmt: skip
-    record = {
-        "config": {"seed": 0, "data": {"tokenizer": str(root / "tokenizer"), "max_length": MAX_LENGTH,
-                                       "text_mode": "caption"}, "model": {}},
-        "model": checkpoint.model_config_to_dict(config),
-    }  # fmt: skip
-    manager = checkpoint.make_manager(root, async_save=False)
-    checkpoint.save(manager, 5, state, record, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    data = DataSource(dir="", tokenizer="tokenizer", text_mode="caption", max_length=MAX_LENGTH,
+                      image_size=config.vision.image_size)  # fmt: skip
+    write_pretrain_run(root, config, data, seed=3)
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(run_dir):
     """Direct embeddings: the whole model on one device, whole arrays at once (what the job must reproduce)."""
-    params, config, _ = checkpoint.restore_params(run_dir, parallel.make_mesh("1x1", jax.devices()[:1]))
+    params, record = checkpoint.restore_params(run_dir, parallel.make_mesh("1x1", jax.devices()[:1]))
+    config = record.synergy_config()
     model = SynergyCLIP(config)
     tokenizer = text.load_tokenizer(run_dir / "tokenizer")
 
@@ -126,8 +116,11 @@ def assert_matches(task: dict, expected: dict, classes: int) -> None:
 
 
 def options(run_dir, tmp_path, **kw):
-    return job.Options(checkpoint=str(run_dir), out=str(tmp_path / "out" / "results.json"), progress=False,
-                       workers=2, **kw)  # fmt: skip
+    """The job's config (experiments/configs/zero_shot.py) with these fields set."""
+    config = zs_config.get_config()
+    config.update(dict(checkpoint=str(run_dir), out=str(tmp_path / "out" / "results.json"), progress=False, workers=2,
+                       **kw))  # fmt: skip
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- dataset makers
@@ -372,9 +365,7 @@ def test_precomputed_manifest_split_retrieval_and_zero_shot(run_dir, reference, 
     results = job.run(options(run_dir, tmp_path, dataset="precomputed", data_dir=str(out), mesh="8x1", batch_size=8,
                               prompts="single"))  # fmt: skip
     assert results["num_examples"] == 20 and results["retrieval_text_mode"] == "caption"
-    from synergy_jax import evaluation
-
-    expected = evaluation.retrieval_metrics(embeddings)
+    expected = retrieval.retrieval_metrics(embeddings)
     for key, value in expected.items():
         assert results["retrieval"][key] == pytest.approx(value, abs=1e-12), key
     names = [[w.strip() for w in label.split(",")] for label in labels]  # every synonym, averaged

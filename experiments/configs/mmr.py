@@ -2,11 +2,11 @@
 
     demo   a small fusion encoder + decoders sized for the demo pre-training run (32 px images, 128x32 features);
            CPU, minutes. The default. Demo-only hyperparameters: steps/lr below and alpha = 0 (MSE-only loss).
-    base   ReconstructionConfig Base (REFERENCE_SPEC §4.2): encoder 768, decoder 512 x 4 layers x 8 heads, txt_tokens
+    base   ReconstructionConfig Base (docs/reference.md R4.2): encoder 768, decoder 512 x 4 layers x 8 heads, txt_tokens
            96, image decoder 1024@4x4 -> 64@64x64 -> 128x128x3, audio decoder 1024@8x2 -> 64@128x32 -> 256x64
     large  Large: encoder 1024, decoder 768 x 6 x 12, txt_tokens 192, decoders starting at 2048@2x2 / 2048@4x1
 
-Steps and learning rates per missing modality are the reference's run commands (spec §4.5; there each "epoch" was
+Steps and learning rates per missing modality are the reference's run commands (docs/reference.md R4.5; there each "epoch" was
 one step on one fixed batch of 32, here a step is a fresh mini-batch of `batch_size` training examples).
 `total_steps` / `optimizer.learning_rate` of 0 mean "the task default". AdamW is torch's default (wd 0.01 on every
 parameter), constant, as the reference.
@@ -16,7 +16,7 @@ import ml_collections
 
 from synergy_jax import train
 
-# (steps, lr) per missing modality (spec §4.5 run commands; IDX 0-2).
+# (steps, lr) per missing modality (docs/reference.md R4.5 run commands; IDX 0-2).
 TASK_DEFAULTS = {
     "base": {"image": (384, 7.5e-4), "text": (48, 2e-4), "audio": (768, 7.5e-4)},
     "large": {"image": (384, 7.5e-4), "text": (48, 2e-4), "audio": (768, 1e-3)},
@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         decoder_dim=dec, decoder_depth=depth, decoder_heads=heads, decoder_dropout=0.1, decoder_ff_dim=ff,
         txt_tokens=txt_tokens, img_size=img_size, aud_size=aud_size, mlp_hidden_dim=mlp_hidden,
         img_decoder_layer_info=IMG_LAYERS[name], aud_decoder_layer_info=AUD_LAYERS[name],
-        channel_gate="sum_of_sigmoids",  # the reference's CBAM (spec §6 item 8); 'sigmoid_of_sum' = standard
-        text_mean_over_pads=False,  # True: the reference's token mean including pads (spec §6 item 17)
+        channel_gate="sum_of_sigmoids",  # the reference's CBAM (docs/reference.md bug 8); 'sigmoid_of_sum' = standard
+        text_mean_over_pads=False,  # True: the reference's token mean including pads (docs/reference.md bug 17)
     ))  # fmt: skip
 
     config.data = ml_collections.ConfigDict()
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.tokenizer = ""  # default: the pre-training run's tokenizer
     config.data.text_mode = ""  # default: the pre-training run's ('prompt' or 'caption')
     config.data.train_split = "train"
-    config.data.eval_split = "test"  # held out (the reference scored its one training batch, spec §6 item 37)
+    config.data.eval_split = "test"  # held out (the reference scored its one training batch, docs/reference.md bug 37)
     config.data.read_threads = 2
     config.data.prefetch = 4
 
@@ -83,10 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.alpha = 0.75 if name != "demo" else 0.0
 
     # Reference behaviour, each a bug we fix by default (docs/mmr.md):
-    config.reference_unnormalized_images = False  # True: [0,1] images into the vision tower (spec §6 item 38)
-    config.text_loss_on_pads = False  # True: text CE over every position, pads included (item 19)
-    config.reference_batch_stats_at_eval = False  # True: BatchNorm batch statistics at evaluation (item 37)
-    # True: audio SSIM (loss and metric) with data_range 1.0; default: the training targets' range (item 15)
+    config.reference_unnormalized_images = False  # True: [0,1] images into the vision tower (docs/reference.md bug 38)
+    config.text_loss_on_pads = False  # True: text CE over every position, pads included (docs/reference.md bug 19)
+    config.reference_batch_stats_at_eval = False  # True: BatchNorm batch statistics at evaluation (docs/reference.md bug 37)
+    # True: audio SSIM (loss and metric) with data_range 1.0; default: the training targets' range (docs/reference.md bug 15)
     config.reference_audio_ssim_data_range = False
 
     config.eval_every = 0  # steps; 0: only at the end

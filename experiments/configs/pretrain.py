@@ -6,7 +6,7 @@
     large_p  Large towers (CLIP ViT-L/14, RoBERTa-large, AST 10-10), prompts
     large_c  Large towers, captions
 
-The four paper models use the reference's hyperparameters (REFERENCE_SPEC §3): per-device batch 35 (Base) / 14
+The four paper models use the reference's hyperparameters (docs/reference.md R3): per-device batch 35 (Base) / 14
 (Large) on 2 devices with 4 / 8 accumulation steps, i.e. a global batch of 280 / 224 split into 4 / 8 contrastive
 microbatches; AdamW lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter, constant; 10 epochs;
 text length 32; seeds 77 (Base) / 42 (Large); fp32; negatives only within groups of 35 / 14 ('local' with
@@ -82,7 +82,7 @@ def common() -> ml_collections.ConfigDict:
     config.eval_every = 0  # steps; 0: once per epoch (and always at the end)
     config.evals = ("contrastive", "retrieval", "zero_shot")  # what runs on the eval split (synergy_jax/evaluators)
     config.eval_contrastive_batch = 0  # batch of the reported eval pair losses; 0: the training microbatch
-    config.zero_shot_image_templates = ("this is a photo of {}",)  # the reference's ZS prompts (spec §5.4)
+    config.zero_shot_image_templates = ("this is a photo of {}",)  # the reference's ZS prompts (docs/reference.md R5.4)
     config.zero_shot_audio_templates = ("this is a sound of {}",)
 
     config.log_every = 50

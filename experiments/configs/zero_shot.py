@@ -3,7 +3,7 @@
 
 Also here, as code: the prompt sets and the named datasets `experiments/zero_shot.py` knows.
 
-Prompt sets: `single` is the reference's protocol (REFERENCE_SPEC §5.4: one template per modality, no final period);
+Prompt sets: `single` is the reference's protocol (docs/reference.md R5.4: one template per modality, no final period);
 `ensemble` averages the normalised text embeddings of several templates per class (CLIP's prompt ensembling).
 """
 
@@ -67,7 +67,7 @@ ENSEMBLE = {"image": CLIP_IMAGE_TEMPLATES, "audio": AUDIO_TEMPLATES}
 PROMPT_SETS = {"single": SINGLE, "ensemble": ENSEMBLE}
 
 # --dataset names -> (kind, options). 'tfds' sets are read from a prepared array_record TFDS data_dir; the default
-# split is each set's test split (the reference used Flowers-102's 'validation' split, spec §5.4; --split=validation
+# split is each set's test split (the reference used Flowers-102's 'validation' split, docs/reference.md R5.4; --split=validation
 # restores it).
 DATASETS = {
     "demo": ("demo", {}),

@@ -1,6 +1,6 @@
 """Missing Modality Reconstruction (MMR) models: two frozen modalities in, the third reconstructed.
 
-REFERENCE_SPEC §4.1-4.3. The three tasks, named by the *missing* modality:
+docs/reference.md R4.1-4.3. The three tasks, named by the *missing* modality:
 
     audio   image + text  -> (B, 256, 64) AST features      fusion from pooled outputs (CLIP post-LN CLS, RoBERTa pooler)
     image   text + audio  -> (B, 128, 128, 3) image in [0,1] fusion from token means of the last hidden states

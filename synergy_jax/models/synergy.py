@@ -3,7 +3,7 @@
 Parameter names follow the reference (`vision_model`, `text_model`, `audio_model`, `{vision,text,audio}_projection`,
 `logit_scale_{it,ta,ai}`). Pooled tower outputs are projected without bias to `projection_dim` and L2-normalised;
 each modality pair has its own logit scale, initialised to 2.6592 = ln(1/0.07) and unclamped by default as in the
-reference (REFERENCE_SPEC §1.3); `logit_scale_max` adds CLIP's clamp (ln 100 = 4.6052) as an option.
+reference (docs/reference.md R1.3); `logit_scale_max` adds CLIP's clamp (ln 100 = 4.6052) as an option.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SynergyConfig:
         return towers + projections
 
 
-# REFERENCE_SPEC §1.1: the Base and Large trios (the "Large" AST is the same width as Base, with a finer stride).
+# docs/reference.md R1.1: the Base and Large trios (the "Large" AST is the same width as Base, with a finer stride).
 PRESETS = {
     "base": ("openai/clip-vit-base-patch16", "FacebookAI/roberta-base", "MIT/ast-finetuned-audioset-12-12-0.447", 768),
     "large": ("openai/clip-vit-large-patch14", "FacebookAI/roberta-large", "MIT/ast-finetuned-audioset-10-10-0.4593", 1024),

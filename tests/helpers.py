@@ -1,0 +1,58 @@
+"""Helpers shared by the job tests: config overrides, metrics readers, a fake pre-training run, subprocess envs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from synergy_jax import checkpoint, cli, parallel, train
+from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from synergy_jax.record import DataSource, RunRecord, model_config_to_dict, optimizer_structure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """`config` with dotted fields set ({'model.projection_dim': 16, ...}), as `--config.x=y` would."""
+    for key, value in overrides.items():
+        cli.set_field(config, key, value)
+    return config
+
+
+def metric_lines(workdir: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl (a running job may be writing the last one); none before it exists."""
+    path = Path(workdir) / "metrics.jsonl"
+    complete = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in complete]
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metric_lines(workdir) if "loss" in m}
+
+
+def write_pretrain_run(run_dir: Path, model_config: SynergyConfig, data: DataSource, seed: int = 0) -> None:
+    """A step-1 checkpoint of freshly initialised towers with a pre-training run record, through the checkpoint API
+    (what the consumers of a pre-training run read)."""
+    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
+    optimizer = train.optimizer_config()
+    tx = train.make_optimizer(optimizer)
+    state, _ = train.create_train_state(SynergyCLIP(model_config), tx, mesh, "replicate", example_batch(model_config),
+                                        jax.random.PRNGKey(seed))  # fmt: skip
+    record = RunRecord(kind="pretrain", model=model_config_to_dict(model_config),
+                       optimizer_structure=optimizer_structure(optimizer), config={}, run={}, data=data, seed=seed)  # fmt: skip
+    manager = checkpoint.make_manager(run_dir)
+    checkpoint.save(manager, 1, state, record, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def subprocess_env(devices: int) -> dict:
+    """The environment of a job started as a user would: CPU, `devices` fake devices, the shared compile cache."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+    return env
