@@ -1,0 +1,109 @@
+"""The jobs' shared parts on their own: the run record, the command-line overrides, embed_split's row order and
+padding, and the step builder's mutable fields and frozen argument."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from synergy_jax import cli, parallel, train
+from synergy_jax.errors import CheckpointError
+from synergy_jax.evaluators.embed import embed_split, indexed_batches
+from synergy_jax.record import DataSource, RunRecord
+
+
+def test_data_source_paths_inside_the_run_are_stored_relative(tmp_path):
+    run = tmp_path / "run"
+    (run / "data" / "raw" / "tokenizer").mkdir(parents=True)
+    source = DataSource(str(run / "data" / "precomputed"), str(run / "data" / "raw" / "tokenizer"), "prompt", 32, 32,
+                        demo_root=str(run / "data"))  # fmt: skip
+    stored = source.relative_to(run)
+    assert stored.dir == "data/precomputed" and stored.tokenizer == "data/raw/tokenizer" and stored.demo_root == "data"
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    resolved = stored.resolve(moved)
+    assert resolved.dir == str(moved / "data" / "precomputed") and resolved.tokenizer == str(moved / "data/raw/tokenizer")
+    hub = DataSource("/data/pre", "FacebookAI/roberta-base", "caption", 32, 224)
+    assert hub.relative_to(run).resolve(moved) == hub  # outside paths and hub ids stay as they are
+
+
+def test_run_record_round_trip_and_refusals():
+    record = RunRecord(kind="mmr", model={"missing": "image"}, optimizer_structure={"clip_grad_norm": False},
+                       config={}, run={}, data=DataSource("d", "t", "prompt", 32, 32))  # fmt: skip
+    again = RunRecord.from_json(record.to_json(), "x")
+    assert again == record and isinstance(again.data, DataSource)
+    with pytest.raises(CheckpointError, match="not a pre-training run"):
+        again.synergy_config()
+    with pytest.raises(CheckpointError, match="format"):
+        RunRecord.from_json({"config": {}, "model": {}}, "old/run")  # a record written before the typed format
+    changed = RunRecord(**{**record.__dict__, "model": {"missing": "audio"}})
+    with pytest.raises(CheckpointError, match="model.missing: 'image' -> 'audio'"):
+        record.check_resumable_by(changed, "here")
+
+
+def test_set_field_converts_to_the_field_type_and_names_bad_values():
+    config = ml_collections.ConfigDict(dict(batch_size=8, rate=0.5, progress=True, name="a", nested={"k": 1}))
+    for field, text, expected in [("batch_size", "16", 16), ("rate", "1e-3", 1e-3), ("progress", "false", False),
+                                  ("name", "b", "b"), ("nested.k", "3", 3)]:  # fmt: skip
+        cli.set_field(config, field, text)
+        value = config.nested.k if field == "nested.k" else config[field]
+        assert value == expected and type(value) is type(expected), field
+    with pytest.raises(ValueError, match="--config.batch_size='many': expected a int"):
+        cli.set_field(config, "batch_size", "many")
+
+
+def test_embed_split_drops_padding_and_restores_row_order():
+    """17 rows fed shuffled in global batches of 8 (7 padding rows at the end), on 8 devices: the columns come back
+    with the 17 real rows once each, in row order."""
+    mesh = parallel.make_mesh("8x1")
+    order = np.random.default_rng(0).permutation(17)
+    row_ids = np.concatenate([order, np.full(7, -1)])
+    batches = [{"x": np.where(ids >= 0, ids * 10.0, 0.0).astype(np.float32), "row_id": ids, "valid": ids >= 0}
+               for ids in row_ids.reshape(3, 8)]  # fmt: skip
+    columns = embed_split(lambda batch: {"y": batch["x"] + 1}, batches, mesh, keep=("x",))
+    np.testing.assert_array_equal(columns["row_id"], np.arange(17))
+    np.testing.assert_array_equal(columns["y"], np.arange(17) * 10.0 + 1)
+    np.testing.assert_array_equal(columns["x"], np.arange(17) * 10.0)
+
+
+def test_indexed_batches_cover_every_example_once_with_padding_marked():
+    mesh = parallel.make_mesh("8x1")
+    batches = list(indexed_batches(17, 8, mesh, lambda indices: {"x": indices * 2}))
+    assert len(batches) == 3 and all(len(b["x"]) == 8 for b in batches)
+    row_ids = np.concatenate([b["row_id"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(row_ids[valid], np.arange(17))
+    assert not valid[17:].any() and np.all(np.concatenate([b["x"] for b in batches])[valid] == np.arange(17) * 2)
+
+
+def test_make_step_threads_mutable_fields_and_frozen_parameters():
+    """A loss that counts its calls in a mutable field and reads a frozen scale: the count goes up once per
+    microbatch, the frozen value scales the gradient, and a non-finite loss leaves the whole state as it was."""
+    import flax.struct
+
+    @flax.struct.dataclass
+    class State(train.TrainState):
+        calls: jax.Array
+
+    def loss_fn(params, batch, rng, mutable, frozen):
+        loss = frozen["scale"] * jnp.sum(params["w"] * batch["x"]) / batch["x"].shape[0]
+        return loss, ({"loss": loss}, {"calls": mutable["calls"] + 1})
+
+    mesh = parallel.make_mesh("8x1")
+    tx = optax.sgd(1.0)
+    params = {"w": jnp.ones(3)}
+    state = State(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                  calls=jnp.zeros((), jnp.int32))  # fmt: skip
+    replicated = parallel.replicated(mesh)
+    step = train.make_step(loss_fn, tx, replicated, mesh, accum_steps=2, frozen_shardings=replicated, mutable=("calls",))
+    batch = parallel.global_batch({"x": np.ones((16, 3), np.float32)}, mesh)
+    state, metrics = step(state, batch, {"scale": jnp.float32(2.0)})
+    assert int(state.calls) == 2 and int(state.step) == 1 and float(metrics["nonfinite"]) == 0.0
+    np.testing.assert_allclose(np.asarray(state.params["w"]), 1.0 - 2.0)  # w -= lr * scale * mean(x)
+    before = jax.device_get(state)
+    state, metrics = step(state, batch, {"scale": jnp.float32(np.inf)})
+    assert float(metrics["nonfinite"]) == 1.0
+    for got, want in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(got, want)
