@@ -32,13 +32,14 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import audio_io
+from synergy_jax.errors import SetupError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
 MODALITIES = ("image", "audio")
 
 
-class DatasetError(ValueError):
+class DatasetError(SetupError):
     """A dataset folder or metadata file that cannot be read as the layout it claims to be."""
 
 

@@ -22,10 +22,12 @@ import os
 import sys
 from pathlib import Path
 
+from synergy_jax.errors import SetupError
+
 REQUIRED_COLUMNS = ("img_path", "wav_path", "label", "caption")
 
 
-class ManifestError(ValueError):
+class ManifestError(SetupError):
     """The manifest as a whole is unusable (missing file or columns, not a CSV)."""
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 from data_pipelines import audio_io, records
 from data_pipelines.manifest import ManifestError, Row, RowProblem, read_manifest
 from synergy_jax import audio
+from synergy_jax.errors import SetupError
 
 SHARD_SUFFIX = ".array_record"
 SIDECAR_SUFFIX = ".json"
@@ -67,7 +68,7 @@ class PrecomputeConfig:
         return dataclasses.asdict(self)
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(SetupError):
     """Nothing usable came out (every row was bad), or the manifest itself is unusable."""
 
 

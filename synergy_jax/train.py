@@ -1,7 +1,8 @@
-"""Train state, optimizer and the jitted, sharded tri-modal train step.
+"""Train state, optimizer, and `make_step`: the one jitted, sharded train step builder of every job.
 
-The step is one pure function `(state, batch) -> (state, metrics)`, jitted once with explicit in/out shardings and
-a donated state. Parameters and optimizer state are born sharded: shapes come from `jax.eval_shape`, shardings from
+A job hands `make_step` its loss function (pre-training: `contrastive_loss`; MMR: `mmr_train`'s reconstruction
+loss); the step is one pure function `(state, batch[, frozen]) -> (state, metrics)`, jitted once with explicit
+in/out shardings and a donated state. Parameters and optimizer state are born sharded: shapes come from `jax.eval_shape`, shardings from
 the parameters' logical axis names and a rule set, and `jax.jit(init, out_shardings=...)` creates them in place.
 
 Gradient accumulation runs inside the step under `lax.scan`. Microbatch i takes rows i, i+k, i+2k, ... of the
@@ -23,7 +24,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from synergy_jax import losses, parallel
-from synergy_jax.errors import NonFiniteLossError  # noqa: F401  (re-exported: the step's callers raise it)
 from synergy_jax.models.synergy import PAIRS, SynergyCLIP
 
 Params = Any

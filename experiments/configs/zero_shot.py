@@ -67,8 +67,8 @@ ENSEMBLE = {"image": CLIP_IMAGE_TEMPLATES, "audio": AUDIO_TEMPLATES}
 PROMPT_SETS = {"single": SINGLE, "ensemble": ENSEMBLE}
 
 # --dataset names -> (kind, options). 'tfds' sets are read from a prepared array_record TFDS data_dir; the default
-# split is each set's test split (the reference used Flowers-102's 'validation' split, docs/reference.md R5.4; --split=validation
-# restores it).
+# split is each set's test split (the reference used Flowers-102's 'validation' split, docs/reference.md R5.4;
+# --split=validation restores it).
 DATASETS = {
     "demo": ("demo", {}),
     "precomputed": ("precomputed", {}),
@@ -103,13 +103,13 @@ FIELDS = {
     "checkpoint": ("runs/demo", "Pre-training run folder; the default is where `python experiments/pretrain.py` "
                    "writes the demo run."),
     "dataset": ("demo", "demo | precomputed | esc50 | urbansound8k | cifar10 | cifar100 | oxford_iiit_pet | "
-                "oxford_flowers102 | tfds:<name> | folder[:image|audio] (the names of DATASETS above and more)."),
+                "oxford_flowers102 | tfds:<name> | folder[:image|audio] (DATASETS in experiments/configs/zero_shot.py)."),
     "data_dir": ("", "Dataset root (ESC-50, UrbanSound8K, class folders), TFDS data_dir, precomputed folder or "
                  "manifest CSV. demo: a demo data root (raw/ + precomputed/); '': the run's own data."),
     "split": ("", "TFDS / precomputed split; '': test (demo: the run's eval split)."),
     "folds": ("all", "ESC-50 / UrbanSound8K folds to evaluate: all, 1-5, 1,3, ..."),
     "prompts": ("ensemble", "single: the reference's one template; ensemble: CLIP's 80 image / our 16 audio "
-                "templates (PROMPT_SETS above)."),
+                "templates (PROMPT_SETS in experiments/configs/zero_shot.py)."),
     "class_names": ("", "Optional file, one class name per line, in the order you expect; the job stops if the "
                     "dataset's label metadata disagrees."),
     "mesh": ("-1x1", "Device mesh DxM (any mesh; the checkpoint's need not match)."),
