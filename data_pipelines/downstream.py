@@ -350,3 +350,23 @@ def read_tfds(
         labels=labels,
         examples=TfdsImages(source, image_key, f"{directory}:{split}"),
     )
+
+
+def read_manifest_set(manifests: Sequence[str | os.PathLike], modality: str) -> ClassificationSet:
+    """The image or audio files of pre-training manifests (`img_path, wav_path, label, caption`, paths relative to
+    the manifest) as one classification set: classes are the sorted distinct labels (the demo's fine-tuning set)."""
+    paths, names = [], []
+    column = {"image": "img_path", "audio": "wav_path"}[modality]
+    for manifest in map(Path, manifests):
+        for row in _read_csv(manifest, (column, "label")):
+            paths.append(str(manifest.parent / row[column]))
+            names.append(row["label"])
+    classes = sorted(set(names))
+    _check_files(f"{manifests[0]}", paths)
+    return ClassificationSet(
+        name=Path(manifests[0]).parent.name,
+        modality=modality,
+        class_names=tuple(classes),
+        labels=np.asarray([classes.index(name) for name in names], np.int64),
+        examples=ImageFiles(paths) if modality == "image" else AudioFiles(paths),
+    )

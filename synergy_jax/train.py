@@ -49,10 +49,12 @@ def optimizer_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.01,
             weight_decay_on="all",  # 'all' (the reference: biases, norms and temperatures too) or 'matrices'
-            schedule="constant",  # or 'warmup_cosine'
+            schedule="constant",  # or 'warmup_cosine', 'linear' (transformers' Trainer), 'step' (torch MultiStepLR)
             warmup_steps=0,
-            total_steps=0,  # length of the cosine decay (warmup included); required by 'warmup_cosine'
+            total_steps=0,  # length of the decay (warmup included) of 'warmup_cosine' and 'linear'
             final_learning_rate_ratio=0.0,
+            decay_boundaries=(0,),  # 'step': the steps at which the rate is multiplied by decay_factor
+            decay_factor=1.0,
             clip_grad_norm=0.0,  # 0: no clipping (the reference)
         )
     )
@@ -72,19 +74,23 @@ def resolve_optimizer(
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    lr, end = config.learning_rate, config.learning_rate * config.final_learning_rate_ratio
     if config.schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
+        return optax.constant_schedule(lr)
+    if config.schedule == "step":
+        boundaries = {int(b): config.decay_factor for b in config.decay_boundaries if b > 0}
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    if config.schedule not in ("warmup_cosine", "linear"):
+        raise ValueError(f"unknown optimizer.schedule {config.schedule!r}; use 'constant', 'warmup_cosine', "
+                         "'linear' or 'step'")  # fmt: skip
+    if config.total_steps <= config.warmup_steps:
+        raise ValueError(f"optimizer.schedule={config.schedule!r} needs optimizer.total_steps > optimizer.warmup_steps")
     if config.schedule == "warmup_cosine":
-        if config.total_steps <= config.warmup_steps:
-            raise ValueError("optimizer.schedule='warmup_cosine' needs optimizer.total_steps > optimizer.warmup_steps")
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            decay_steps=config.total_steps,
-            end_value=config.learning_rate * config.final_learning_rate_ratio,
-        )
-    raise ValueError(f"unknown optimizer.schedule {config.schedule!r}; use 'constant' or 'warmup_cosine'")
+        return optax.warmup_cosine_decay_schedule(0.0, lr, config.warmup_steps, config.total_steps, end)
+    decay = optax.linear_schedule(lr, end, config.total_steps - config.warmup_steps)
+    if not config.warmup_steps:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, config.warmup_steps), decay], [config.warmup_steps])
 
 
 def weight_decay_mask(which: str) -> Callable[[Params], Params] | None:
@@ -168,7 +174,7 @@ def create_train_state(
         given = jax.tree.map(lambda x: x.shape, tree)
         if expected != given:
             raise ValueError(f"pretrained {name} does not match the model config: shapes {given} vs {expected}")
-        placed = jax.device_put(tree, shardings.params[name])
+        placed = jax.device_put(tree, shardings.params[name], may_alias=False)  # the state is donated: own its buffers
         state = state.replace(params={**state.params, name: placed})
     return state, shardings
 

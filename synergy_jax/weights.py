@@ -8,6 +8,9 @@ checkpoints, starts random as in the reference). Anything else is an error that 
 Names are mapped from the FILE's keys (transformers v5 renames some weights only at load time), and both the
 bare-model layout and the task-model layout (`roberta.`, `audio_spectrogram_transformer.`, CLIPModel's
 `vision_model.`) are accepted.
+
+`load_hf_sequence_classifier` / `save_hf_sequence_classifier` do the same for the GLUE fine-tuning model,
+transformers' `RobertaForSequenceClassification` (docs/reference.md R5.3), on the same RoBERTa key rules.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import safetensors.numpy
 from synergy_jax.errors import CheckpointError
 from synergy_jax.models import TOWERS, TowerKind, build_tower, tower_kind
 from synergy_jax.models.hf_config import TowerConfig
+from synergy_jax.models.text_classifier import RobertaClassifier
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +161,30 @@ def clip_vision_rules(config: TowerConfig) -> list[Rule]:
     ]
 
 
-def roberta_rules(config: TowerConfig) -> list[Rule]:
+def roberta_rules(config: TowerConfig, pooler: bool = True) -> list[Rule]:
+    """RobertaModel's keys; `pooler=False` for `add_pooling_layer=False` (the encoder of the task models)."""
     return [
         Rule("embeddings.word_embeddings.weight", ("word_embeddings", "embedding")),
         Rule("embeddings.position_embeddings.weight", ("position_embeddings", "embedding")),
         Rule("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding")),
         *norm_rules("embeddings.LayerNorm", ("embeddings_layernorm",)),
         *encoder_rules("encoder.layer", config, ROBERTA_BLOCK),
-        *dense_rules("pooler.dense", ("pooler",)),
+        *(dense_rules("pooler.dense", ("pooler",)) if pooler else []),
+    ]
+
+
+def nested_rules(rules: list[Rule], hf_prefix: str, path: ParamPath) -> list[Rule]:
+    """The same rules for a sub-model: keys under `hf_prefix`, parameters under `path`."""
+    return [Rule(f"{hf_prefix}{rule.hf_key}", (*path, *rule.path), rule.transform) for rule in rules]
+
+
+def roberta_classifier_rules(config: TowerConfig) -> list[Rule]:
+    """RobertaForSequenceClassification's keys (docs/reference.md R5.3): the pooler-less encoder under `roberta.`,
+    transformers' `RobertaClassificationHead` under `classifier.`; params as `RobertaClassifier` lays them out."""
+    return [
+        *nested_rules(roberta_rules(config, pooler=False), "roberta.", ("roberta",)),
+        *dense_rules("classifier.dense", ("classifier", "dense")),
+        *dense_rules("classifier.out_proj", ("classifier", "out_proj")),
     ]
 
 
@@ -339,6 +359,67 @@ def _under(path: ParamPath, prefixes: dict[ParamPath, str]) -> str | None:
     return None
 
 
+def convert_tensors(
+    directory: Path, tensors: dict[str, np.ndarray], rules: list[Rule], shapes: dict[ParamPath, jax.ShapeDtypeStruct]
+) -> tuple[dict[ParamPath, np.ndarray], set[str]]:
+    """(params, keys used): every rule whose tensor the file has, converted to float32 and checked against the
+    shape the config implies, so that a wrong config fails here, naming the key, rather than inside `apply`."""
+    params: dict[ParamPath, np.ndarray] = {}
+    used: set[str] = set()
+    for rule in rules:
+        if rule.hf_key not in tensors:
+            continue
+        value = np.asarray(rule.transform.to_flax(tensors[rule.hf_key].astype(np.float32)))
+        expected = tuple(shapes[rule.path].shape)
+        if value.shape != expected:
+            raise CheckpointError(
+                f"{directory}: tensor {rule.hf_key!r} has shape {tuple(tensors[rule.hf_key].shape)}, which "
+                f"converts to {value.shape}, but the config implies {expected} for params{list(rule.path)}"
+            )
+        params[rule.path] = value
+        used.add(rule.hf_key)
+    return params, used
+
+
+def fill_missing(
+    directory: Path,
+    params: dict[ParamPath, np.ndarray],
+    shapes: dict[ParamPath, jax.ShapeDtypeStruct],
+    rules: list[Rule],
+    initialisable: dict[ParamPath, str],
+    init_std: float,
+    rng: jax.Array,
+) -> None:
+    """Initialises, with a logged reason, the parameters a checkpoint may lack (`initialisable`); any other gap
+    is an error naming the tensors it needs, so that no parameter ever starts random without anyone knowing."""
+    missing = [path for path in shapes if path not in params]
+    for i, path in enumerate(missing):
+        reason = _under(path, initialisable)
+        if reason is None:
+            hf_keys = [rule.hf_key for rule in rules if rule.path == path]
+            raise CheckpointError(f"{directory}: checkpoint lacks {hf_keys} needed for params{list(path)}")
+        params[path] = init_dense_normal(init_std)(jax.random.fold_in(rng, i), tuple(shapes[path].shape))
+        log.warning("%s: params%s initialised: %s", directory.name, list(path), reason)
+
+
+def check_unused(
+    directory: Path, tensors: dict[str, np.ndarray], used: set[str], ignored: dict[str, str], what: str
+) -> None:
+    """Every tensor not used must match an ignore rule, whose reason is logged: refusing to drop weights silently
+    is what catches a key-name mismatch that would otherwise leave parameters at their initial values."""
+    unused = sorted(set(tensors) - used)
+    unexplained = [key for key in unused if not any(fnmatch.fnmatchcase(key, p) for p in ignored)]
+    if unexplained:
+        raise CheckpointError(
+            f"{directory}: {len(unexplained)} checkpoint tensors are not used by {what} and no rule says why "
+            f"(refusing to drop them silently): {unexplained[:10]}"
+        )
+    for pattern, reason in ignored.items():
+        count = sum(fnmatch.fnmatchcase(key, pattern) for key in unused)
+        if count:
+            log.info("%s: ignored %d tensors matching %r: %s", directory.name, count, pattern, reason)
+
+
 def load_hf_tower(
     path_or_hub_id: str | Path, *, dtype: str = "float32", remat: bool = False, rng: jax.Array | None = None
 ) -> tuple[nn.Module, Params]:
@@ -356,67 +437,143 @@ def load_hf_tower(
     shapes = abstract_params(module, config)
     tensors = read_tensors(directory)
     rules = arch.rules(config)
-    prefix = detect_prefix(set(tensors), rules, prefixes)
-
-    params: dict[ParamPath, np.ndarray] = {}
-    used: set[str] = set()
-    for rule in rules:
-        key = f"{prefix}{rule.hf_key}"
-        if key not in tensors:
-            continue
-        value = np.asarray(rule.transform.to_flax(tensors[key].astype(np.float32)))
-        expected = tuple(shapes[rule.path].shape)
-        if value.shape != expected:
-            raise CheckpointError(
-                f"{directory}: tensor {key!r} has shape {tuple(tensors[key].shape)}, which converts to "
-                f"{value.shape}, but the config implies {expected} for params{list(rule.path)}"
-            )
-        params[rule.path] = value
-        used.add(key)
-
+    rules = nested_rules(rules, detect_prefix(set(tensors), rules, prefixes), ())
+    params, used = convert_tensors(directory, tensors, rules, shapes)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    missing = [path for path in shapes if path not in params]
-    for i, path in enumerate(missing):
-        reason = _under(path, arch.initialisable)
-        if reason is None:
-            hf_keys = [f"{prefix}{rule.hf_key}" for rule in rules if rule.path == path]
-            raise CheckpointError(f"{directory}: checkpoint lacks {hf_keys} needed for params{list(path)}")
-        params[path] = init_dense_normal(config.initializer_range)(jax.random.fold_in(rng, i), tuple(shapes[path].shape))
-        log.warning("%s: params%s initialised: %s", directory.name, list(path), reason)
-
-    unused = sorted(set(tensors) - used)
-    unexplained = [key for key in unused if not any(fnmatch.fnmatchcase(key, p) for p in ignored)]
-    if unexplained:
-        raise CheckpointError(
-            f"{directory}: {len(unexplained)} checkpoint tensors are not used by the {arch.kind.modality} tower and "
-            f"no rule says why (refusing to drop them silently): {unexplained[:10]}"
-        )
-    for pattern, reason in ignored.items():
-        count = sum(fnmatch.fnmatchcase(key, pattern) for key in unused)
-        if count:
-            log.info("%s: ignored %d tensors matching %r: %s", directory.name, count, pattern, reason)
+    fill_missing(directory, params, shapes, rules, arch.initialisable, config.initializer_range, rng)
+    check_unused(directory, tensors, used, ignored, f"the {arch.kind.modality} tower")
     return module, flax.traverse_util.unflatten_dict(params)
+
+
+def export_tensors(rules: list[Rule], params: Params, what: str) -> dict[str, np.ndarray]:
+    """The checkpoint tensors of `params`, which must hold exactly the rules' parameters (nothing dropped)."""
+    flat = flax.traverse_util.flatten_dict(nn.unbox(params))
+    expected = {rule.path for rule in rules}
+    if set(flat) != expected:
+        raise CheckpointError(
+            f"params do not match a {what}: missing {sorted(expected - set(flat))[:5]}, "
+            f"unexpected {sorted(set(flat) - expected)[:5]}"
+        )
+    return {
+        rule.hf_key: np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[rule.path], np.float32)))
+        for rule in rules
+    }
+
+
+def write_checkpoint(out_dir: str | Path, hf_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def save_hf_tower(module: nn.Module, params: Params, out_dir: str | Path) -> Path:
     """Writes `config.json` + `model.safetensors` that `transformers.AutoModel.from_pretrained` loads."""
     config: TowerConfig = module.config
     arch = next(a for a in ARCHITECTURES.values() if isinstance(config, a.kind.config_cls))
-    flat = flax.traverse_util.flatten_dict(nn.unbox(params))
-    rules = arch.rules(config)
-    expected = {rule.path for rule in rules}
-    if set(flat) != expected:
-        raise CheckpointError(
-            f"params do not match a {config.architecture}: missing {sorted(expected - set(flat))[:5]}, "
-            f"unexpected {sorted(set(flat) - expected)[:5]}"
-        )
-    prefix = arch.prefixes[0]
-    tensors = {
-        f"{prefix}{rule.hf_key}": np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[rule.path], np.float32)))
-        for rule in rules
+    rules = nested_rules(arch.rules(config), arch.prefixes[0], ())
+    return write_checkpoint(out_dir, config.to_hf_dict(), export_tensors(rules, params, config.architecture))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RobertaForSequenceClassification (GLUE fine-tuning, docs/reference.md R5.3).
+
+SEQUENCE_CLASSIFIER = "RobertaForSequenceClassification"
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+_CLASSIFIER_IGNORED = {"*position_ids": _BUFFERS, "*token_type_ids": _BUFFERS}
+
+
+def _labels(num_labels: int, id2label: dict[int, str] | None) -> dict[int, str]:
+    """transformers' default names (LABEL_i) unless given; a mapping that does not name 0..num_labels-1 is an
+    error, since transformers would silently resize the head to len(id2label) on load."""
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
+    labels = {i: f"LABEL_{i}" for i in range(num_labels)} if id2label is None else dict(id2label)
+    if sorted(labels) != list(range(num_labels)):
+        raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got ids {sorted(labels)}")
+    return labels
+
+
+def sequence_classifier_hf_config(
+    config: TowerConfig,
+    num_labels: int,
+    id2label: dict[int, str] | None = None,
+    problem_type: str | None = None,
+    classifier_dropout: float | None = None,
+) -> dict[str, Any]:
+    """config.json of a RobertaForSequenceClassification: the tower's fields plus the head's (labels, problem
+    type: regression for one label, as transformers infers it, so that the exported model's loss is STS-B's)."""
+    labels = _labels(num_labels, id2label)
+    if problem_type is None and num_labels == 1:
+        problem_type = "regression"
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type {problem_type!r} is not one of transformers' {PROBLEM_TYPES}")
+    return {
+        **config.to_hf_dict(),
+        "architectures": [SEQUENCE_CLASSIFIER],
+        "classifier_dropout": classifier_dropout,
+        "num_labels": num_labels,
+        "id2label": {str(i): label for i, label in labels.items()},
+        "label2id": {label: i for i, label in labels.items()},
+        "problem_type": problem_type,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+
+
+def save_hf_sequence_classifier(
+    config: TowerConfig,
+    num_labels: int,
+    params: Params,
+    out_dir: str | Path,
+    id2label: dict[int, str] | None = None,
+    problem_type: str | None = None,
+    *,
+    classifier_dropout: float | None = None,
+) -> Path:
+    """Writes a `RobertaClassifier`'s params as a directory that
+    `transformers.AutoModelForSequenceClassification.from_pretrained` loads: the reference's fine-tuned text
+    model (docs/reference.md R5.3), so GLUE results can be evaluated or shared with the torch tooling."""
+    if not isinstance(config, TOWERS["text"].config_cls):
+        raise TypeError(f"a sequence classifier needs a RobertaConfig, got {type(config).__name__}")
+    hf_config = sequence_classifier_hf_config(config, num_labels, id2label, problem_type, classifier_dropout)
+    tensors = export_tensors(roberta_classifier_rules(config), params, SEQUENCE_CLASSIFIER)
+    return write_checkpoint(out_dir, hf_config, tensors)
+
+
+def _classifier_config(directory: Path, hf_config: dict[str, Any]) -> tuple[int, dict[int, str]]:
+    """(num_labels, id2label) of a RobertaForSequenceClassification config.json, refusing other models."""
+    architectures = hf_config.get("architectures") or [SEQUENCE_CLASSIFIER]
+    if hf_config.get("model_type") != "roberta" or SEQUENCE_CLASSIFIER not in architectures:
+        raise CheckpointError(
+            f"{directory}: not a {SEQUENCE_CLASSIFIER} (model_type={hf_config.get('model_type')!r}, architectures="
+            f"{hf_config.get('architectures')}). To fine-tune a bare tower, load it with load_hf_tower, take "
+            "text_classifier.from_text_tower(params) and initialise a fresh head."
+        )
+    if "id2label" in hf_config:
+        id2label = {int(i): label for i, label in hf_config["id2label"].items()}
+    else:
+        id2label = {i: f"LABEL_{i}" for i in range(hf_config.get("num_labels", 2))}
+    return len(id2label), _labels(len(id2label), id2label)
+
+
+def load_hf_sequence_classifier(
+    path_or_hub_id: str | Path, *, dtype: str = "float32", remat: bool = False
+) -> tuple[nn.Module, Params, int, dict[int, str]]:
+    """`(RobertaClassifier, params, num_labels, id2label)` from a RobertaForSequenceClassification directory.
+
+    As strict as `load_hf_tower`, and stricter: nothing may be initialised (a fine-tuned head that silently
+    started random would evaluate as chance), so every parameter needs its tensor and every tensor a use
+    (position/token-type buffers aside). Parameters are float32 numpy arrays in host memory.
+    """
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+    hf_config = read_config(directory)
+    num_labels, id2label = _classifier_config(directory, hf_config)
+    config = TOWERS["text"].config_cls.from_hf_dict(hf_config, dtype=dtype, remat=remat)
+    module = RobertaClassifier(config, num_labels, hf_config.get("classifier_dropout"))
+    shapes = abstract_params(module, config)
+    tensors = read_tensors(directory)
+    rules = roberta_classifier_rules(config)
+    params, used = convert_tensors(directory, tensors, rules, shapes)
+    fill_missing(directory, params, shapes, rules, {}, config.initializer_range, jax.random.PRNGKey(0))
+    check_unused(directory, tensors, used, _CLASSIFIER_IGNORED, f"a {SEQUENCE_CLASSIFIER}")
+    return module, flax.traverse_util.unflatten_dict(params), num_labels, id2label

@@ -8,6 +8,7 @@ Parameters are always float32; ``dtype`` is the compute dtype (float32 or bfloat
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -35,6 +36,16 @@ def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
 def uniform_init(bound: float) -> Initializer:
     """U(-bound, bound), the shape of torch's default Linear/Conv and xavier-uniform initialisations."""
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_kernel_init() -> Initializer:
+    """torch Linear/Conv default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform, a=sqrt(5))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """torch Linear/Conv default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return uniform_init(1.0 / math.sqrt(fan_in))
 
 
 def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:

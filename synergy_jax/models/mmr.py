@@ -22,7 +22,6 @@ This module runs the frozen towers (`encoder_features`) but never reads files.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -116,23 +115,14 @@ def final_size(info: LayerInfo) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ torch inits
 
 
-def torch_kernel_init() -> layers.Initializer:
-    """torch Linear/Conv default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform, a=sqrt(5))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int) -> layers.Initializer:
-    return layers.uniform_init(1.0 / math.sqrt(fan_in))
-
-
 def dense(features: int, fan_in: int, use_bias: bool = True, name: str | None = None, **kw: Any) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
+    return nn.Dense(features, use_bias=use_bias, kernel_init=layers.torch_kernel_init(), bias_init=layers.torch_bias_init(fan_in),
                     param_dtype=jnp.float32, name=name, **kw)  # fmt: skip
 
 
 def conv(features: int, kernel: int, fan_in: int, use_bias: bool = True, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, use_bias=use_bias, kernel_init=torch_kernel_init(),
-                   bias_init=torch_bias_init(fan_in), param_dtype=jnp.float32, name=name)  # fmt: skip
+    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, use_bias=use_bias, kernel_init=layers.torch_kernel_init(),
+                   bias_init=layers.torch_bias_init(fan_in), param_dtype=jnp.float32, name=name)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -183,8 +173,8 @@ class CBAM(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         hidden = channels // self.reduction
-        fc1 = nn.Dense(hidden, use_bias=False, kernel_init=torch_kernel_init(), name="fc1")
-        fc2 = nn.Dense(channels, use_bias=False, kernel_init=torch_kernel_init(), name="fc2")
+        fc1 = nn.Dense(hidden, use_bias=False, kernel_init=layers.torch_kernel_init(), name="fc1")
+        fc2 = nn.Dense(channels, use_bias=False, kernel_init=layers.torch_kernel_init(), name="fc2")
 
         def mlp(pooled: jax.Array) -> jax.Array:
             return fc2(jax.nn.relu(fc1(pooled)))
@@ -263,13 +253,13 @@ class TextDecoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = self.config
         # Conv1d(1 -> T, k=1) on a 1-channel sequence of length D: out[b, t, d] = w[t] x[b, d] + bias[t].
-        w1 = self.param("tokens_conv1_kernel", torch_kernel_init(), (1, c.txt_tokens))
-        b1 = self.param("tokens_conv1_bias", torch_bias_init(1), (c.txt_tokens,))
+        w1 = self.param("tokens_conv1_kernel", layers.torch_kernel_init(), (1, c.txt_tokens))
+        b1 = self.param("tokens_conv1_bias", layers.torch_bias_init(1), (c.txt_tokens,))
         h = x[:, None, :] * w1[0][None, :, None] + b1[None, :, None]
         h = nn.BatchNorm(use_running_average=not train, axis=1, momentum=0.9, epsilon=1e-5, name="tokens_norm")(h)
         h = jax.nn.relu(h)
-        w2 = self.param("tokens_conv2_kernel", torch_kernel_init(), (c.txt_tokens, c.text_length))
-        b2 = self.param("tokens_conv2_bias", torch_bias_init(c.txt_tokens), (c.text_length,))
+        w2 = self.param("tokens_conv2_kernel", layers.torch_kernel_init(), (c.txt_tokens, c.text_length))
+        b2 = self.param("tokens_conv2_bias", layers.torch_bias_init(c.txt_tokens), (c.text_length,))
         h = jnp.einsum("btd,tl->bld", h, w2) + b2[None, :, None]
         h = h + self.param("decoder_pos_emb", nn.initializers.normal(1.0), (1, c.text_length, c.decoder_dim))
         spec = layers.BlockSpec(
@@ -286,7 +276,7 @@ class TextDecoder(nn.Module):
         )
         for i in range(c.decoder_depth):
             h = layers.TransformerBlock(spec, name=f"layer_{i}")(h, None, not train)
-        return nn.Dense(c.vocab_size, kernel_init=torch_kernel_init(), name="to_words")(h)
+        return nn.Dense(c.vocab_size, kernel_init=layers.torch_kernel_init(), name="to_words")(h)
 
 
 class MMRModel(nn.Module):

@@ -70,11 +70,6 @@ def preset_config(name: str, **runtime: Any) -> SynergyConfig:
     )
 
 
-def torch_linear_init() -> layers.Initializer:
-    """torch.nn.Linear's default weight init, kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
 def l2_normalize(x: jax.Array) -> jax.Array:
     """x / ||x||, computed in float32 (the reference divides by the norm with no epsilon)."""
     x = x.astype(jnp.float32)
@@ -103,7 +98,7 @@ class SynergyCLIP(nn.Module):
                 use_bias=False,
                 dtype=jnp.float32,
                 param_dtype=jnp.float32,
-                kernel_init=layers.logical(torch_linear_init(), ("embed", "proj")),
+                kernel_init=layers.logical(layers.torch_kernel_init(), ("embed", "proj")),
             )
 
         self.vision_projection = projection()

@@ -2,6 +2,8 @@
 
 word + position + token-type embeddings -> LayerNorm -> dropout -> post-LN blocks (exact GELU)
 -> last_hidden_state;  pooled = tanh(Dense(last_hidden_state[:, 0])) (the `<s>` token).
+Built with `with_pooler=False` it is transformers' `RobertaModel(add_pooling_layer=False)`, the encoder inside
+`RobertaForSequenceClassification` (see `text_classifier.py`).
 Position ids count non-pad tokens from padding_idx + 1; pads get padding_idx, exactly as transformers does.
 The hub checkpoints carry no pooler weights: `weights.load_hf_tower` initialises it and says so.
 """
@@ -98,9 +100,16 @@ def example_inputs(config: RobertaConfig, batch: int = 1, length: int = REFERENC
 
 
 class RobertaTower(nn.Module):
-    """`(input_ids, attention_mask, deterministic) -> (last_hidden_state, pooled)`."""
+    """`(input_ids, attention_mask, deterministic) -> (last_hidden_state, pooled)`.
+
+    `with_pooler=False` is transformers' `add_pooling_layer=False`: fine-tuning (docs/reference.md R5.3) puts its
+    own head on the `<s>` state and never uses the pre-training pooler, so no `pooler` parameters exist (nothing to
+    train, shard or export) and the second output is the un-pooled `<s>` state `last_hidden_state[:, 0]`, which
+    is what that head reads.
+    """
 
     config: RobertaConfig
+    with_pooler: bool = True
 
     @nn.compact
     def __call__(
@@ -145,6 +154,8 @@ class RobertaTower(nn.Module):
             hidden_dropout=cfg.hidden_dropout_prob,
         )
         x = layers.Encoder(spec, cfg.num_hidden_layers, cfg.remat, dtype, name="encoder")(x, mask, deterministic)
+        if not self.with_pooler:
+            return x, x[:, 0]
         pooled = nn.Dense(
             cfg.hidden_size,
             dtype=dtype,

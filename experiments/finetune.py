@@ -1,0 +1,259 @@
+"""Fine-tuning: the paper's image, audio (k-fold) and GLUE tables from a pre-training run (docs/finetune.md).
+
+    python experiments/finetune.py                                  # demo run, demo audio, 5 folds, vs scratch
+    python experiments/finetune.py --config=experiments/configs/finetune.py:base_c --init=runs/base_c \
+        --task=esc50 --data_dir=data/ESC-50 --mesh=8x1
+
+One command runs every fold and seed of the task's recipe, each a sub-run with its own checkpoints; a killed sweep
+resumes where it stopped. This job's own: the task's splits, the classifier on the chosen towers, the per-epoch
+evaluation on the selection and reported splits, and the results table (both protocols, synergy_jax/finetune.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from data_pipelines import finetune_input, finetune_tasks
+from experiments.configs import finetune as recipes
+from experiments.configs import zero_shot as zs_config
+from synergy_jax import checkpoint, cli, finetune, loop, parallel, text, train
+from synergy_jax.errors import SetupError
+from synergy_jax.evaluators import classification, embed, zero_shot
+from synergy_jax.models.synergy import SynergyCLIP
+from synergy_jax.record import RunRecord, optimizer_structure
+from synergy_jax.towers import Towers, load_towers
+
+CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "finetune.py"
+SHORTCUTS = tuple(cli.Shortcut(name, name, help_text, choices) for name, help_text, choices in (
+    ("task", "The task.", recipes.TASK_NAMES), ("init", "Pre-training run folder, hub id / folder, or 'scratch'.", None),
+    ("data_dir", "The dataset folder (see docs/finetune.md).", None), ("workdir", "Sweep folder.", None),
+    ("mesh", "Device mesh DxM.", None), ("folds", "Folds: all | 1,3 | 1-5.", None),
+    ("protocol", "The reported protocol.", finetune.PROTOCOLS)))  # fmt: skip
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with every 'recipe default' (0 / empty / negative) replaced by the task's recipe value."""
+    if config.task not in recipes.TASK_NAMES:
+        raise SetupError(f"--task is required: one of {', '.join(recipes.TASK_NAMES)}")
+    c = config.copy_and_resolve_references()
+    epochs, lr, batch = recipes.recipe(c.name, c.task)
+    text_task = recipes.modality(c.task) == recipes.TEXT
+    with c.unlocked():
+        c.epochs, c.batch_size = c.epochs or epochs, c.batch_size or batch
+        c.accum_steps = c.accum_steps or recipes.accumulation(c.name, c.task)
+        c.seeds = tuple(c.seeds) or recipes.SEEDS[c.task]
+        c.workdir = c.workdir or str(Path("runs") / f"finetune_{c.name}_{c.task}")
+        c.optimizer.learning_rate = c.optimizer.learning_rate or lr
+        if c.optimizer.weight_decay < 0:  # R5: AdamW wd 0.05 on everything; R5.3: the Trainer's 0.01, no biases/norms
+            c.optimizer.weight_decay, c.optimizer.weight_decay_on = (0.01, "matrices") if text_task else (0.05, "all")
+        if text_task:  # the Trainer's linear decay to 0 and gradient clipping at 1.0 (R5.3)
+            c.optimizer.schedule, c.optimizer.clip_grad_norm = "linear", c.optimizer.clip_grad_norm or 1.0
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every sub-run of the sweep shares."""
+
+    config: ml_collections.ConfigDict
+    modality: str
+    data: finetune_tasks.TaskData
+    towers: Towers  # where the towers come from (a pre-training run, a hub tower, or random init)
+    tokenizer: Any
+    max_length: int
+    metric: str  # the headline metric of the table
+    metric_names: tuple[str, ...]  # every metric computed per epoch
+
+
+def make_plan(config: ml_collections.ConfigDict, mesh) -> Plan:
+    modality = recipes.modality(config.task)
+    towers = load_towers(config.init, modality, mesh, config.sharding, config.dtype, config.remat)
+    data = finetune_tasks.load(config.task, config.data_dir, demo_root=towers.demo_root, seed=config.seeds[0],
+                               reference_flowers_splits=config.reference_flowers_splits)  # fmt: skip
+    tokenizer, max_length, metric_names = None, 0, ("accuracy",)
+    if modality == recipes.TEXT:
+        from data_pipelines import glue
+
+        tokenizer = text.load_tokenizer(towers.tokenizer)
+        spec = glue.TASKS[config.task]
+        max_length, metric_names = config.text_max_length or spec.max_length, spec.metrics
+    # The headline: accuracy as the paper's table, but MCC for CoLA (the reference printed accuracy, bug 44) and
+    # Pearson for STS-B; every other metric is in the per-epoch logs and results.json.
+    metric = {"cola": "accuracy" if config.reference_cola_accuracy else "mcc", "stsb": "pearson"}.get(config.task, "accuracy")
+    return Plan(config, modality, data, towers, tokenizer, max_length, metric, metric_names)
+
+
+def input_config(plan: Plan, seed: int, augment: bool) -> finetune_input.FinetuneInputConfig:
+    c, tower = plan.config, plan.towers.tower_config
+    fbank = plan.towers.fbank() if plan.modality == recipes.AUDIO else None
+    image_size = c.image_size or (tower.image_size if plan.modality == recipes.IMAGE else 0)
+    return finetune_input.FinetuneInputConfig(
+        modality=plan.modality, image_size=image_size, fbank=fbank, max_length=plan.max_length, dataset=c.task,
+        normalization="reference" if c.reference_normalization else "clip", augment=augment, seed=seed,
+    )  # fmt: skip
+
+
+# ================================================================================================ one sub-run
+
+
+class EpochEval:
+    """The loop's eval hook: the selection and reported splits scored every epoch; the selected model exported."""
+
+    def __init__(self, plan: Plan, splits, predict, mesh, steps_per_epoch: int, folder: Path, model):
+        self.plan, self.splits, self.predict, self.mesh, self.folder, self.model = plan, splits, predict, mesh, folder, model
+        self.steps_per_epoch, self.best = steps_per_epoch, -np.inf
+
+    def score(self, params, examples, indices) -> dict[str, float]:
+        c = self.plan.config
+        batches = finetune_input.eval_input(examples, indices, input_config(self.plan, 0, False), c.eval_batch_size //
+                                            jax.process_count(), tokenizer=self.plan.tokenizer)  # fmt: skip
+        columns = embed.embed_split(lambda batch: self.predict(params, batch), batches, self.mesh, keep=("label",))
+        return classification.task_metrics(columns["logits"], columns["label"], self.plan.metric_names)
+
+    def __call__(self, state, step: int) -> dict[str, float]:
+        select = self.score(state.params, self.splits.select, self.splits.select_idx)
+        report = self.score(state.params, self.splits.report, self.splits.report_idx)
+        if self.plan.config.export and select[self.plan.metric] > self.best:
+            self.best = select[self.plan.metric]
+            self.plan.towers.export(self.model, jax.device_get(state.params), self.folder / "export", self.splits)
+        metrics = {"epoch": step / self.steps_per_epoch, **{f"select/{k}": v for k, v in select.items()},
+                   **{f"report/{k}": v for k, v in report.items()}}  # fmt: skip
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop_at=None) -> dict[str, Any] | None:
+    """Trains one fold/seed from its initialisation (or resumes it), evaluating every epoch; the protocols' results."""
+    c = plan.config
+    splits = plan.data.splits(sub_run.fold, sub_run.seed, c.holdout_fraction)
+    model, pretrained = plan.towers.classifier(splits.num_labels, c.projection_dim, scratch=sub_run.init == "scratch")
+    steps_per_epoch = len(splits.train_idx) // c.batch_size
+    if steps_per_epoch == 0:
+        raise SetupError(f"{len(splits.train_idx)} training examples are fewer than one batch of {c.batch_size}")
+    steps = c.epochs * steps_per_epoch
+    optimizer = train.resolve_optimizer(c.optimizer, steps)
+    tx = finetune.make_optimizer(optimizer, c.head_learning_rate_multiplier)
+    example = plan.towers.example_batch(model, plan.max_length)
+    shardings = train.state_shardings(model, tx, mesh, c.sharding, example)
+    data = finetune_input.train_input(splits.train, splits.train_idx, input_config(plan, sub_run.seed, True),
+                                      c.batch_size // jax.process_count(), tokenizer=plan.tokenizer)  # fmt: skip
+    record = RunRecord(kind="finetune", model={"task": c.task, "init": sub_run.init, **plan.towers.describe(model)},
+                       optimizer_structure=optimizer_structure(optimizer), config=json.loads(c.to_json_best_effort()),
+                       run={"mesh": dict(mesh.shape), "sub_run": sub_run.name, "jax": jax.__version__}, seed=sub_run.seed)  # fmt: skip
+    manager = checkpoint.make_manager(folder, save_every=steps_per_epoch, keep=c.keep_checkpoints)
+    init = lambda: train.create_train_state(model, tx, mesh, c.sharding, example, jax.random.PRNGKey(sub_run.seed),  # noqa: E731
+                                            pretrained)[0]  # fmt: skip
+    state = loop.start_state(manager, record, train.abstract_train_state(model, tx, example, shardings), init, data)
+    step = train.make_step(finetune.classification_loss(model, splits.regression), tx, shardings, mesh, c.accum_steps,
+                           schedule=train.learning_rate_schedule(optimizer))  # fmt: skip
+    hook = EpochEval(plan, splits, finetune.make_predict(model, shardings.params, mesh), mesh, steps_per_epoch, folder, model)
+    loop_config = loop.LoopConfig(total_steps=steps, batch_size=c.batch_size, log_every=c.log_every,
+                                  eval_every=steps_per_epoch, steps_per_epoch=steps_per_epoch, progress=c.progress,
+                                  desc=sub_run.name)  # fmt: skip
+    outcome = loop.train_loop(loop_config, state, lambda s, b: step(s, parallel.global_batch(b, mesh)), data, manager,
+                              record, loop.MetricWriter(folder), hook, stop_at)  # fmt: skip
+    if outcome.preempted:
+        return None
+    history = finetune.history_from_metrics(folder / "metrics.jsonl")
+    text_task = plan.modality == recipes.TEXT
+    return {protocol: finetune.select_epoch(history, protocol, plan.metric, text_task) for protocol in finetune.PROTOCOLS}
+
+
+# ================================================================================================ baselines
+
+
+def zero_shot_accuracy(plan: Plan, splits: finetune_tasks.Splits, mesh) -> float:
+    """The pre-trained towers' zero-shot top-1 on the reported split: the class names in the reference's single
+    prompt (R5.4) against the same run's text tower."""
+    run = plan.towers
+    groups = [plan.modality, "text", *checkpoint.LOGIT_SCALES]  # the module declares its temperatures in setup
+    params, _ = checkpoint.restore_params(run.source, mesh, groups, dtype=plan.config.dtype)
+    model = SynergyCLIP(run.record.synergy_config(dtype=plan.config.dtype))
+    tokenizer = text.load_tokenizer(run.tokenizer)
+    prompts = embed.prompt_embedder(model, params, mesh, tokenizer, run.record.data.max_length, plan.config.eval_batch_size)
+    names = [[name.replace("_", " ")] for name in splits.class_names]
+    classes = zero_shot.classes_from_prompts(prompts, names, zs_config.SINGLE[plan.modality])
+    batches = finetune_input.eval_input(splits.report, splits.report_idx, input_config(plan, 0, False),
+                                        plan.config.eval_batch_size // jax.process_count())  # fmt: skip
+    columns = embed.embed_split(embed.modality_embedder(model, params, plan.modality), batches, mesh, keep=("label",))
+    return 100.0 * zero_shot.zero_shot_metrics(columns[plan.modality], classes, columns["label"])["top1"]
+
+
+# ================================================================================================ the job
+
+
+def sub_runs(config: ml_collections.ConfigDict, data: finetune_tasks.TaskData) -> list[finetune.SubRun]:
+    from data_pipelines import downstream
+
+    chosen = downstream.parse_folds(config.folds)
+    folds = [f for f in data.fold_ids if f is None or chosen is None or f in chosen]
+    inits = ["run"] + (["scratch"] if "scratch" in config.compare else [])
+    return [finetune.SubRun(fold, seed, init) for init in inits for fold in folds for seed in config.seeds]
+
+
+def results_table(config, plan: Plan, results: list[dict], zero_shot_values: list[float]) -> dict[str, Any]:
+    """Per init and protocol: the sub-runs' reported numbers (in %), their mean and stds, and the paper's row."""
+    rows = {}
+    for init in dict.fromkeys(r["init"] for r in results):
+        for protocol in finetune.PROTOCOLS:
+            values = [100.0 * r[protocol][plan.metric] for r in results if r["init"] == init]
+            rows[f"{init}/{protocol}"] = finetune.spread(values)
+    if zero_shot_values:
+        rows["zero_shot"] = finetune.spread(zero_shot_values)
+    paper = recipes.PAPER.get(config.task, {}).get(config.name)
+    return {"task": config.task, "config": config.name, "init": plan.towers.source, "metric": plan.metric,
+            "reported_protocol": config.protocol, "paper": paper, "rows": rows, "sub_runs": results}  # fmt: skip
+
+
+def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
+    """Every fold x seed of the task (and the baselines of `config.compare`); returns and writes the results.
+    SIGTERM (or `stop_at(step)`, tests) saves the sub-run in progress and stops the sweep; rerun to resume."""
+    started, config = time.time(), resolve(config)
+    mesh = parallel.make_mesh(config.mesh)
+    train.check_batch(config.batch_size, mesh, config.accum_steps)
+    plan = make_plan(config, mesh)
+    workdir = Path(config.workdir).expanduser().absolute()
+    results, preempted = finetune.run_sweep(workdir, sub_runs(config, plan.data),
+                                            lambda sub_run, folder: train_sub_run(plan, sub_run, folder, mesh, stop_at))
+    if preempted:
+        return {"preempted": True, "finished_sub_runs": len(results), "workdir": str(workdir)}
+    zero_shot_values = []
+    if "zero_shot" in config.compare and plan.towers.kind == "run" and plan.modality != recipes.TEXT:
+        for fold in dict.fromkeys(r["fold"] for r in results):
+            zero_shot_values.append(zero_shot_accuracy(plan, plan.data.splits(fold, config.seeds[0], config.holdout_fraction), mesh))
+    table = {**results_table(config, plan, results, zero_shot_values), "wall_seconds": time.time() - started}
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(table, indent=1))
+        (workdir / "results.md").write_text(markdown(table))
+    return table
+
+
+def markdown(table: dict[str, Any]) -> str:
+    paper = f"{table['paper']:.2f}" if table["paper"] is not None else "-"
+    lines = [f"{table['task']} ({table['config']}, init {table['init']}), {table['metric']} in %, reported protocol "
+             f"{table['reported_protocol']}", "", "| run | per fold / seed | mean | std (population) | std (sample) | paper |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in table["rows"].items():
+        values = ", ".join(f"{v:.2f}" for v in row["values"])
+        lines.append(f"| {name} | {values} | {row['mean']:.2f} | {row['std_population']:.2f} | {row['std_sample']:.2f} | "
+                     f"{paper if name.startswith('run/') else '-'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def print_results(table: dict[str, Any]) -> None:
+    if table.get("preempted"):
+        print(f"stopped after {table['finished_sub_runs']} finished sub-run(s) (the one in progress is saved); rerun "
+              "the same command to resume")
+        return
+    print("\n" + markdown(table))
+
+
+if __name__ == "__main__":
+    cli.start(CONFIG_FILE, run, print_results, SHORTCUTS, default_config="demo")
