@@ -24,7 +24,7 @@ import numpy as np
 from data_pipelines import finetune_input, finetune_tasks
 from experiments.configs import finetune as recipes
 from experiments.configs import zero_shot as zs_config
-from synergy_jax import checkpoint, cli, finetune, loop, parallel, text, train
+from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, text, train
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import classification, embed, zero_shot
 from synergy_jax.models.synergy import SynergyCLIP
@@ -111,22 +111,32 @@ class EpochEval:
         self.plan, self.splits, self.predict, self.mesh, self.folder, self.model = plan, splits, predict, mesh, folder, model
         self.steps_per_epoch, self.best = steps_per_epoch, -np.inf
 
-    def score(self, params, examples, indices) -> dict[str, float]:
+    def score(self, params, examples, indices) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         c = self.plan.config
         batches = finetune_input.eval_input(examples, indices, input_config(self.plan, 0, False), c.eval_batch_size //
                                             jax.process_count(), tokenizer=self.plan.tokenizer)  # fmt: skip
         columns = embed.embed_split(lambda batch: self.predict(params, batch), batches, self.mesh, keep=("label",))
-        return classification.task_metrics(columns["logits"], columns["label"], self.plan.metric_names)
+        return classification.task_metrics(columns["logits"], columns["label"], self.plan.metric_names), columns
 
     def __call__(self, state, step: int) -> dict[str, float]:
-        select = self.score(state.params, self.splits.select, self.splits.select_idx)
-        report = self.score(state.params, self.splits.report, self.splits.report_idx)
-        if self.plan.config.export and select[self.plan.metric] > self.best:
+        select, _ = self.score(state.params, self.splits.select, self.splits.select_idx)
+        report, columns = self.score(state.params, self.splits.report, self.splits.report_idx)
+        if select[self.plan.metric] > self.best:  # the clean protocol's model so far: its export and confusion
             self.best = select[self.plan.metric]
-            self.plan.towers.export(self.model, jax.device_get(state.params), self.folder / "export", self.splits)
+            self.write_selected(state, columns, step)
         metrics = {"epoch": step / self.steps_per_epoch, **{f"select/{k}": v for k, v in select.items()},
                    **{f"report/{k}": v for k, v in report.items()}}  # fmt: skip
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def write_selected(self, state, columns: dict[str, np.ndarray], step: int) -> None:
+        if self.plan.config.export:
+            self.plan.towers.export(self.model, jax.device_get(state.params), self.folder / "export", self.splits)
+        if self.splits.regression or jax.process_index() != 0:
+            return
+        names = self.splits.class_names
+        matrix = classification.confusion_matrix(columns["label"], columns["logits"].argmax(1), len(names))
+        title = f"{self.plan.config.task} epoch {step // self.steps_per_epoch} (clean selection), reported split"
+        plots.confusion_image(matrix, list(names), title).save(self.folder / "confusion.png")
 
 
 def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop_at=None) -> dict[str, Any] | None:
@@ -134,16 +144,18 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
     c = plan.config
     splits = plan.data.splits(sub_run.fold, sub_run.seed, c.holdout_fraction)
     model, pretrained = plan.towers.classifier(splits.num_labels, c.projection_dim, scratch=sub_run.init == "scratch")
-    steps_per_epoch = len(splits.train_idx) // c.batch_size
+    batch = c.batch_size * c.accum_steps  # examples per optimizer step: the reference's batch x accumulation (R5)
+    steps_per_epoch = len(splits.train_idx) // batch
     if steps_per_epoch == 0:
-        raise SetupError(f"{len(splits.train_idx)} training examples are fewer than one batch of {c.batch_size}")
+        raise SetupError(f"{len(splits.train_idx)} training examples are fewer than one step's {batch} (--config."
+                         "batch_size x accum_steps)")  # fmt: skip
     steps = c.epochs * steps_per_epoch
     optimizer = train.resolve_optimizer(c.optimizer, steps)
     tx = finetune.make_optimizer(optimizer, c.head_learning_rate_multiplier)
     example = plan.towers.example_batch(model, plan.max_length)
     shardings = train.state_shardings(model, tx, mesh, c.sharding, example)
     data = finetune_input.train_input(splits.train, splits.train_idx, input_config(plan, sub_run.seed, True),
-                                      c.batch_size // jax.process_count(), tokenizer=plan.tokenizer)  # fmt: skip
+                                      batch // jax.process_count(), tokenizer=plan.tokenizer)  # fmt: skip
     record = RunRecord(kind="finetune", model={"task": c.task, "init": sub_run.init, **plan.towers.describe(model)},
                        optimizer_structure=optimizer_structure(optimizer), config=json.loads(c.to_json_best_effort()),
                        run={"mesh": dict(mesh.shape), "sub_run": sub_run.name, "jax": jax.__version__}, seed=sub_run.seed)  # fmt: skip
@@ -154,7 +166,7 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
     step = train.make_step(finetune.classification_loss(model, splits.regression), tx, shardings, mesh, c.accum_steps,
                            schedule=train.learning_rate_schedule(optimizer))  # fmt: skip
     hook = EpochEval(plan, splits, finetune.make_predict(model, shardings.params, mesh), mesh, steps_per_epoch, folder, model)
-    loop_config = loop.LoopConfig(total_steps=steps, batch_size=c.batch_size, log_every=c.log_every,
+    loop_config = loop.LoopConfig(total_steps=steps, batch_size=batch, log_every=c.log_every,
                                   eval_every=steps_per_epoch, steps_per_epoch=steps_per_epoch, progress=c.progress,
                                   desc=sub_run.name)  # fmt: skip
     outcome = loop.train_loop(loop_config, state, lambda s, b: step(s, parallel.global_batch(b, mesh)), data, manager,
@@ -198,26 +210,12 @@ def sub_runs(config: ml_collections.ConfigDict, data: finetune_tasks.TaskData) -
     return [finetune.SubRun(fold, seed, init) for init in inits for fold in folds for seed in config.seeds]
 
 
-def results_table(config, plan: Plan, results: list[dict], zero_shot_values: list[float]) -> dict[str, Any]:
-    """Per init and protocol: the sub-runs' reported numbers (in %), their mean and stds, and the paper's row."""
-    rows = {}
-    for init in dict.fromkeys(r["init"] for r in results):
-        for protocol in finetune.PROTOCOLS:
-            values = [100.0 * r[protocol][plan.metric] for r in results if r["init"] == init]
-            rows[f"{init}/{protocol}"] = finetune.spread(values)
-    if zero_shot_values:
-        rows["zero_shot"] = finetune.spread(zero_shot_values)
-    paper = recipes.PAPER.get(config.task, {}).get(config.name)
-    return {"task": config.task, "config": config.name, "init": plan.towers.source, "metric": plan.metric,
-            "reported_protocol": config.protocol, "paper": paper, "rows": rows, "sub_runs": results}  # fmt: skip
-
-
 def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     """Every fold x seed of the task (and the baselines of `config.compare`); returns and writes the results.
     SIGTERM (or `stop_at(step)`, tests) saves the sub-run in progress and stops the sweep; rerun to resume."""
     started, config = time.time(), resolve(config)
     mesh = parallel.make_mesh(config.mesh)
-    train.check_batch(config.batch_size, mesh, config.accum_steps)
+    train.check_batch(config.batch_size * config.accum_steps, mesh, config.accum_steps)
     plan = make_plan(config, mesh)
     workdir = Path(config.workdir).expanduser().absolute()
     results, preempted = finetune.run_sweep(workdir, sub_runs(config, plan.data),
@@ -228,23 +226,12 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     if "zero_shot" in config.compare and plan.towers.kind == "run" and plan.modality != recipes.TEXT:
         for fold in dict.fromkeys(r["fold"] for r in results):
             zero_shot_values.append(zero_shot_accuracy(plan, plan.data.splits(fold, config.seeds[0], config.holdout_fraction), mesh))
-    table = {**results_table(config, plan, results, zero_shot_values), "wall_seconds": time.time() - started}
-    if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(table, indent=1))
-        (workdir / "results.md").write_text(markdown(table))
+    table = finetune.results_table(results, plan.metric, zero_shot_values, task=config.task, config=config.name,
+                                   init=plan.towers.source, reported_protocol=config.protocol,
+                                   paper=recipes.PAPER.get(config.task, {}).get(config.name))  # fmt: skip
+    table["wall_seconds"] = time.time() - started
+    finetune.write_results(workdir, table)
     return table
-
-
-def markdown(table: dict[str, Any]) -> str:
-    paper = f"{table['paper']:.2f}" if table["paper"] is not None else "-"
-    lines = [f"{table['task']} ({table['config']}, init {table['init']}), {table['metric']} in %, reported protocol "
-             f"{table['reported_protocol']}", "", "| run | per fold / seed | mean | std (population) | std (sample) | paper |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, row in table["rows"].items():
-        values = ", ".join(f"{v:.2f}" for v in row["values"])
-        lines.append(f"| {name} | {values} | {row['mean']:.2f} | {row['std_population']:.2f} | {row['std_sample']:.2f} | "
-                     f"{paper if name.startswith('run/') else '-'} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 def print_results(table: dict[str, Any]) -> None:
@@ -252,7 +239,7 @@ def print_results(table: dict[str, Any]) -> None:
         print(f"stopped after {table['finished_sub_runs']} finished sub-run(s) (the one in progress is saved); rerun "
               "the same command to resume")
         return
-    print("\n" + markdown(table))
+    print("\n" + finetune.markdown(table))
 
 
 if __name__ == "__main__":

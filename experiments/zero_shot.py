@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import augment, demo, downstream, pipeline, precompute
 from experiments.configs import zero_shot as zs_config
-from synergy_jax import audio, checkpoint, cli, distributed, parallel, text
+from synergy_jax import audio, checkpoint, cli, distributed, parallel, plots, text
 from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.evaluators import embed, retrieval, zero_shot
 from synergy_jax.models import MODALITIES
@@ -155,29 +155,6 @@ def run_tri_modal(kind: str, ckpt: Restored, config: ml_collections.ConfigDict) 
             "data": {"dir": data_dir, "split": split, "content_hash": metadata.get("content_hash")}}  # fmt: skip
 
 
-def confusion_image(matrix: np.ndarray, class_names: list[str], title: str):
-    """A row-normalised confusion matrix as a PIL image (no plotting dependency): rows true, columns predicted."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    classes, font = len(class_names), ImageFont.load_default()
-    cell = max(4, min(28, 900 // max(classes, 1)))
-    names = [name[:26] for name in class_names] if cell >= 8 else []  # no names in cells that small
-    margin = (min(160, 6 * max(map(len, class_names)) + 8) if names else 10) + 10
-    top = margin + 20  # below the title and the column names
-    image = Image.new("RGB", (margin + classes * cell + 10, top + classes * cell + 10), "white")
-    draw = ImageDraw.Draw(image)
-    levels = (255 * (1 - matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1))).astype(np.uint8)  # white..blue
-    cells = Image.fromarray(np.stack([levels, levels, np.full_like(levels, 255)], axis=-1))
-    image.paste(cells.resize((classes * cell, classes * cell), Image.Resampling.NEAREST), (margin, top))
-    for i, name in enumerate(names):
-        draw.text((4, top + i * cell + cell // 2 - 5), name, fill="black", font=font)
-        strip = Image.new("RGBA", (margin - 10, cell), (255, 255, 255, 0))
-        ImageDraw.Draw(strip).text((2, cell // 2 - 5), name, fill="black", font=font)
-        image.paste(strip.rotate(90, expand=True), (margin + i * cell, 30), strip.rotate(90, expand=True))
-    draw.text((4, 4), f"{title} (rows: true, columns: predicted, row-normalised)", fill="black", font=font)
-    return image
-
-
 def write_outputs(results: dict, config: ml_collections.ConfigDict) -> list[str]:
     """The JSON (--out, default <checkpoint>/zero_shot/<dataset>[_folds<k>]_<prompts>.json), a confusion PNG per task."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset)
@@ -189,7 +166,7 @@ def write_outputs(results: dict, config: ml_collections.ConfigDict) -> list[str]
     for task, metrics in results["tasks"].items():
         png = out.with_name(f"{out.stem}_{task.split('->')[0]}_confusion.png")
         title = f"{results['dataset']} {task} top-1 {100 * metrics['top1']:.1f}%"
-        confusion_image(np.asarray(metrics["confusion_matrix"]), results["class_names"], title).save(png)
+        plots.confusion_image(np.asarray(metrics["confusion_matrix"]), results["class_names"], title).save(png)
         metrics["confusion_png"] = str(png)
         written.append(str(png))
     out.write_text(json.dumps(results, indent=1))

@@ -164,3 +164,38 @@ def history_from_metrics(path: Path) -> list[dict]:
             if "eval/epoch" in row:
                 rows[row["step"]] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
     return [rows[step] for step in sorted(rows)]
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def results_table(results: Sequence[dict], metric: str, zero_shot: Sequence[float] = (), **about: Any) -> dict:
+    """Per initialisation and protocol: the sub-runs' `metric` in %, their mean and stds; `about` names the task,
+    config, init, reported protocol and the paper's number for the row."""
+    rows = {}
+    for init in dict.fromkeys(r["init"] for r in results):
+        for protocol in PROTOCOLS:
+            rows[f"{init}/{protocol}"] = spread([100.0 * r[protocol][metric] for r in results if r["init"] == init])
+    if zero_shot:
+        rows["zero_shot"] = spread(zero_shot)
+    return {**about, "metric": metric, "rows": rows, "sub_runs": list(results)}
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The results as a markdown table: one row per init/protocol, the paper's number beside the trained rows."""
+    paper = f"{table['paper']:.2f}" if table.get("paper") is not None else "-"
+    lines = [f"{table['task']} ({table['config']}, init {table['init']}), {table['metric']} in %, reported protocol "
+             f"{table['reported_protocol']}", "",
+             "| run | per fold / seed | mean | std (population) | std (sample) | paper |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in table["rows"].items():
+        values = ", ".join(f"{v:.2f}" for v in row["values"])
+        lines.append(f"| {name} | {values} | {row['mean']:.2f} | {row['std_population']:.2f} | "
+                     f"{row['std_sample']:.2f} | {paper if name.startswith('run/') else '-'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: Path, table: dict[str, Any]) -> None:
+    """results.json and results.md in the sweep's folder (process 0)."""
+    if is_main_process():
+        (Path(workdir) / "results.json").write_text(json.dumps(table, indent=1))
+        (Path(workdir) / "results.md").write_text(markdown(table))

@@ -106,8 +106,15 @@ def load_towers(init: str, modality: str, mesh, sharding: str = "replicate", dty
             raise SetupError("--init=scratch needs --config.scratch_like: the run or hub tower whose architecture to use")
         like = load_towers(scratch_like, modality, mesh, sharding, dtype, remat)
         return dataclasses.replace(like, kind="scratch", pretrained=None, source=f"scratch like {scratch_like}")
-    if (Path(init).expanduser() / checkpoint.CHECKPOINT_SUBDIR).is_dir():
-        return _from_run(Path(init).expanduser().absolute(), modality, mesh, sharding, dtype, remat)
+    path = Path(init).expanduser()
+    if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir():
+        return _from_run(path.absolute(), modality, mesh, sharding, dtype, remat)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise SetupError(f"--init={init} is neither a pre-training run folder (no {checkpoint.CHECKPOINT_SUBDIR}/) nor "
+                         "a Hugging Face tower folder (no config.json)")  # fmt: skip
+    if not path.exists() and (init.startswith((".", "/", "~", "runs")) or init.count("/") != 1):
+        raise SetupError(f"--init={init} does not exist: make the demo run with `python experiments/pretrain.py` (it "
+                         "writes runs/demo), or pass a pre-training run folder, a Hugging Face tower, or 'scratch'")
     from synergy_jax import weights
 
     module, params = weights.load_hf_tower(init, dtype=dtype, remat=remat)
@@ -131,3 +138,27 @@ def _from_run(run: Path, modality: str, mesh, sharding: str, dtype: str, remat: 
     return Towers("run", modality, tower_config, width, params, tokenizer=data.tokenizer if data else "",
                   demo_root=data.demo_root if data else "", record=record, source=str(run))  # fmt: skip
 
+
+
+def load_exported(path: str | Path):
+    """(model, params, class names) of a folder written by `Towers.export`: a RobertaForSequenceClassification
+    folder, or a tower folder + head.safetensors. `model.apply({'params': params}, batch)` gives the logits."""
+    import safetensors.numpy
+
+    from synergy_jax import weights
+
+    path = Path(path)
+    names = json.loads((path / "labels.json").read_text()) if (path / "labels.json").is_file() else []
+    if not (path / "tower").is_dir():
+        module, params, num_labels, _ = weights.load_hf_sequence_classifier(path)
+        return TextClassifier(module.config, num_labels), params, names
+    tower, tower_params = weights.load_hf_tower(path / "tower")
+    modality = next(m for m, t in TOWER_OF.items() if t == tower_kind(tower.config).modality)
+    params: dict[str, Any] = {param_groups(modality)[0]: tower_params}
+    for key, value in safetensors.numpy.load_file(str(path / "head.safetensors")).items():
+        group, leaf = key.split(".")
+        params.setdefault(group, {})[leaf] = value
+    projection = params.get(param_groups(modality)[1], {}).get("kernel")
+    model = ProjectionClassifier(modality, tower.config, 0 if projection is None else projection.shape[1],
+                                 params["classifier"]["kernel"].shape[1])  # fmt: skip
+    return model, params, names

@@ -50,6 +50,22 @@ def write_pretrain_run(run_dir: Path, model_config: SynergyConfig, data: DataSou
     manager.close()
 
 
+def tiny_pretrain_run(root: Path, words: str, seed: int = 3, max_length: int = 16) -> Path:
+    """A pre-training run of a random 1-layer model whose tokenizer (a folder of the run, recorded relative to it as
+    pre-training does) knows `words`."""
+    from data_pipelines import demo
+    from synthetic import tiny_config
+
+    demo.train_tokenizer([words] * 4, root / "tokenizer", vocab_size=300)
+    base = tiny_config(layers=1, dropout=False)
+    config = SynergyConfig(vision=base.vision, text=base.text.replace(vocab_size=512), audio=base.audio,
+                           projection_dim=base.projection_dim)  # fmt: skip
+    data = DataSource(dir="", tokenizer="tokenizer", text_mode="caption", max_length=max_length,
+                      image_size=config.vision.image_size)  # fmt: skip
+    write_pretrain_run(root, config, data, seed=seed)
+    return root
+
+
 def subprocess_env(devices: int) -> dict:
     """The environment of a job started as a user would: CPU, `devices` fake devices, the shared compile cache."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -1,6 +1,11 @@
-"""Tiny Synergy models and random batches shared by the train-step tests."""
+"""Tiny Synergy models, random batches, and tiny data sets in real formats, shared by the tests."""
+
+import csv
+from pathlib import Path
 
 import numpy as np
+import soundfile
+from PIL import Image
 
 from synergy_jax.models import synergy
 
@@ -46,3 +51,37 @@ def random_embeddings(size: int, dim: int = 8, seed: int = 0) -> dict[str, np.nd
         x = shared + rng.normal(size=(size, dim))
         out[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     return out
+
+
+def tone(rng: np.random.Generator, label: int, rate: int, seconds: float) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * (300 + 250 * label) * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def picture(rng: np.random.Generator, label: int, side: int = 40) -> Image.Image:
+    pixels = rng.integers(0, 60, (side, side, 3)) + np.array([[[80 * (label % 3), 60 * (label % 4), 40 * label % 255]]])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+ESC_CLASSES = ["dog", "rooster", "crying_baby", "rain", "church_bells", "car_horn"]  # target order of this fake set
+
+
+def make_esc50(root: Path, per_class_and_fold: int = 1, folds=(1, 2)) -> Path:
+    """meta/esc50.csv + audio/*.wav as the ESC-50 repository (44.1 kHz mono clips; short ones to stay fast)."""
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for fold in folds:
+        for target, category in enumerate(ESC_CLASSES):
+            for take in range(per_class_and_fold):
+                name = f"{fold}-{1000 + target}-{'ABC'[take]}-{target}.wav"
+                soundfile.write(root / "audio" / name, tone(rng, target, 44_100, 0.5), 44_100)
+                rows.append(dict(filename=name, fold=fold, target=target, category=category, esc10=False,
+                                 src_file=1000 + target, take="ABC"[take]))  # fmt: skip
+    rows.sort(key=lambda r: r["filename"])  # the official csv is sorted by file name, not by class
+    with open(root / "meta" / "esc50.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root

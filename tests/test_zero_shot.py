@@ -20,12 +20,11 @@ from PIL import Image
 from data_pipelines import audio_io, demo, downstream, precompute, records
 from experiments import zero_shot as job
 from experiments.configs import zero_shot as zs_config
-from helpers import ROOT, write_pretrain_run
+from helpers import ROOT, tiny_pretrain_run
 from synergy_jax import audio, checkpoint, parallel, text
 from synergy_jax.evaluators import retrieval
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig
-from synergy_jax.record import DataSource
-import synthetic
+from synergy_jax.models.synergy import SynergyCLIP
+from synthetic import ESC_CLASSES, make_esc50, picture, tone
 
 CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
 
@@ -41,16 +40,8 @@ prompt_sets = zs_config.PROMPT_SETS
 def run_dir(tmp_path_factory) -> Path:
     """A pre-training run folder: a checkpoint of a random 1-layer model + its run record (`RunRecord` of kind
     'pretrain'), whose data names the tokenizer (a folder of the run, recorded relative to it as pre-training does)."""
-    root = tmp_path_factory.mktemp("run")
-    words = "photo sound this is a of the bell drum rain dog cat bird siren horn engine wind clock recording".split()
-    demo.train_tokenizer([" ".join(words)] * 4, root / "tokenizer", vocab_size=300)
-    base = synthetic.tiny_config(layers=1, dropout=False)
-    config = SynergyConfig(vision=base.vision, text=base.text.replace(vocab_size=512), audio=base.audio,
-                           projection_dim=base.projection_dim)  # fmt: skip
-    data = DataSource(dir="", tokenizer="tokenizer", text_mode="caption", max_length=MAX_LENGTH,
-                      image_size=config.vision.image_size)  # fmt: skip
-    write_pretrain_run(root, config, data, seed=3)
-    return root
+    words = "photo sound this is a of the bell drum rain dog cat bird siren horn engine wind clock recording"
+    return tiny_pretrain_run(tmp_path_factory.mktemp("run"), words, seed=3, max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -124,40 +115,6 @@ def options(run_dir, tmp_path, **kw):
 
 
 # ----------------------------------------------------------------------------------------------- dataset makers
-
-
-def tone(rng: np.random.Generator, label: int, rate: int, seconds: float) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.3 * np.sin(2 * np.pi * (300 + 250 * label) * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
-
-
-def picture(rng: np.random.Generator, label: int, side: int = 40) -> Image.Image:
-    pixels = rng.integers(0, 60, (side, side, 3)) + np.array([[[80 * (label % 3), 60 * (label % 4), 40 * label % 255]]])
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-ESC_CLASSES = ["dog", "rooster", "crying_baby", "rain", "church_bells", "car_horn"]  # target order of this fake set
-
-
-def make_esc50(root: Path, per_class_and_fold: int = 1, folds=(1, 2)) -> Path:
-    """meta/esc50.csv + audio/*.wav as the ESC-50 repository (44.1 kHz mono clips; short ones to stay fast)."""
-    rng = np.random.default_rng(0)
-    (root / "audio").mkdir(parents=True)
-    (root / "meta").mkdir()
-    rows = []
-    for fold in folds:
-        for target, category in enumerate(ESC_CLASSES):
-            for take in range(per_class_and_fold):
-                name = f"{fold}-{1000 + target}-{'ABC'[take]}-{target}.wav"
-                soundfile.write(root / "audio" / name, tone(rng, target, 44_100, 0.5), 44_100)
-                rows.append(dict(filename=name, fold=fold, target=target, category=category, esc10=False,
-                                 src_file=1000 + target, take="ABC"[take]))  # fmt: skip
-    rows.sort(key=lambda r: r["filename"])  # the official csv is sorted by file name, not by class
-    with open(root / "meta" / "esc50.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
 
 
 US8K_CLASSES = ["air_conditioner", "car_horn", "children_playing", "dog_bark", "drilling"]

@@ -1,0 +1,164 @@
+"""Fine-tuning: model selection under both protocols, sweeps that resume, and the job end to end on tiny data in
+the real layouts (ESC-50 folds; a GLUE SST-2 TSV folder) from a tiny pre-training run, with the exports reloaded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines import finetune_input, finetune_tasks
+from experiments import finetune as job
+from experiments.configs import finetune as recipes
+from helpers import ROOT, override, tiny_pretrain_run
+from synergy_jax import finetune, parallel, text
+from synergy_jax.towers import load_exported, load_towers
+import synthetic
+
+
+def row(epoch, select, report):
+    return {"epoch": epoch, "select/accuracy": select, "report/accuracy": report, "report/f1": report / 2}
+
+
+def test_protocols_select_the_right_epoch():
+    history = [row(1, 0.5, 0.9), row(2, 0.8, 0.6), row(3, 0.8, 0.7), row(4, float("nan"), 0.95)]
+    assert finetune.select_epoch(history, "clean", "accuracy", text_task=False) == {"epoch": 2, "accuracy": 0.6,
+                                                                                     "f1": 0.3}  # fmt: skip
+    assert finetune.select_epoch(history, "reference", "accuracy", text_task=False)["epoch"] == 4  # best on report
+    assert finetune.select_epoch(history, "reference", "accuracy", text_task=True)["epoch"] == 4  # the last epoch
+    assert finetune.select_epoch(history[:3], "reference", "accuracy", text_task=True)["epoch"] == 3
+    with pytest.raises(ValueError, match="protocol"):
+        finetune.select_epoch(history, "best", "accuracy", text_task=False)
+
+
+def test_spread_reports_population_and_sample_std():
+    out = finetune.spread([90.0, 92.0, 94.0])
+    assert out["mean"] == pytest.approx(92.0)
+    assert out["std_population"] == pytest.approx(np.std([90, 92, 94]))
+    assert out["std_sample"] == pytest.approx(np.std([90, 92, 94], ddof=1)) and out["std_sample"] > out["std_population"]
+
+
+def test_history_keeps_the_last_line_of_each_step(tmp_path):
+    lines = [{"step": 4, "loss": 1.0}, {"step": 4, "eval/epoch": 1.0, "eval/report/accuracy": 0.1},
+             {"step": 8, "eval/epoch": 2.0, "eval/report/accuracy": 0.2},
+             {"step": 4, "eval/epoch": 1.0, "eval/report/accuracy": 0.3}]  # step 4 logged again after a resume
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 9, "ev')
+    history = finetune.history_from_metrics(tmp_path / "metrics.jsonl")
+    assert [(h["epoch"], h["report/accuracy"]) for h in history] == [(1.0, 0.3), (2.0, 0.2)]
+
+
+def test_sweep_skips_finished_sub_runs_and_stops_when_preempted(tmp_path):
+    calls = []
+
+    def run_one(sub_run, folder):
+        calls.append(sub_run.name)
+        return None if sub_run.seed == 2 and len(calls) == 2 else {"clean": {"accuracy": sub_run.seed}}
+
+    subs = [finetune.SubRun(None, seed) for seed in (1, 2, 3)]
+    results, preempted = finetune.run_sweep(tmp_path, subs, run_one)
+    assert preempted and [r["seed"] for r in results] == [1] and calls == ["run/seed1", "run/seed2"]
+    results, preempted = finetune.run_sweep(tmp_path, subs, run_one)
+    assert not preempted and [r["seed"] for r in results] == [1, 2, 3]
+    assert calls == ["run/seed1", "run/seed2", "run/seed2", "run/seed3"]  # seed 1 was not trained again
+
+
+def test_seeded_folds_are_stratified():
+    labels = np.repeat(np.arange(4), 10)
+    folds = finetune_tasks.seeded_folds(labels, 5, seed=3)
+    for fold in range(1, 6):
+        assert np.bincount(labels[folds == fold], minlength=4).tolist() == [2, 2, 2, 2]
+    assert not np.array_equal(folds, finetune_tasks.seeded_folds(labels, 5, seed=4))
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny pre-training run whose tokenizer knows the GLUE sentences' words."""
+    words = "a good great fine movie film bad awful dull plot this is the sound of dog rooster rain bells"
+    return tiny_pretrain_run(tmp_path_factory.mktemp("run"), words, seed=5)
+
+
+def tiny(task: str, run_dir: Path, data_dir: Path, workdir: Path, **overrides):
+    config = recipes.get_config("base_c")
+    return override(config, {"task": task, "init": str(run_dir), "data_dir": str(data_dir), "workdir": str(workdir),
+                             "mesh": "4x2", "epochs": 2, "batch_size": 4, "accum_steps": 1, "eval_batch_size": 8,
+                             "holdout_fraction": 0.25, "progress": False, "log_every": 1, **overrides})  # fmt: skip
+
+
+def test_audio_folds_resume_after_a_kill_and_export(run_dir, tmp_path):
+    """ESC-50 with 2 folds x 1 seed: a sweep stopped inside the second fold resumes to the same results as an
+    uninterrupted sweep (the first fold is not redone); the exported model reloads to the same logits."""
+    esc = synthetic.make_esc50(tmp_path / "ESC-50", per_class_and_fold=3, folds=(1, 2))
+    whole = job.run(tiny("esc50", run_dir, esc, tmp_path / "whole"))
+    steps = {"n": 0}
+
+    def stop_in_fold_two(step):
+        steps["n"] += 1
+        return steps["n"] == 11  # 14 training clips / batch 4 = 3 steps x 2 epochs in fold 1; fold 2's 5th step
+
+    stopped = job.run(tiny("esc50", run_dir, esc, tmp_path / "resumed"), stop_at=stop_in_fold_two)
+    assert stopped["preempted"] and stopped["finished_sub_runs"] == 1
+    resumed = job.run(tiny("esc50", run_dir, esc, tmp_path / "resumed"))
+    for name in ("run/clean", "run/reference"):
+        assert resumed["rows"][name]["values"] == whole["rows"][name]["values"]
+    assert len(whole["rows"]["run/clean"]["values"]) == 2 and whole["metric"] == "accuracy"
+    assert (tmp_path / "resumed" / "results.md").read_text().count("| run/") == 2
+    from PIL import Image
+
+    confusion = np.asarray(Image.open(tmp_path / "whole" / "run" / "fold1_seed17" / "confusion.png"))
+    assert confusion.ndim == 3 and confusion.std() > 0
+    model, params, names = load_exported(tmp_path / "whole" / "run" / "fold1_seed17" / "export")
+    assert names == synthetic.ESC_CLASSES and model.num_classes == len(names) and model.projection_dim > 0
+    towers = load_towers(str(run_dir), "audio", parallel.make_mesh("1x1", jax.devices()[:1]))
+    clip = synthetic.tone(np.random.default_rng(0), 2, 16_000, 0.5)
+    from synergy_jax import audio
+
+    batch = {"audio": audio.ast_features(clip, towers.fbank())[None]}
+    logits = np.asarray(model.apply({"params": params}, batch))
+    assert logits.shape == (1, len(names)) and np.all(np.isfinite(logits))
+
+
+def write_sst2(root: Path) -> Path:
+    """The GLUE download's SST-2 folder: header 'sentence<TAB>label'."""
+    rng = np.random.default_rng(0)
+    good, bad = "a good movie|great film|a fine plot".split("|"), "a bad movie|awful film|a dull plot".split("|")
+    (root / "SST-2").mkdir(parents=True)
+    for split, count in (("train", 24), ("dev", 8)):
+        rows = [(rng.choice(good), 1) if i % 2 else (rng.choice(bad), 0) for i in range(count)]
+        (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in rows))
+    return root
+
+
+def test_glue_text_task_and_sequence_classifier_export(run_dir, tmp_path):
+    glue_dir = write_sst2(tmp_path / "glue")
+    table = job.run(tiny("sst2", run_dir, glue_dir, tmp_path / "sst2", seeds=(1, 2), text_max_length=16))
+    assert table["metric"] == "accuracy" and len(table["rows"]["run/reference"]["values"]) == 2
+    sub = tmp_path / "sst2" / "run" / "seed1"
+    result = json.loads((sub / "result.json").read_text())
+    assert result["reference"]["epoch"] == 2  # text: the last epoch, as the Trainer
+    assert {"accuracy", "epoch"} <= set(result["clean"])
+    model, params, names = load_exported(sub / "export")
+    assert json.loads((sub / "export" / "config.json").read_text())["architectures"] == ["RobertaForSequenceClassification"]
+    tokenizer = text.load_tokenizer(run_dir / "tokenizer")
+    batch = finetune_input.tokenize_pair(tokenizer, "a good movie", None, 16)
+    logits = model.apply({"params": params}, {k: v[None] for k, v in batch.items()})
+    assert logits.shape == (1, 2) and names == ["negative", "positive"]
+
+
+def test_command_line_errors_exit_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune.py"), *args], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+
+    bad_task = run("--task=imagenet")
+    assert bad_task.returncode == 2 and "--task=imagenet" in bad_task.stderr
+    no_run = run()  # the demo default with no demo run in this folder
+    assert no_run.returncode == 2 and "runs/demo" in no_run.stderr and "Traceback" not in no_run.stderr
+    no_data = run("--config=" + str(ROOT / "experiments/configs/finetune.py") + ":base_c", "--task=esc50",
+                  f"--init={tmp_path}")  # fmt: skip
+    assert no_data.returncode == 2 and "--init" in no_data.stderr
