@@ -162,3 +162,30 @@ def test_command_line_errors_exit_2(tmp_path):
     no_data = run("--config=" + str(ROOT / "experiments/configs/finetune.py") + ":base_c", "--task=esc50",
                   f"--init={tmp_path}")  # fmt: skip
     assert no_data.returncode == 2 and "--init" in no_data.stderr
+
+
+def test_image_class_folders_and_a_regression_glue_task(run_dir, tmp_path):
+    """Images from <data_dir>/{train,validation,test}/<class>/ (the official validation split selects the epoch),
+    and STS-B's 0-5 scores as a 1-output regression scored by Pearson."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 6), ("validation", 2), ("test", 2)):
+        for label, name in enumerate(("cat", "dog", "owl")):
+            (tmp_path / "pics" / split / name).mkdir(parents=True)
+            for i in range(count):
+                synthetic.picture(rng, label).save(tmp_path / "pics" / split / name / f"{i}.png")
+    table = job.run(tiny("folder", run_dir, tmp_path / "pics", tmp_path / "folder", seeds=(3,)))
+    result = table["sub_runs"][0]
+    assert table["metric"] == "accuracy" and result["fold"] is None and 1 <= result["clean"]["epoch"] <= 2
+    assert (tmp_path / "folder" / "run" / "seed3" / "confusion.png").is_file()
+    stsb = tmp_path / "glue" / "STS-B"
+    stsb.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for split, count in (("train", 16), ("dev", 8)):
+        rows = [f"{i}\tmain-news\tx\t2012\t{i}\tnone\tnone\ta good movie\t{'a good film' if i % 2 else 'a dull plot'}"
+                f"\t{4.0 + 0.1 * (i % 3) if i % 2 else 0.5 * (i % 3)}\n" for i in range(count)]  # fmt: skip
+        (stsb / f"{split}.tsv").write_text(header + "".join(rows))
+    table = job.run(tiny("stsb", run_dir, tmp_path / "glue", tmp_path / "stsb", seeds=(3,), text_max_length=16))
+    result = table["sub_runs"][0]
+    assert table["metric"] == "pearson" and {"pearson", "spearman"} <= set(result["reference"])
+    export = json.loads((tmp_path / "stsb" / "run" / "seed3" / "export" / "config.json").read_text())
+    assert export["num_labels"] == 1 and export["problem_type"] == "regression"
