@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import finetune_input, finetune_tasks
+from data_pipelines import finetune_input, finetune_tasks, glue
 from experiments.configs import finetune as recipes
 from experiments.configs import zero_shot as zs_config
 from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, text, train
@@ -75,13 +75,11 @@ class Plan:
 
 def make_plan(config: ml_collections.ConfigDict, mesh) -> Plan:
     modality = recipes.modality(config.task)
-    towers = load_towers(config.init, modality, mesh, config.sharding, config.dtype, config.remat)
+    towers = load_towers(config.init, modality, mesh, config.sharding, config.dtype, config.remat, config.scratch_like)
     data = finetune_tasks.load(config.task, config.data_dir, demo_root=towers.demo_root, seed=config.seeds[0],
                                reference_flowers_splits=config.reference_flowers_splits)  # fmt: skip
     tokenizer, max_length, metric_names = None, 0, ("accuracy",)
     if modality == recipes.TEXT:
-        from data_pipelines import glue
-
         tokenizer = text.load_tokenizer(towers.tokenizer)
         spec = glue.TASKS[config.task]
         max_length, metric_names = config.text_max_length or spec.max_length, spec.metrics
@@ -94,7 +92,7 @@ def make_plan(config: ml_collections.ConfigDict, mesh) -> Plan:
 def input_config(plan: Plan, seed: int, augment: bool) -> finetune_input.FinetuneInputConfig:
     c, tower = plan.config, plan.towers.tower_config
     fbank = plan.towers.fbank() if plan.modality == recipes.AUDIO else None
-    image_size = c.image_size or (tower.image_size if plan.modality == recipes.IMAGE else 0)
+    image_size = tower.image_size if plan.modality == recipes.IMAGE else 0  # the tower's: its position table is fixed
     return finetune_input.FinetuneInputConfig(
         modality=plan.modality, image_size=image_size, fbank=fbank, max_length=plan.max_length, dataset=c.task,
         normalization="reference" if c.reference_normalization else "clip", augment=augment, seed=seed,
@@ -151,6 +149,11 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
                          "batch_size x accum_steps)")  # fmt: skip
     steps = c.epochs * steps_per_epoch
     optimizer = train.resolve_optimizer(c.optimizer, steps)
+    if plan.modality == recipes.AUDIO and c.name != "demo" and optimizer.schedule == "constant":
+        with optimizer.unlocked():  # R5.2: MultiStepLR(milestones=linspace(0, E, E // 5 + 1)[1:-1], gamma=0.99)
+            milestones = np.linspace(0, c.epochs, c.epochs // 5 + 1)[1:-1].astype(int)
+            optimizer.update(schedule="step", decay_factor=0.99,
+                             decay_boundaries=tuple(int(m) * steps_per_epoch for m in milestones) or (0,))
     tx = finetune.make_optimizer(optimizer, c.head_learning_rate_multiplier)
     example = plan.towers.example_batch(model, plan.max_length)
     shardings = train.state_shardings(model, tx, mesh, c.sharding, example)

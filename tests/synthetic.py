@@ -1,6 +1,7 @@
 """Tiny Synergy models, random batches, and tiny data sets in real formats, shared by the tests."""
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,36 @@ def make_esc50(root: Path, per_class_and_fold: int = 1, folds=(1, 2)) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+PET_NAMES = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "Bengal", "beagle"]
+
+
+def make_tfds(data_dir: Path, name: str = "oxford_iiit_pet", count: int = 18, splits=("test",)) -> list[tuple[Image.Image, int]]:
+    """A prepared array_record TFDS dataset (custom builder: Image from PNG bytes + ClassLabel), no TensorFlow; every
+    split holds the same `count` examples."""
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(2)
+    examples = [(picture(rng, i % len(PET_NAMES)), i % len(PET_NAMES)) for i in range(count)]
+
+    class FakePets(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("4.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=PET_NAMES),
+                "file_name": tfds.features.Text()}))  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples() for split in splits}
+
+        def _generate_examples(self):
+            for index, (image, label) in enumerate(examples):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                yield index, {"image": buffer.getvalue(), "label": label, "file_name": f"{index}.png"}
+
+    FakePets.name = name
+    FakePets(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return examples

@@ -189,3 +189,13 @@ def test_image_class_folders_and_a_regression_glue_task(run_dir, tmp_path):
     assert table["metric"] == "pearson" and {"pearson", "spearman"} <= set(result["reference"])
     export = json.loads((tmp_path / "stsb" / "run" / "seed3" / "export" / "config.json").read_text())
     assert export["num_labels"] == 1 and export["problem_type"] == "regression"
+
+
+def test_prepared_tfds_image_set(run_dir, tmp_path):
+    """Pets from a prepared TFDS data dir (array_record, no TensorFlow): train minus a held-out part, test reported;
+    the class names come from the TFDS ClassLabel, in its order."""
+    synthetic.make_tfds(tmp_path / "tfds", "oxford_iiit_pet", count=24, splits=("train", "test"))
+    table = job.run(tiny("pets", run_dir, tmp_path / "tfds", tmp_path / "pets", seeds=(1,)))
+    assert table["paper"] == recipes.PAPER["pets"]["base_c"] and len(table["rows"]["run/clean"]["values"]) == 1
+    labels = json.loads((tmp_path / "pets" / "run" / "seed1" / "export" / "labels.json").read_text())
+    assert labels == synthetic.PET_NAMES

@@ -24,7 +24,7 @@ from helpers import ROOT, tiny_pretrain_run
 from synergy_jax import audio, checkpoint, parallel, text
 from synergy_jax.evaluators import retrieval
 from synergy_jax.models.synergy import SynergyCLIP
-from synthetic import ESC_CLASSES, make_esc50, picture, tone
+from synthetic import ESC_CLASSES, PET_NAMES, make_esc50, make_tfds, picture, tone
 
 CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the shared compile cache (tests/conftest.py)
 
@@ -138,38 +138,6 @@ def make_urbansound8k(root: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
-
-
-PET_NAMES = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "Bengal", "beagle"]
-
-
-def make_tfds(data_dir: Path, name: str = "oxford_iiit_pet", count: int = 18) -> list[tuple[Image.Image, int]]:
-    """A prepared array_record TFDS dataset (custom builder: Image from PNG bytes + ClassLabel), no TensorFlow."""
-    import tensorflow_datasets as tfds
-
-    rng = np.random.default_rng(2)
-    examples = [(picture(rng, i % len(PET_NAMES)), i % len(PET_NAMES)) for i in range(count)]
-
-    class FakePets(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("4.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=PET_NAMES),
-                "file_name": tfds.features.Text()}))  # fmt: skip
-
-        def _split_generators(self, dl_manager):
-            return {"test": self._generate_examples()}
-
-        def _generate_examples(self):
-            for index, (image, label) in enumerate(examples):
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                yield index, {"image": buffer.getvalue(), "label": label, "file_name": f"{index}.png"}
-
-    FakePets.name = name
-    FakePets(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return examples
 
 
 # ----------------------------------------------------------------------------------------------- tests

@@ -117,7 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.projection_dim = -1  # < 0: the run's projection (hub init: none)
     config.dtype = "float32"
     config.remat = False
-    config.image_size = 0  # 0: the tower's
     config.text_max_length = 0  # 0: the task's (R5.3)
     config.eval_batch_size = 64
     config.workers = 4
