@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import finetune_input, finetune_tasks, glue
+from data_pipelines import downstream, finetune_input, finetune_tasks, glue
 from experiments.configs import finetune as recipes
 from experiments.configs import zero_shot as zs_config
 from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, text, train
@@ -105,9 +105,13 @@ def input_config(plan: Plan, seed: int, augment: bool) -> finetune_input.Finetun
 class EpochEval:
     """The loop's eval hook: the selection and reported splits scored every epoch; the selected model exported."""
 
-    def __init__(self, plan: Plan, splits, predict, mesh, steps_per_epoch: int, folder: Path, model):
+    def __init__(self, plan: Plan, splits, predict, mesh, steps_per_epoch: int, folder: Path, model, start: int):
         self.plan, self.splits, self.predict, self.mesh, self.folder, self.model = plan, splits, predict, mesh, folder, model
-        self.steps_per_epoch, self.best = steps_per_epoch, -np.inf
+        # A resumed sub-run keeps the best selection score of the epochs its checkpoint already covers (their export
+        # was written before that checkpoint), so a worse later epoch does not replace the selected model.
+        done = [r[f"select/{plan.metric}"] for r in finetune.history_from_metrics(folder / "metrics.jsonl")
+                if r["step"] <= start and r.get(f"select/{plan.metric}") is not None]  # fmt: skip
+        self.steps_per_epoch, self.best = steps_per_epoch, max(done, default=-np.inf)
 
     def score(self, params, examples, indices) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         c = self.plan.config
@@ -168,7 +172,8 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
     state = loop.start_state(manager, record, train.abstract_train_state(model, tx, example, shardings), init, data)
     step = train.make_step(finetune.classification_loss(model, splits.regression), tx, shardings, mesh, c.accum_steps,
                            schedule=train.learning_rate_schedule(optimizer))  # fmt: skip
-    hook = EpochEval(plan, splits, finetune.make_predict(model, shardings.params, mesh), mesh, steps_per_epoch, folder, model)
+    hook = EpochEval(plan, splits, finetune.make_predict(model, shardings.params, mesh), mesh, steps_per_epoch, folder,
+                     model, int(jax.device_get(state.step)))  # fmt: skip
     loop_config = loop.LoopConfig(total_steps=steps, batch_size=batch, log_every=c.log_every,
                                   eval_every=steps_per_epoch, steps_per_epoch=steps_per_epoch, progress=c.progress,
                                   desc=sub_run.name)  # fmt: skip
@@ -204,15 +209,6 @@ def zero_shot_accuracy(plan: Plan, splits: finetune_tasks.Splits, mesh) -> float
 # ================================================================================================ the job
 
 
-def sub_runs(config: ml_collections.ConfigDict, data: finetune_tasks.TaskData) -> list[finetune.SubRun]:
-    from data_pipelines import downstream
-
-    chosen = downstream.parse_folds(config.folds)
-    folds = [f for f in data.fold_ids if f is None or chosen is None or f in chosen]
-    inits = ["run"] + (["scratch"] if "scratch" in config.compare else [])
-    return [finetune.SubRun(fold, seed, init) for init in inits for fold in folds for seed in config.seeds]
-
-
 def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     """Every fold x seed of the task (and the baselines of `config.compare`); returns and writes the results.
     SIGTERM (or `stop_at(step)`, tests) saves the sub-run in progress and stops the sweep; rerun to resume."""
@@ -221,14 +217,16 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     train.check_batch(config.batch_size * config.accum_steps, mesh, config.accum_steps)
     plan = make_plan(config, mesh)
     workdir = Path(config.workdir).expanduser().absolute()
-    results, preempted = finetune.run_sweep(workdir, sub_runs(config, plan.data),
-                                            lambda sub_run, folder: train_sub_run(plan, sub_run, folder, mesh, stop_at))
+    inits = ["run"] + (["scratch"] if "scratch" in config.compare else [])
+    subs = finetune.sub_runs(plan.data.fold_ids, downstream.parse_folds(config.folds), config.seeds, inits)
+    results, preempted = finetune.run_sweep(workdir, subs, lambda sub, folder: train_sub_run(plan, sub, folder, mesh,
+                                                                                             stop_at))  # fmt: skip
     if preempted:
         return {"preempted": True, "finished_sub_runs": len(results), "workdir": str(workdir)}
     zero_shot_values = []
     if "zero_shot" in config.compare and plan.towers.kind == "run" and plan.modality != recipes.TEXT:
-        for fold in dict.fromkeys(r["fold"] for r in results):
-            zero_shot_values.append(zero_shot_accuracy(plan, plan.data.splits(fold, config.seeds[0], config.holdout_fraction), mesh))
+        splits = [plan.data.splits(fold, config.seeds[0], config.holdout_fraction) for fold in {r["fold"]: 0 for r in results}]
+        zero_shot_values = [zero_shot_accuracy(plan, split, mesh) for split in splits]
     table = finetune.results_table(results, plan.metric, zero_shot_values, task=config.task, config=config.name,
                                    init=plan.towers.source, reported_protocol=config.protocol,
                                    paper=recipes.PAPER.get(config.task, {}).get(config.name))  # fmt: skip

@@ -123,6 +123,13 @@ class SubRun:
         return f"{self.init}/{fold}seed{self.seed}"
 
 
+def sub_runs(fold_ids: Sequence[int | None], chosen: Sequence[int] | None, seeds: Sequence[int],
+             inits: Sequence[str] = ("run",)) -> list[SubRun]:  # fmt: skip
+    """Every (init, fold, seed) of a sweep, in that order; `chosen` folds only (None: all)."""
+    folds = [f for f in fold_ids if f is None or chosen is None or f in chosen]
+    return [SubRun(fold, seed, init) for init in inits for fold in folds for seed in seeds]
+
+
 def run_sweep(
     workdir: Path, sub_runs: Sequence[SubRun], run_one: Callable[[SubRun, Path], dict | None]
 ) -> tuple[list[dict], bool]:
@@ -162,7 +169,8 @@ def history_from_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
             if "eval/epoch" in row:
-                rows[row["step"]] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+                rows[row["step"]] = {"step": row["step"],
+                                     **{k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}}
     return [rows[step] for step in sorted(rows)]
 
 

@@ -2,8 +2,10 @@
 the real layouts (ESC-50 folds; a GLUE SST-2 TSV folder) from a tiny pre-training run, with the exports reloaded."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -13,7 +15,7 @@ import pytest
 from data_pipelines import finetune_input, finetune_tasks
 from experiments import finetune as job
 from experiments.configs import finetune as recipes
-from helpers import ROOT, override, tiny_pretrain_run
+from helpers import ROOT, override, subprocess_env, tiny_pretrain_run
 from synergy_jax import finetune, parallel, text
 from synergy_jax.towers import load_exported, load_towers
 import synthetic
@@ -86,15 +88,25 @@ def run_dir(tmp_path_factory) -> Path:
 def tiny(task: str, run_dir: Path, data_dir: Path, workdir: Path, **overrides):
     config = recipes.get_config("base_c")
     return override(config, {"task": task, "init": str(run_dir), "data_dir": str(data_dir), "workdir": str(workdir),
-                             "mesh": "4x2", "epochs": 2, "batch_size": 4, "accum_steps": 1, "eval_batch_size": 8,
-                             "holdout_fraction": 0.25, "progress": False, "log_every": 1, **overrides})  # fmt: skip
+                             "mesh": "4x2", **TINY_FLAGS, **overrides})  # fmt: skip
 
 
-def test_audio_folds_resume_after_a_kill_and_export(run_dir, tmp_path):
-    """ESC-50 with 2 folds x 1 seed: a sweep stopped inside the second fold resumes to the same results as an
-    uninterrupted sweep (the first fold is not redone); the exported model reloads to the same logits."""
-    esc = synthetic.make_esc50(tmp_path / "ESC-50", per_class_and_fold=3, folds=(1, 2))
-    whole = job.run(tiny("esc50", run_dir, esc, tmp_path / "whole"))
+TINY_FLAGS = {"epochs": 2, "batch_size": 4, "accum_steps": 1, "eval_batch_size": 8, "holdout_fraction": 0.25,
+              "progress": False, "log_every": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def esc_sweep(run_dir, tmp_path_factory):
+    """ESC-50 (2 folds x 1 seed, 3 clips per class and fold) and one uninterrupted sweep over it."""
+    root = tmp_path_factory.mktemp("esc")
+    esc = synthetic.make_esc50(root / "ESC-50", per_class_and_fold=3, folds=(1, 2))
+    return esc, root / "whole", job.run(tiny("esc50", run_dir, esc, root / "whole"))
+
+
+def test_audio_folds_resume_after_a_stop_and_export(run_dir, esc_sweep, tmp_path):
+    """A sweep stopped inside the second fold resumes to the same results as an uninterrupted sweep (the first fold
+    is not redone); the exported model reloads."""
+    esc, whole_dir, whole = esc_sweep
     steps = {"n": 0}
 
     def stop_in_fold_two(step):
@@ -110,9 +122,9 @@ def test_audio_folds_resume_after_a_kill_and_export(run_dir, tmp_path):
     assert (tmp_path / "resumed" / "results.md").read_text().count("| run/") == 2
     from PIL import Image
 
-    confusion = np.asarray(Image.open(tmp_path / "whole" / "run" / "fold1_seed17" / "confusion.png"))
+    confusion = np.asarray(Image.open(whole_dir / "run" / "fold1_seed17" / "confusion.png"))
     assert confusion.ndim == 3 and confusion.std() > 0
-    model, params, names = load_exported(tmp_path / "whole" / "run" / "fold1_seed17" / "export")
+    model, params, names = load_exported(whole_dir / "run" / "fold1_seed17" / "export")
     assert names == synthetic.ESC_CLASSES and model.num_classes == len(names) and model.projection_dim > 0
     towers = load_towers(str(run_dir), "audio", parallel.make_mesh("1x1", jax.devices()[:1]))
     clip = synthetic.tone(np.random.default_rng(0), 2, 16_000, 0.5)
@@ -121,6 +133,36 @@ def test_audio_folds_resume_after_a_kill_and_export(run_dir, tmp_path):
     batch = {"audio": audio.ast_features(clip, towers.fbank())[None]}
     logits = np.asarray(model.apply({"params": params}, batch))
     assert logits.shape == (1, len(names)) and np.all(np.isfinite(logits))
+
+
+def test_sweep_killed_mid_fold_resumes_to_the_same_results(run_dir, esc_sweep, tmp_path):
+    """`kill -9` of the command while fold 2 trains (after its first epoch's checkpoint); the same command again
+    finishes the sweep with the uninterrupted sweep's numbers, fold 1 kept as it was."""
+    esc, _, whole = esc_sweep
+    command = [sys.executable, str(ROOT / "experiments" / "finetune.py"), f"--config={ROOT}/experiments/configs/"
+               "finetune.py:base_c", "--task=esc50", f"--init={run_dir}", f"--data_dir={esc}", f"--workdir={tmp_path}/w",
+               "--mesh=4x2", *(f"--config.{k}={v}" for k, v in TINY_FLAGS.items())]  # fmt: skip
+    fold2 = tmp_path / "w" / "run" / "fold2_seed17" / "metrics.jsonl"
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, env=subprocess_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            hang_guard = time.time() + 600  # not a speed limit: only stops a hung job from hanging the suite
+            while not (fold2.is_file() and "eval/epoch" in fold2.read_text()):
+                assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.time() < hang_guard, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.2)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert (tmp_path / "w" / "run" / "fold1_seed17" / "result.json").is_file()
+    assert not (tmp_path / "w" / "run" / "fold2_seed17" / "result.json").is_file()
+    second = subprocess.run(command, env=subprocess_env(8), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "fold1_seed17: finished before, kept" in second.stdout and "resumed" in second.stdout
+    resumed = json.loads((tmp_path / "w" / "results.json").read_text())
+    for name in ("run/clean", "run/reference"):
+        assert resumed["rows"][name]["values"] == whole["rows"][name]["values"]
 
 
 def write_sst2(root: Path) -> Path:
