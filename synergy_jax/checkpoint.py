@@ -145,15 +145,6 @@ def saved_record(manager: ocp.CheckpointManager, step: int | None = None) -> Run
     return RunRecord.from_json(saved, f"{manager.directory}/{step}")
 
 
-def read_record(workdir: str | Path, step: int | None = None) -> RunRecord:
-    """The run record of a run folder's checkpoint (default: the latest), without reading any array."""
-    manager = make_manager(workdir, read_only=True)
-    try:
-        return saved_record(manager, step)
-    finally:
-        manager.close()
-
-
 def _restore_tree(manager: ocp.CheckpointManager, step: int, target: Any, partial: bool) -> Any:
     args = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from synergy_jax import parallel, train
 from synergy_jax.distributed import is_main_process, log
 from synergy_jax.train import LossFn
 
@@ -50,7 +51,6 @@ def make_optimizer(config, head_multiplier: float = 1.0) -> optax.GradientTransf
     all). AdamW's update is the rate times (Adam direction + decay x weight), so scaling the head's updates is
     exactly a head learning rate `multiplier` times the tower's. A randomly initialised head on a pre-trained tower
     learns slowly at a rate made for the tower (Adam moves each weight by about the rate per step)."""
-    from synergy_jax import train
 
     def scale_head(updates, state, params=None):
         return {name: jax.tree.map(lambda u: u * head_multiplier, tree) if name == "classifier" else tree
@@ -64,7 +64,6 @@ def make_optimizer(config, head_multiplier: float = 1.0) -> optax.GradientTransf
 
 def make_predict(model, params_shardings, mesh) -> Callable:
     """`(params, batch) -> {'logits'}` deterministic, batch-sharded: the eval forward for `embed_split`."""
-    from synergy_jax import parallel
 
     def predict(params, batch):
         return {"logits": model.apply({"params": params}, batch, deterministic=True).astype(jnp.float32)}
