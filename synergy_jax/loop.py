@@ -68,19 +68,37 @@ class LoopResult:
 
 
 class MetricWriter:
-    """JSON lines + TensorBoard scalars, written by process 0 only."""
+    """JSON lines + TensorBoard scalars, written by process 0 only.
+
+    `start(step)` opens them for a run that continues from `step`: lines logged past it by an earlier attempt (the
+    steps between its last checkpoint and a kill) are dropped from metrics.jsonl and purged from TensorBoard, so the
+    logs tell one story whatever the run went through.
+    """
 
     def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
         self.enabled = is_main_process()
-        if self.enabled:
-            from tensorboardX import SummaryWriter
+        self.jsonl = self.tensorboard = None
 
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    def start(self, step: int) -> None:
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        path = self.workdir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().split("\n")[:-1] if _logged_step(line) <= step]
+            partial = path.with_suffix(".jsonl.tmp")
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(path)
+        self.jsonl = open(path, "a")
+        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1 if step else None)
 
     def write(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self.start(0)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for name, value in metrics.items():
@@ -89,9 +107,17 @@ class MetricWriter:
         self.tensorboard.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.jsonl is not None:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut by a kill counts as past every step (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 @jax.jit
@@ -169,6 +195,7 @@ class _Window:
     def log(self, step: int) -> None:
         c = self.config
         summary = {k: float(np.mean([m[k] for m in self.rows])) for k in self.rows[0]}
+        summary["window_steps"] = len(self.rows)  # the steps this line averages (fewer in a resumed run's first)
         elapsed = time.perf_counter() - self.started
         if self.steps > 0 and elapsed > 0:
             samples_per_second = self.steps * c.batch_size / elapsed
@@ -227,6 +254,7 @@ class _Run:
         self.config, self.state, self.data, self.manager, self.record = config, state, data, manager, record
         self.writer, self.evaluate = writer, evaluate
         self.step = int(jax.device_get(state.step))
+        writer.start(self.step)
         self.bar = _progress_bar(config, self.step)
         self.window = _Window(config, writer, self.bar, manager.latest_step)
         self.stop = StopRequest()

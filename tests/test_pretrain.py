@@ -242,3 +242,20 @@ def test_two_processes_match_one_process(reference, data_root, tmp_path):
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-5)
     assert "=== pre-training done" in outputs[0] and "=== pre-training done" not in outputs[1]
     assert json.loads((multi / "config.json").read_text())["run"]["process_count"] == 2
+
+
+def test_resume_drops_the_lines_logged_after_the_restored_checkpoint(reference, data_root, tmp_path):
+    """A kill after step 8 was logged but before its checkpoint: the rerun resumes at 4, and metrics.jsonl then holds
+    each step once (the rerun's), with the first window after the resume labelled by how many steps it averages."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")  # the step-8 save never happened
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 9, "loss": 1.0')  # and a line cut by the kill
+    run_pretrain(tiny_config(data_root), tmp_path, "8x1")
+    lines = metric_lines(tmp_path)
+    train_steps = [m["step"] for m in lines if "loss" in m]
+    assert train_steps == list(range(1, STEPS + 1))  # no step twice, nothing past the end
+    assert [m["step"] for m in lines if "eval/loss" in m] == [STEPS]
+    assert all(m["window_steps"] == 1 for m in lines if "loss" in m)  # log_every=1: one step per window
+    np.testing.assert_allclose([m["loss"] for m in lines if "loss" in m], list(train_losses(reference[0]).values()),
+                               rtol=1e-5)  # fmt: skip
