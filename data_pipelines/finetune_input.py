@@ -29,8 +29,9 @@ normalise; eval: Resize -> [0, 1] -> normalise. p_h / p_v / s / p_j per dataset 
 statistics, including Pets' train/eval mismatch (bug 41).
 
 Audio: the reference's waveform `audio_augment` with the fine-tuning values (R5.2, R2.3, `utils.py`), see
-`augment_waveform`; then `audio.ast_features`. Stretch rate 0.15 makes a clip 6.7x longer, so the 1024-frame AST
-input only sees the first ~1.5 s of it (bug 43): kept as the default, change `WaveformAugment.stretch_rate` to avoid.
+`augment_waveform`; then `audio.ast_features`. The reference's stretch "rate 0.15" made every stretched clip 6.7x
+longer, so the 1024-frame AST input only saw its first ~1.5 s (bug 43); here the rate is drawn from [0.85, 1.15]
+(`WaveformAugment.reference_stretch=True` restores the fixed 0.15).
 
 Unreadable examples (a corrupt or missing file): decoding is caught per example, reported once per example (a
 logging warning naming the example and the error), and remembered, so later epochs do not decode it again.
