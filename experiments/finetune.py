@@ -4,9 +4,8 @@
     python experiments/finetune.py --config=experiments/configs/finetune.py:base_c --init=runs/base_c \
         --task=esc50 --data_dir=data/ESC-50 --mesh=8x1
 
-One command runs every fold and seed of the task's recipe, each a sub-run with its own checkpoints; a killed sweep
-resumes where it stopped. This job's own: the task's splits, the classifier on the chosen towers, the per-epoch
-evaluation on the selection and reported splits, and the results table (both protocols, synergy_jax/finetune.py).
+Every fold and seed of the recipe, each a resumable sub-run. This job's own: the splits, the classifier on the
+chosen towers, per-epoch scores on the selection and reported splits, the results table (synergy_jax/finetune.py).
 """
 
 from __future__ import annotations
@@ -189,21 +188,24 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
 # ================================================================================================ baselines
 
 
-def zero_shot_accuracy(plan: Plan, splits: finetune_tasks.Splits, mesh) -> float:
-    """The pre-trained towers' zero-shot top-1 on the reported split: the class names in the reference's single
-    prompt (R5.4) against the same run's text tower."""
+def zero_shot_accuracies(plan: Plan, reported: list[finetune_tasks.Splits], mesh) -> list[float]:
+    """The pre-trained towers' zero-shot top-1 on each reported split: the class names in the reference's single
+    prompt (R5.4) against the same run's text tower. The towers and the class embeddings are made once."""
     run = plan.towers
     groups = [plan.modality, "text", *checkpoint.LOGIT_SCALES]  # the module declares its temperatures in setup
     params, _ = checkpoint.restore_params(run.source, mesh, groups, dtype=plan.config.dtype)
     model = SynergyCLIP(run.record.synergy_config(dtype=plan.config.dtype))
-    tokenizer = text.load_tokenizer(run.tokenizer)
-    prompts = embed.prompt_embedder(model, params, mesh, tokenizer, run.record.data.max_length, plan.config.eval_batch_size)
-    names = [[name.replace("_", " ")] for name in splits.class_names]
+    prompts = embed.prompt_embedder(model, params, mesh, text.load_tokenizer(run.tokenizer), run.record.data.max_length,
+                                    plan.config.eval_batch_size)  # fmt: skip
+    names = [[downstream.prompt_name(name)] for name in reported[0].class_names]
     classes = zero_shot.classes_from_prompts(prompts, names, zs_config.SINGLE[plan.modality])
-    batches = finetune_input.eval_input(splits.report, splits.report_idx, input_config(plan, 0, False),
-                                        plan.config.eval_batch_size // jax.process_count())  # fmt: skip
-    columns = embed.embed_split(embed.modality_embedder(model, params, plan.modality), batches, mesh, keep=("label",))
-    return 100.0 * zero_shot.zero_shot_metrics(columns[plan.modality], classes, columns["label"])["top1"]
+    embed_queries, accuracies = embed.modality_embedder(model, params, plan.modality), []
+    for splits in reported:
+        batches = finetune_input.eval_input(splits.report, splits.report_idx, input_config(plan, 0, False),
+                                            plan.config.eval_batch_size // jax.process_count())  # fmt: skip
+        columns = embed.embed_split(embed_queries, batches, mesh, keep=("label",))
+        accuracies.append(100.0 * zero_shot.zero_shot_metrics(columns[plan.modality], classes, columns["label"])["top1"])
+    return accuracies
 
 
 # ================================================================================================ the job
@@ -226,7 +228,7 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     zero_shot_values = []
     if "zero_shot" in config.compare and plan.towers.kind == "run" and plan.modality != recipes.TEXT:
         splits = [plan.data.splits(fold, config.seeds[0], config.holdout_fraction) for fold in {r["fold"]: 0 for r in results}]
-        zero_shot_values = [zero_shot_accuracy(plan, split, mesh) for split in splits]
+        zero_shot_values = zero_shot_accuracies(plan, splits, mesh)
     table = finetune.results_table(results, plan.metric, zero_shot_values, task=config.task, config=config.name,
                                    init=plan.towers.source, reported_protocol=config.protocol,
                                    paper=recipes.PAPER.get(config.task, {}).get(config.name))  # fmt: skip

@@ -97,10 +97,41 @@ TINY_FLAGS = {"epochs": 2, "batch_size": 4, "accum_steps": 1, "eval_batch_size":
 
 @pytest.fixture(scope="module")
 def esc_sweep(run_dir, tmp_path_factory):
-    """ESC-50 (2 folds x 1 seed, 3 clips per class and fold) and one uninterrupted sweep over it."""
+    """ESC-50 (2 folds x 1 seed, 3 clips per class and fold) and one uninterrupted sweep over it, with the scratch
+    and zero-shot baselines beside it."""
     root = tmp_path_factory.mktemp("esc")
     esc = synthetic.make_esc50(root / "ESC-50", per_class_and_fold=3, folds=(1, 2))
-    return esc, root / "whole", job.run(tiny("esc50", run_dir, esc, root / "whole"))
+    return esc, root / "whole", job.run(tiny("esc50", run_dir, esc, root / "whole", compare=("scratch", "zero_shot")))
+
+
+def test_baselines_beside_the_run(run_dir, esc_sweep, tmp_path, monkeypatch):
+    """The scratch rows come from randomly initialised towers of the same shape; the zero-shot row of each fold is
+    what the zero-shot job reports for that fold with the reference's single prompt."""
+    esc, whole_dir, whole = esc_sweep
+    assert len(whole["rows"]["scratch/clean"]["values"]) == 2 and len(whole["rows"]["zero_shot"]["values"]) == 2
+    trained, _, _ = load_exported(whole_dir / "run" / "fold1_seed17" / "export")
+    exported = [load_exported(whole_dir / init / "fold1_seed17" / "export")[1] for init in ("run", "scratch")]
+    run_tower, scratch_tower = (np.asarray(p["audio_model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"])
+                                for p in exported)  # fmt: skip
+    assert trained.num_classes == 6 and not np.allclose(run_tower, scratch_tower, atol=1e-2)
+    from experiments import zero_shot as zs_job
+    from experiments.configs import zero_shot as zs_config
+
+    for fold, value in zip((1, 2), whole["rows"]["zero_shot"]["values"]):
+        config = zs_config.get_config()
+        config.update(dict(checkpoint=str(run_dir), dataset="esc50", data_dir=str(esc), folds=str(fold), prompts="single",
+                           mesh="8x1", batch_size=8, progress=False, out=str(tmp_path / f"zs{fold}.json")))  # fmt: skip
+        expected = zs_job.run(config)["tasks"]["audio->text"]["top1"]
+        assert value == pytest.approx(100.0 * expected)
+    # The class prompts: the reference's single audio template over the class names as prompts spell them (R5.4).
+    seen = []
+    real = job.zero_shot.classes_from_prompts
+    monkeypatch.setattr(job.zero_shot, "classes_from_prompts", lambda e, names, t: seen.append((names, t)) or real(e, names, t))
+    config = job.resolve(tiny("esc50", run_dir, esc, tmp_path / "again"))
+    mesh = parallel.make_mesh("8x1")
+    plan = job.make_plan(config, mesh)
+    job.zero_shot_accuracies(plan, [plan.data.splits(1, 17, 0.25)], mesh)
+    assert seen == [([[name.replace("_", " ")] for name in synthetic.ESC_CLASSES], ("this is a sound of {}",))]
 
 
 def test_audio_folds_resume_after_a_stop_and_export(run_dir, esc_sweep, tmp_path):

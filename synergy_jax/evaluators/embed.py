@@ -98,11 +98,7 @@ def indexed_batches(
     if batch_size % np.lcm(mesh.shape["data"], processes):
         raise ValueError(f"batch size {batch_size} must be divisible by the data axis ({mesh.shape['data']}) and "
                          f"the process count ({processes})")  # fmt: skip
-    per_process = batch_size // processes
-    mine = np.arange(count)[jax.process_index() :: processes]
-    length = parallel.padded_length(count, per_process, processes)
-    indices = np.concatenate([mine, np.full(length - len(mine), -1, np.int64)])
-    chunks = [indices[i : i + per_process] for i in range(0, len(indices), per_process)]
+    chunks = _process_batches(count, batch_size)
 
     def load(chunk: np.ndarray) -> dict[str, np.ndarray]:
         return {**load_rows(np.where(chunk >= 0, chunk, 0)), "row_id": chunk, "valid": chunk >= 0}
@@ -115,11 +111,20 @@ def indexed_batches(
             yield batch
 
 
-def batch_count(count: int, batch_size: int) -> int:
-    """How many batches `indexed_batches` yields (for progress bars)."""
+def _process_batches(count: int, batch_size: int) -> list[np.ndarray]:
+    """This process's example indices (every process-th from its own), padded with -1 to the same whole number of
+    per-process batches on every process, cut into batches."""
     processes = jax.process_count()
     per_process = batch_size // processes
-    return parallel.padded_length(count, per_process, processes) // per_process
+    mine = np.arange(count)[jax.process_index() :: processes]
+    length = parallel.padded_length(count, per_process, processes)
+    indices = np.concatenate([mine, np.full(length - len(mine), -1, np.int64)])
+    return [indices[i : i + per_process] for i in range(0, len(indices), per_process)]
+
+
+def batch_count(count: int, batch_size: int) -> int:
+    """How many batches `indexed_batches` yields (for progress bars)."""
+    return len(_process_batches(count, batch_size))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
