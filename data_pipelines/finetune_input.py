@@ -276,11 +276,8 @@ def augment_waveform(y: np.ndarray, rng: np.random.Generator, params: WaveformAu
 def tokenize_pair(tokenizer, text_a: str, text_b: str | None, max_length: int) -> dict[str, np.ndarray]:
     """One (sentence, sentence | None) example as the reference's GLUE preprocessing (R5.3):
     `tokenizer(a, b, truncation=True, max_length=L, padding='max_length')`; int32 (L,) ids and mask."""
-    with text._TOKENIZER_LOCK:  # the same lock as text.tokenize: a fast tokenizer's settings are shared state
-        encoded = tokenizer([text_a], None if text_b is None else [text_b], max_length=max_length,
-                            padding="max_length", truncation=True, return_attention_mask=True,
-                            return_token_type_ids=False, return_tensors="np")  # fmt: skip
-    return {key: np.asarray(encoded[key][0], np.int32) for key in ("input_ids", "attention_mask")}
+    encoded = text.tokenize(tokenizer, [text_a], max_length, None if text_b is None else [text_b])
+    return {key: value[0] for key, value in encoded.items()}
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -323,6 +320,9 @@ class ExampleReader:
         self.labels = labels.astype(np.float32 if np.issubdtype(labels.dtype, np.floating) else np.int32)
         name = getattr(examples_set, "name", type(examples_set).__name__)
         self.unreadable = Unreadable(str(name), max(1, math.floor(config.max_unreadable * len(indices))))
+        if config.modality == "image":  # per config, not per example
+            self.preset = config.preset
+            self.stats = {train: config.image_stats(train=train) for train in (True, False)}
 
     def decode(self, index: int) -> Any | None:
         """The raw example (PIL image, waveform or text pair), or None when it cannot be read (recorded)."""
@@ -343,10 +343,10 @@ class ExampleReader:
         augments = rng is not None and config.augment
         if config.modality == "image":
             if augments:
-                image = finetune_image(raw, config.image_size, config.preset, rng)
+                image = finetune_image(raw, config.image_size, self.preset, rng)
             else:
                 image = augment.resize(raw, config.image_size)
-            return {"image": normalize(image, *config.image_stats(train=rng is not None))}
+            return {"image": normalize(image, *self.stats[rng is not None])}
         if config.modality == "audio":
             wave = augment_waveform(raw, rng, config.waveform_augment) if augments else raw
             return {"audio": audio.ast_features(np.asarray(wave, np.float32), config.fbank)}

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import downstream
-from data_pipelines.finetune_input import stratified_holdout
+from data_pipelines.finetune_input import kfold_indices, stratified_holdout
+from synergy_jax.distributed import log
 from synergy_jax.errors import SetupError
 
 TFDS = {"cifar10": ("cifar10", "train", None, "test"), "cifar100": ("cifar100", "train", None, "test"),
@@ -68,7 +69,7 @@ class TaskData:
         if self.folds is not None:
             if fold not in self.fold_ids:
                 raise SetupError(f"{self.name} has folds {self.fold_ids}, not {fold}")
-            report_idx, rest = np.flatnonzero(self.folds == fold), np.flatnonzero(self.folds != fold)
+            rest, report_idx = kfold_indices(self.folds, fold)
         else:
             report_idx, rest = np.arange(len(self.report)), np.arange(len(self.train))
         if self.validation is not None:
@@ -111,7 +112,11 @@ def load(task: str, data_dir: str, *, demo_root: str = "", seed: int = 0, refere
     from data_pipelines import glue
 
     if task in glue.TASKS:
-        return TaskData(task, glue.read_glue(task, data_dir, "train"), glue.read_glue(task, data_dir, "validation"))
+        parts = [glue.read_glue(task, data_dir, split) for split in ("train", "validation")]
+        for part in parts:  # rows the reader skipped (e.g. QQP's broken lines), said once
+            if glue.skipped_report(part):
+                log(glue.skipped_report(part))
+        return TaskData(task, *parts)
     raise SetupError(f"unknown --task={task!r}")
 
 

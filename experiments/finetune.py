@@ -98,6 +98,14 @@ def input_config(plan: Plan, seed: int, augment: bool) -> finetune_input.Finetun
     )  # fmt: skip
 
 
+def eval_inputs(plan: Plan, splits: finetune_tasks.Splits) -> dict[str, finetune_input.EvalInput]:
+    """The selection and reported splits as evaluation inputs (made once, iterated every epoch)."""
+    batch = plan.config.eval_batch_size // jax.process_count()
+    return {name: finetune_input.eval_input(examples, indices, input_config(plan, 0, False), batch, tokenizer=plan.tokenizer)
+            for name, examples, indices in (("select", splits.select, splits.select_idx),
+                                            ("report", splits.report, splits.report_idx))}  # fmt: skip
+
+
 # ================================================================================================ one sub-run
 
 
@@ -106,22 +114,21 @@ class EpochEval:
 
     def __init__(self, plan: Plan, splits, predict, mesh, steps_per_epoch: int, folder: Path, model, start: int):
         self.plan, self.splits, self.predict, self.mesh, self.folder, self.model = plan, splits, predict, mesh, folder, model
+        self.steps_per_epoch = steps_per_epoch
         # A resumed sub-run keeps the best selection score of the epochs its checkpoint already covers (their export
         # was written before that checkpoint), so a worse later epoch does not replace the selected model.
         done = [r[f"select/{plan.metric}"] for r in finetune.history_from_metrics(folder / "metrics.jsonl")
                 if r["step"] <= start and r.get(f"select/{plan.metric}") is not None]  # fmt: skip
-        self.steps_per_epoch, self.best = steps_per_epoch, max(done, default=-np.inf)
+        self.best, self.inputs = max(done, default=-np.inf), eval_inputs(plan, splits)
 
-    def score(self, params, examples, indices) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        c = self.plan.config
-        batches = finetune_input.eval_input(examples, indices, input_config(self.plan, 0, False), c.eval_batch_size //
-                                            jax.process_count(), tokenizer=self.plan.tokenizer)  # fmt: skip
-        columns = embed.embed_split(lambda batch: self.predict(params, batch), batches, self.mesh, keep=("label",))
+    def score(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        predict = lambda batch: self.predict(params, batch)  # noqa: E731
+        columns = embed.embed_split(predict, self.inputs[split], self.mesh, keep=("label",))
         return classification.task_metrics(columns["logits"], columns["label"], self.plan.metric_names), columns
 
     def __call__(self, state, step: int) -> dict[str, float]:
-        select, _ = self.score(state.params, self.splits.select, self.splits.select_idx)
-        report, columns = self.score(state.params, self.splits.report, self.splits.report_idx)
+        select, _ = self.score(state.params, "select")
+        report, columns = self.score(state.params, "report")
         if select[self.plan.metric] > self.best:  # the clean protocol's model so far: its export and confusion
             self.best = select[self.plan.metric]
             self.write_selected(state, columns, step)
@@ -152,11 +159,9 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
                          "batch_size x accum_steps)")  # fmt: skip
     steps = c.epochs * steps_per_epoch
     optimizer = train.resolve_optimizer(c.optimizer, steps)
-    if plan.modality == recipes.AUDIO and c.name != "demo" and optimizer.schedule == "constant":
-        with optimizer.unlocked():  # R5.2: MultiStepLR(milestones=linspace(0, E, E // 5 + 1)[1:-1], gamma=0.99)
-            milestones = np.linspace(0, c.epochs, c.epochs // 5 + 1)[1:-1].astype(int)
-            optimizer.update(schedule="step", decay_factor=0.99,
-                             decay_boundaries=tuple(int(m) * steps_per_epoch for m in milestones) or (0,))
+    if optimizer.schedule == "constant" and (milestones := recipes.decay_epochs(c.name, c.task, c.epochs)):
+        with optimizer.unlocked():  # R5.2: torch MultiStepLR(gamma=0.99) at these epochs
+            optimizer.update(schedule="step", decay_factor=0.99, decay_boundaries=tuple(m * steps_per_epoch for m in milestones))
     tx = finetune.make_optimizer(optimizer, c.head_learning_rate_multiplier)
     example = plan.towers.example_batch(model, plan.max_length)
     shardings = train.state_shardings(model, tx, mesh, c.sharding, example)
@@ -201,9 +206,7 @@ def zero_shot_accuracies(plan: Plan, reported: list[finetune_tasks.Splits], mesh
     classes = zero_shot.classes_from_prompts(prompts, names, zs_config.SINGLE[plan.modality])
     embed_queries, accuracies = embed.modality_embedder(model, params, plan.modality), []
     for splits in reported:
-        batches = finetune_input.eval_input(splits.report, splits.report_idx, input_config(plan, 0, False),
-                                            plan.config.eval_batch_size // jax.process_count())  # fmt: skip
-        columns = embed.embed_split(embed_queries, batches, mesh, keep=("label",))
+        columns = embed.embed_split(embed_queries, eval_inputs(plan, splits)["report"], mesh, keep=("label",))
         accuracies.append(100.0 * zero_shot.zero_shot_metrics(columns[plan.modality], classes, columns["label"])["top1"])
     return accuracies
 
@@ -238,11 +241,8 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
 
 
 def print_results(table: dict[str, Any]) -> None:
-    if table.get("preempted"):
-        print(f"stopped after {table['finished_sub_runs']} finished sub-run(s) (the one in progress is saved); rerun "
-              "the same command to resume")
-        return
-    print("\n" + finetune.markdown(table))
+    print(f"stopped after {table['finished_sub_runs']} finished sub-run(s) (the one in progress is saved); rerun the "
+          "same command to resume" if table.get("preempted") else "\n" + finetune.markdown(table))
 
 
 if __name__ == "__main__":

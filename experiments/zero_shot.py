@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import augment, demo, downstream, pipeline, precompute
+from data_pipelines import augment, demo, downstream, pipeline, precompute, sources
 from experiments.configs import zero_shot as zs_config
 from synergy_jax import audio, checkpoint, cli, distributed, parallel, plots, text
 from synergy_jax.errors import CheckpointError, SetupError
@@ -68,7 +68,7 @@ class Restored:
         towers = record.synergy_config(config.dtype)
         model, tokenizer = SynergyCLIP(towers), text.load_tokenizer(data.tokenizer)
         embed_prompts = embed.prompt_embedder(model, params, mesh, tokenizer, data.max_length, config.batch_size)
-        fbank = audio.FbankConfig(max_frames=towers.audio.max_length, num_mel_bins=towers.audio.num_mel_bins)
+        fbank = audio.FbankConfig.for_tower(towers.audio)
         frontend = precompute.PrecomputeConfig(image_size=towers.vision.image_size, fbank=fbank)
         return cls(model, params, step, workdir, record, data, tokenizer, mesh, embed_prompts, frontend)
 
@@ -138,10 +138,9 @@ def run_tri_modal(kind: str, ckpt: Restored, config: ml_collections.ConfigDict) 
     data_dir, split = precomputed_source(kind, ckpt, config)
     metadata = precompute.load_metadata(data_dir, split)
     labels, source, prompts = tuple(metadata["labels"]), ckpt.data, zs_config.PROMPT_SETS[config.prompts]
-    pipe = pipeline.PipelineConfig(data_dir, split, config.batch_size // jax.process_count(), train=False,
-                                   text_mode=source.text_mode, tokenizer=source.tokenizer, max_length=source.max_length,
-                                   image_size=ckpt.model.config.vision.image_size, seed=ckpt.record.seed,
-                                   label_names=labels, read_threads=2, prefetch=2)  # fmt: skip
+    source = dataclasses.replace(source, dir=data_dir, image_size=ckpt.model.config.vision.image_size)
+    pipe = sources.pipeline_config(source, split, train=False, batch_size=config.batch_size // jax.process_count(),
+                                   seed=ckpt.record.seed, label_names=labels, read_threads=2, prefetch=2)  # fmt: skip
     columns = embed.embed_split(lambda batch: embed.embed_all_modalities(ckpt.model, ckpt.params, batch),
                                 pipeline.build_dataset(pipe, ckpt.tokenizer), ckpt.mesh, keep=("label_id",),
                                 total=embed.batch_count(metadata["num_examples"], config.batch_size),

@@ -63,6 +63,11 @@ class FbankConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def for_tower(cls, tower) -> "FbankConfig":
+        """The front-end an AST tower config takes: its frames (`max_length`) and mel bins, AST's defaults else."""
+        return cls(max_frames=tower.max_length, num_mel_bins=tower.num_mel_bins)
+
 
 def num_frames(num_samples, config: FbankConfig = FbankConfig()):
     """Whole frames in a clip (Kaldi snip_edges): 0 for clips shorter than one frame. Works on arrays."""

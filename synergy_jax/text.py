@@ -143,12 +143,16 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER):
         ) from error
 
 
-def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, np.ndarray]:
-    """{'input_ids', 'attention_mask'}: int32 (n, max_length), padded to max_length and truncated as the reference."""
+def tokenize(
+    tokenizer, texts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, pairs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """{'input_ids', 'attention_mask'}: int32 (n, max_length), padded to max_length and truncated as the reference.
+    `pairs`: the second sentence of each text (GLUE's sentence pairs, joined by the tokenizer's separator)."""
     single = isinstance(texts, str)
     with _TOKENIZER_LOCK:
         encoded = tokenizer(
             [texts] if single else list(texts),
+            None if pairs is None else list(pairs),
             max_length=max_length,
             padding="max_length",
             truncation=True,

@@ -62,7 +62,7 @@ class Towers:
         return {self.modality: inputs[0]}
 
     def fbank(self) -> audio.FbankConfig:
-        return audio.FbankConfig(max_frames=self.tower_config.max_length, num_mel_bins=self.tower_config.num_mel_bins)
+        return audio.FbankConfig.for_tower(self.tower_config)
 
     def describe(self, model) -> dict[str, Any]:
         """The classifier as the run record stores it (what a resumed sub-run is checked against)."""

@@ -272,3 +272,22 @@ def test_prepared_tfds_image_set(run_dir, tmp_path):
     assert table["paper"] == recipes.PAPER["pets"]["base_c"] and len(table["rows"]["run/clean"]["values"]) == 1
     labels = json.loads((tmp_path / "pets" / "run" / "seed1" / "export" / "labels.json").read_text())
     assert labels == synthetic.PET_NAMES
+
+
+def test_recipe_schedules():
+    """Audio: torch MultiStepLR(gamma 0.99) at linspace(0, E, E//5+1)[1:-1] (R5.2); text: the Trainer's linear decay
+    to 0 (R5.3); the schedules as the optimizer sees them."""
+    from synergy_jax import train
+
+    assert recipes.decay_epochs("base_c", "esc50", 12) == (6,) and recipes.decay_epochs("base_p", "urbansound8k", 10) == (5,)
+    assert recipes.decay_epochs("large_c", "urbansound8k", 8) == () and recipes.decay_epochs("base_c", "pets", 20) == ()
+    optimizer = train.optimizer_config()
+    optimizer.update(learning_rate=2e-5, schedule="step", decay_boundaries=(60,), decay_factor=0.99)
+    step = train.learning_rate_schedule(optimizer)
+    assert float(step(59)) == pytest.approx(2e-5) and float(step(60)) == pytest.approx(2e-5 * 0.99)
+    optimizer.update(schedule="linear", total_steps=100)
+    linear = train.learning_rate_schedule(optimizer)
+    assert float(linear(0)) == pytest.approx(2e-5) and float(linear(50)) == pytest.approx(1e-5) and float(linear(100)) == 0
+    resolved = job.resolve(override(recipes.get_config("base_p"), {"task": "mrpc"}))
+    assert (resolved.accum_steps, resolved.optimizer.schedule, resolved.optimizer.clip_grad_norm) == (2, "linear", 1.0)
+    assert (resolved.optimizer.weight_decay, resolved.optimizer.weight_decay_on) == (0.01, "matrices")

@@ -63,7 +63,7 @@ def reference(run_dir):
         return embed(SynergyCLIP.embed_image, ((pixels / 255.0 - mean) / std).astype(np.float32))
 
     def clips(waveforms):
-        fbank = audio.FbankConfig(max_frames=config.audio.max_length, num_mel_bins=config.audio.num_mel_bins)
+        fbank = audio.FbankConfig.for_tower(config.audio)
         return embed(SynergyCLIP.embed_audio, np.stack([audio.ast_features(w, fbank) for w in waveforms]))
 
     def texts(strings):

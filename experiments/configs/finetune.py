@@ -9,11 +9,13 @@ picks the paper's recipe); set them to override.
 """
 
 import ml_collections
+import numpy as np
 
+from data_pipelines import glue
 from synergy_jax import train
 
 IMAGE, AUDIO, TEXT = "image", "audio", "text"
-GLUE_TASKS = ("mnli_m", "mnli_mm", "qnli", "qqp", "sst2", "cola", "mrpc", "rte", "stsb", "wnli")
+GLUE_TASKS = tuple(glue.TASKS)
 TASK_NAMES = ("demo", "cifar10", "cifar100", "pets", "flowers102", "folder", "esc50", "urbansound8k") + GLUE_TASKS
 
 
@@ -78,12 +80,18 @@ def recipe(config_name: str, task: str) -> tuple[int, float, int]:
 
 
 def accumulation(config_name: str, task: str) -> int:
-    """Image/audio: 8 (R5); text: 2 for RTE, MRPC, CoLA, STS-B, else 4 (R5.3); the demo: 1."""
+    """Image/audio: 8 (R5); text: the task's (2 for RTE, MRPC, CoLA, STS-B, else 4; R5.3); the demo: 1."""
     if config_name == "demo":
         return 1
-    if modality(task) != TEXT:
-        return 8
-    return 2 if task in ("rte", "mrpc", "cola", "stsb") else 4
+    return glue.TASKS[task].accumulation if modality(task) == TEXT else 8
+
+
+def decay_epochs(config_name: str, task: str, epochs: int) -> tuple[int, ...]:
+    """The epochs after which audio fine-tuning multiplies its rate by 0.99: torch MultiStepLR with milestones
+    linspace(0, E, E // 5 + 1)[1:-1] (R5.2; 12 epochs -> (6,), 10 -> (5,), 8 -> none); none elsewhere and for the demo."""
+    if config_name == "demo" or modality(task) != AUDIO:
+        return ()
+    return tuple(int(m) for m in np.linspace(0, epochs, epochs // 5 + 1)[1:-1])
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

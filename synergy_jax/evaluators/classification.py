@@ -19,10 +19,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from synergy_jax.evaluators.zero_shot import confusion_matrix
-
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman", "pearson_spearman_mean")
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def class_accuracies(matrix: np.ndarray) -> np.ndarray:
+    """Per-class recall from a confusion matrix (NaN for classes without examples)."""
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
 
 
 def _pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:

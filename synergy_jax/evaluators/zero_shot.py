@@ -10,6 +10,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from synergy_jax.evaluators.classification import class_accuracies, confusion_matrix
+
 
 def class_names_from_labels(labels: Sequence[str]) -> list[list[str]]:
     """Comma-separated synonym labels (VGGSound style) -> per class the list of names; underscores to spaces."""
@@ -63,20 +65,6 @@ def zero_shot_metrics(
     metrics["per_class_accuracy"] = float(np.mean([np.mean(ranks[labels == c] == 0) for c in present]))
     metrics["chance"] = 1.0 / classes.shape[0]
     return metrics
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64 counts: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
-
-
-def class_accuracies(matrix: np.ndarray) -> np.ndarray:
-    """Per-class recall from a confusion matrix (NaN for classes without examples)."""
-    totals = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
 
 
 def classes_from_prompts(

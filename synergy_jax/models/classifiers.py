@@ -16,12 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synergy_jax.models import TOWER_OF, layers, tower_kind
+from synergy_jax.models import layers, param_groups, tower_kind
 from synergy_jax.models.hf_config import TowerConfig
 from synergy_jax.models.text_classifier import RobertaClassifier
-
-INPUT_FIELD = {"image": "image", "audio": "audio"}
-
 
 class ProjectionClassifier(nn.Module):
     """`batch -> logits (B, num_classes)` for an image or audio tower."""
@@ -33,13 +30,13 @@ class ProjectionClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        name = TOWER_OF[self.modality]
-        _, pooled = tower_kind(self.tower).module_cls(self.tower, name=f"{name}_model")(batch[INPUT_FIELD[self.modality]], deterministic)
+        tower_name, projection_name = param_groups(self.modality)
+        _, pooled = tower_kind(self.tower).module_cls(self.tower, name=tower_name)(batch[self.modality], deterministic)
         features = pooled.astype(jnp.float32)
         if self.projection_dim:
             features = nn.Dense(self.projection_dim, use_bias=False, param_dtype=jnp.float32,
                                 kernel_init=layers.logical(layers.torch_kernel_init(), ("embed", "proj")),
-                                name=f"{name}_projection")(features)  # fmt: skip
+                                name=projection_name)(features)  # fmt: skip
         width = features.shape[-1]
         return nn.Dense(self.num_classes, param_dtype=jnp.float32,
                         kernel_init=layers.logical(layers.torch_kernel_init(), (None, None)),
