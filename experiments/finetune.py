@@ -23,7 +23,7 @@ import numpy as np
 from data_pipelines import downstream, finetune_input, finetune_tasks, glue
 from experiments.configs import finetune as recipes
 from experiments.configs import zero_shot as zs_config
-from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, text, train
+from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, run_lock, text, train
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import classification, embed, zero_shot
 from synergy_jax.models.synergy import SynergyCLIP
@@ -216,12 +216,21 @@ def zero_shot_accuracies(plan: Plan, reported: list[finetune_tasks.Splits], mesh
 
 def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     """Every fold x seed of the task (and the baselines of `config.compare`); returns and writes the results.
-    SIGTERM (or `stop_at(step)`, tests) saves the sub-run in progress and stops the sweep; rerun to resume."""
-    started, config = time.time(), resolve(config)
+    SIGTERM (or `stop_at(step)`, tests) saves the sub-run in progress and stops the sweep; rerun to resume. Nothing
+    is written before the config and the mesh are checked; then the job holds its folder's writer lock."""
+    started = time.time()
+    cli.check_ranges(config, recipes.RANGES)
+    config = resolve(config)
     mesh = parallel.make_mesh(config.mesh)
     train.check_batch(config.batch_size * config.accum_steps, mesh, config.accum_steps)
-    plan = make_plan(config, mesh)
     workdir = Path(config.workdir).expanduser().absolute()
+    with run_lock.writing(workdir):
+        return sweep(make_plan(config, mesh), mesh, workdir, started, stop_at)
+
+
+def sweep(plan: Plan, mesh, workdir: Path, started: float, stop_at) -> dict[str, Any]:
+    """The sub-runs (resuming finished and interrupted ones), the zero-shot baseline, the results table."""
+    config = plan.config
     inits = ["run"] + (["scratch"] if "scratch" in config.compare else [])
     subs = finetune.sub_runs(plan.data.fold_ids, downstream.parse_folds(config.folds), config.seeds, inits)
     results, preempted = finetune.run_sweep(workdir, subs, lambda sub, folder: train_sub_run(plan, sub, folder, mesh,

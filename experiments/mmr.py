@@ -23,7 +23,8 @@ import jax
 import ml_collections
 
 from data_pipelines import augment, pipeline, sources
-from synergy_jax import checkpoint, cli, loop, mmr_train, parallel, text, train
+from experiments.configs import mmr as configs
+from synergy_jax import checkpoint, cli, loop, mmr_train, parallel, run_lock, text, train
 from synergy_jax.distributed import log
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import reconstruction
@@ -108,15 +109,24 @@ class HeldOutEval:
 
 
 def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None = None) -> dict[str, Any]:
-    """Trains (or resumes) MMR to the configured steps, evaluates on the held-out split; returns the summary."""
+    """Trains (or resumes) MMR to the configured steps, evaluates on the held-out split; returns the summary.
+    Nothing is written before the config and the mesh are checked; then the job holds its folder's writer lock (the
+    pre-training run is only read)."""
     started, missing = time.time(), config.missing
+    cli.check_ranges(config, configs.RANGES)
     if missing not in mmr.TASKS:
         raise SetupError(f"--missing={{image,text,audio}} is required (the modality to reconstruct), got {missing!r}")
-    pretrain_dir = Path(config.checkpoint).expanduser().absolute()
     workdir = Path(config.workdir or Path("runs") / f"mmr_{config.name}_{missing}").expanduser().absolute()
     mesh = parallel.make_mesh(config.mesh)
     for batch in (config.batch_size, config.eval_batch_size):
         train.check_batch(batch, mesh, 1)
+    checkpoint.latest_step(config.checkpoint)  # the pre-training run has a checkpoint that verifies
+    with run_lock.writing(workdir):
+        return train_mmr(config, mesh, workdir, started, stop_at)
+
+
+def train_mmr(config: ml_collections.ConfigDict, mesh, workdir: Path, started: float, stop_at) -> dict[str, Any]:
+    missing, pretrain_dir = config.missing, Path(config.checkpoint).expanduser().absolute()
     steps_default, lr_default = config.task_defaults[missing]
     steps = config.total_steps or int(steps_default)
     # ---- frozen encoders (only the task's two towers), the pre-training run's data
@@ -125,7 +135,6 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
     synergy, encoder_shardings = pretrained.synergy_config(), jax.tree.map(lambda x: x.sharding, encoder_params)
     source = data_source(config, pretrain_dir, pretrained)
     tokenizer = text.load_tokenizer(source.tokenizer)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     def make_input(split: str, is_train: bool, batch: int):  # no augmentation anywhere (the reference had none)
         pipe = sources.pipeline_config(source, split, train=is_train, batch_size=batch // jax.process_count(),

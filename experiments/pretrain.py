@@ -21,7 +21,8 @@ import ml_collections
 
 from data_pipelines import pipeline, sources
 from data_pipelines.sources import RunData
-from synergy_jax import checkpoint, cli, flops, loop, losses, parallel, text, train
+from experiments.configs import pretrain as configs
+from synergy_jax import checkpoint, cli, flops, loop, losses, parallel, run_lock, text, train
 from synergy_jax.distributed import log
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import contrastive, embed, retrieval, zero_shot
@@ -165,6 +166,8 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     if config.eval_batch_size % math.lcm(mesh.shape["data"], processes):
         raise SetupError(f"--config.eval_batch_size={config.eval_batch_size} must be divisible by the data axis "
                          f"({mesh.shape['data']}) and the process count ({processes})")  # fmt: skip
+    if not (config.epochs or config.total_steps):
+        raise SetupError("--config.epochs and --config.total_steps are both 0: set one of them")
     if unknown := set(config.evals) - set(EVALUATORS):
         raise SetupError(f"--config.evals: unknown evaluator(s) {sorted(unknown)}; known: {list(EVALUATORS)}")
 
@@ -172,14 +175,20 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
 def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Trains (or resumes) to the configured number of steps; returns the summary (see `print_summary`).
 
-    `stop_at(step)` -> True acts as a preemption after that step (tests); SIGTERM does the same.
+    `stop_at(step)` -> True acts as a preemption after that step (tests); SIGTERM does the same. Nothing is written
+    before the config and the mesh are checked; then the job holds the run folder's writer lock.
     """
     started = time.time()
+    cli.check_ranges(config, configs.RANGES)
     workdir = Path(config.workdir or Path("runs") / (config.name or "run")).expanduser().absolute()
     # ---- mesh
     mesh = parallel.make_mesh(config.mesh)
     check_setup(config, mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with run_lock.writing(workdir):
+        return train_run(config, mesh, workdir, started, stop_at)
+
+
+def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: float, stop_at) -> dict[str, Any]:
     # ---- input
     data = sources.prepare(config.data, workdir, config.model.text, config.progress)
     tokenizer = text.load_tokenizer(data.source.tokenizer)
@@ -189,7 +198,8 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
     # ---- model, optimizer (the checkpoint on disk decides whether pretrained weights are loaded at all)
     manager = checkpoint.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                       async_save=config.async_checkpoints)  # fmt: skip
-    saved = checkpoint.saved_record(manager) if manager.latest_step() is not None else None
+    resume = checkpoint.resume_step(manager)  # the newest checkpoint that verifies
+    saved = checkpoint.saved_record(manager, resume) if resume is not None else None
     model_config, pretrained = build_model_config(config, data, tokenizer, saved)
     sources.check_fits(model_config, data, tokenizer)
     optimizer = train.resolve_optimizer(config.optimizer, steps)

@@ -197,6 +197,7 @@ def print_table(results: dict) -> None:
 def run(config: ml_collections.ConfigDict) -> dict:
     """The whole job; returns the results (also written to JSON + PNGs by process 0)."""
     started = time.time()
+    cli.check_ranges(config, zs_config.RANGES)
     if config.prompts not in zs_config.PROMPT_SETS:
         raise SetupError(f"--prompts must be one of {list(zs_config.PROMPT_SETS)}, got {config.prompts!r}")
     mesh = parallel.make_mesh(config.mesh)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
 from synergy_jax import distributed
-from synergy_jax.errors import NonFiniteLossError
+from synergy_jax.errors import NonFiniteLossError, SetupError
 
 # A bad flag, config value, manifest, precompute output or checkpoint (the project's errors for these subclass
 # ValueError), or a missing file or tokenizer (OSError).
@@ -36,6 +36,62 @@ class Shortcut:
     field: str
     help: str
     choices: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The legal values of a numeric config field: `low <= value` (`<` when `low_open`), `value <= high`, and a whole
+    number when `integer`."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ('must be ...'), or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and value != int(value)):
+            return f"must be {'a whole number' if self.integer else 'a number'} {self.describe()}".rstrip()
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self.describe()}" if below or above or value != value else None  # value != value: NaN
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+COUNT = Range(0, integer=True)  # 0 often means 'the default' or 'off'
+AT_LEAST_ONE = Range(1, integer=True)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)  # a share or probability, both ends included
+BELOW_ONE = Range(0, 1, high_open=True)  # Adam's betas
+
+
+def check_ranges(config: ml_collections.ConfigDict, ranges: Mapping[str, Range]) -> None:
+    """Every field of `ranges` (dotted) against its range, before a job does anything; one SetupError naming every
+    field that is out of range. A field missing from `config` is a KeyError (a stale table)."""
+    problems = []
+    for dotted, allowed in ranges.items():
+        value = config
+        for part in dotted.split("."):
+            value = value[part]
+        problems += [f"--config.{dotted}={v!r} {problem}" for v in _numbers(value) if (problem := allowed.problem(v))]
+    if problems:
+        raise SetupError(f"bad config value(s): {'; '.join(problems)}")
+
+
+def _numbers(value: Any) -> list[Any]:
+    """The values of a field, nested sequences flattened."""
+    if isinstance(value, (tuple, list)):
+        return [number for item in value for number in _numbers(item)]
+    return [value]
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

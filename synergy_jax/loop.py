@@ -133,12 +133,13 @@ def start_state(
     data: ResumableIterator,
     resume_data: bool = True,
 ) -> Any:
-    """The newest checkpoint's state (and input position) if the run folder has one, else `init()`.
+    """The newest verified checkpoint's state (and input position) if the run folder has one, else `init()`.
 
-    A checkpoint written by an incompatible config is a CheckpointError naming the differences. The record is also
-    written as `<workdir>/config.json` for the reader.
+    Damaged checkpoints are passed over and moved aside (`checkpoint.resume_step`). A checkpoint written by an
+    incompatible config is a CheckpointError naming the differences. The record is also written as
+    `<workdir>/config.json` for the reader.
     """
-    step = manager.latest_step()
+    step = checkpoint.resume_step(manager)
     if step is None:
         state = init()
     else:

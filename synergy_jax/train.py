@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from synergy_jax import losses, parallel
+from synergy_jax import cli, losses, parallel
 from synergy_jax.models.synergy import PAIRS, SynergyCLIP
 
 Params = Any
@@ -58,6 +58,22 @@ def optimizer_config() -> ml_collections.ConfigDict:
             clip_grad_norm=0.0,  # 0: no clipping (the reference)
         )
     )
+
+
+# The legal values of `optimizer_config()`'s numeric fields (a job checks them as `optimizer.<field>`).
+OPTIMIZER_RANGES = {
+    "learning_rate": cli.NON_NEGATIVE,  # 0: the job's default
+    "b1": cli.BELOW_ONE,
+    "b2": cli.BELOW_ONE,
+    "eps": cli.POSITIVE,
+    "weight_decay": cli.NON_NEGATIVE,
+    "warmup_steps": cli.COUNT,
+    "total_steps": cli.COUNT,
+    "final_learning_rate_ratio": cli.FRACTION,
+    "decay_boundaries": cli.COUNT,
+    "decay_factor": cli.NON_NEGATIVE,
+    "clip_grad_norm": cli.NON_NEGATIVE,
+}
 
 
 def resolve_optimizer(

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import glue
-from synergy_jax import train
+from synergy_jax import cli, train
 
 IMAGE, AUDIO, TEXT = "image", "audio", "text"
 GLUE_TASKS = tuple(glue.TASKS)
@@ -92,6 +92,26 @@ def decay_epochs(config_name: str, task: str, epochs: int) -> tuple[int, ...]:
     if config_name == "demo" or modality(task) != AUDIO:
         return ()
     return tuple(int(m) for m in np.linspace(0, epochs, epochs // 5 + 1)[1:-1])
+
+
+# The legal values of the numeric fields, checked before the job does anything (0 or a negative value often means
+# "the recipe's").
+RANGES = {
+    "holdout_fraction": cli.Range(0, 1, low_open=True, high_open=True),
+    "seeds": cli.COUNT,
+    "epochs": cli.COUNT,
+    "batch_size": cli.COUNT,
+    "accum_steps": cli.COUNT,
+    **{f"optimizer.{field}": allowed for field, allowed in train.OPTIMIZER_RANGES.items()},
+    "optimizer.weight_decay": cli.Range(),  # < 0: the recipe's
+    "head_learning_rate_multiplier": cli.POSITIVE,
+    "projection_dim": cli.Range(integer=True),  # < 0: the run's
+    "text_max_length": cli.COUNT,
+    "eval_batch_size": cli.AT_LEAST_ONE,
+    "workers": cli.COUNT,
+    "log_every": cli.AT_LEAST_ONE,
+    "keep_checkpoints": cli.AT_LEAST_ONE,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ parameter), constant, as the reference.
 
 import ml_collections
 
-from synergy_jax import train
+from synergy_jax import cli, train
 
 # (steps, lr) per missing modality (docs/reference.md R4.5 run commands; IDX 0-2).
 TASK_DEFAULTS = {
@@ -36,6 +36,30 @@ SIZES = {  # encoder_dim, decoder_dim, depth, heads, txt_tokens, img_size, aud_s
     "base": (768, 512, 4, 8, 96, 128, (256, 64), 3072, 2048),
     "large": (1024, 768, 6, 12, 192, 128, (256, 64), 3072, 2048),
     "demo": (64, 64, 2, 4, 16, 32, (64, 16), 256, 256),
+}
+
+# The legal values of the numeric fields, checked before the job does anything.
+RANGES = {
+    "seed": cli.COUNT,
+    **{f"model.{field}": cli.AT_LEAST_ONE for field in (
+        "encoder_dim", "encoder_bottleneck_dim", "decoder_dim", "decoder_depth", "decoder_heads", "decoder_ff_dim",
+        "txt_tokens", "img_size", "aud_size", "mlp_hidden_dim", "img_decoder_layer_info", "aud_decoder_layer_info")},
+    "model.encoder_dropout": cli.BELOW_ONE,
+    "model.decoder_dropout": cli.BELOW_ONE,
+    "data.read_threads": cli.AT_LEAST_ONE,
+    "data.prefetch": cli.COUNT,
+    "batch_size": cli.AT_LEAST_ONE,
+    "eval_batch_size": cli.AT_LEAST_ONE,
+    "total_steps": cli.COUNT,
+    **{f"task_defaults.{missing}": cli.POSITIVE for missing in ("image", "text", "audio")},
+    **{f"optimizer.{field}": allowed for field, allowed in train.OPTIMIZER_RANGES.items()},
+    "baseline_examples": cli.AT_LEAST_ONE,
+    "alpha": cli.FRACTION,
+    "eval_every": cli.COUNT,
+    "log_every": cli.AT_LEAST_ONE,
+    "checkpoint_every": cli.AT_LEAST_ONE,
+    "keep_checkpoints": cli.AT_LEAST_ONE,
+    "num_samples": cli.COUNT,
 }
 
 

@@ -17,8 +17,9 @@ microbatch across all devices instead (what scales).
 
 import ml_collections
 
-from synergy_jax import train
+from synergy_jax import cli, train
 from synergy_jax.models.synergy import PRESETS
+
 # (per-device batch, devices, accumulation steps, seed) of the reference runs.
 PAPER_BATCH = {"base": (35, 2, 4, 77), "large": (14, 2, 8, 42)}
 TEXT_MODES = {"p": "prompt", "c": "caption"}
@@ -93,6 +94,32 @@ def common() -> ml_collections.ConfigDict:
     config.peak_tflops = 0.0  # per device, for MFU where the device is not in synergy_jax.flops.PEAK_TFLOPS
     config.progress = True
     return config
+
+
+# The legal values of the numeric fields, checked before the job does anything (the tower overrides are checked by
+# the tower configs themselves).
+RANGES = {
+    "seed": cli.COUNT,
+    "model.projection_dim": cli.AT_LEAST_ONE,
+    "model.logit_scale_max": cli.NON_NEGATIVE,
+    **{f"data.{field}": cli.AT_LEAST_ONE for field in ("max_length", "image_size", "max_frames", "mel_bins",
+                                                       "read_threads")},  # fmt: skip
+    **{f"data.{field}": cli.COUNT for field in ("workers", "prefetch", "input_slices")},
+    "batch_size": cli.AT_LEAST_ONE,
+    "accum_steps": cli.AT_LEAST_ONE,
+    "epochs": cli.COUNT,
+    "total_steps": cli.COUNT,
+    **{f"optimizer.{field}": allowed for field, allowed in train.OPTIMIZER_RANGES.items()},
+    **{f"loss.{field}": cli.NON_NEGATIVE for field in ("alpha", "beta", "gamma")},
+    "loss.local_batch": cli.COUNT,
+    "eval_batch_size": cli.AT_LEAST_ONE,
+    "eval_every": cli.COUNT,
+    "eval_contrastive_batch": cli.COUNT,
+    "log_every": cli.AT_LEAST_ONE,
+    "checkpoint_every": cli.AT_LEAST_ONE,
+    "keep_checkpoints": cli.AT_LEAST_ONE,
+    "peak_tflops": cli.NON_NEGATIVE,
+}
 
 
 def demo() -> ml_collections.ConfigDict:

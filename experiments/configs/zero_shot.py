@@ -9,6 +9,7 @@ Prompt sets: `single` is the reference's protocol (docs/reference.md R5.4: one t
 
 import ml_collections
 
+from synergy_jax import cli
 from synergy_jax.errors import SetupError
 
 # The reference's zero-shot templates (ZS_image_task.py / ZS_audio_task.py), verbatim.
@@ -124,6 +125,9 @@ FIELDS = {
     "workers": (8, "Threads decoding images / audio."),
     "progress": (True, "Show progress bars."),
 }  # fmt: skip
+
+# The legal values of the numeric fields, checked before the job does anything.
+RANGES = {"batch_size": cli.AT_LEAST_ONE, "step": cli.Range(-1, integer=True), "workers": cli.AT_LEAST_ONE}
 
 
 def get_config() -> ml_collections.ConfigDict:
