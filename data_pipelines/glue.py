@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.downstream import ClassOrderError, DatasetError, tfds_dataset_dir
-from data_pipelines.manifest import RowProblem
+from data_pipelines.manifest import RowProblem, skipped_summary
 from synergy_jax.evaluators.classification import REGRESSION_METRICS
 
 SPLITS = ("train", "validation", "test")
@@ -200,12 +200,8 @@ class TextPairSet:
 
 
 def skipped_report(data: TextPairSet, shown: int = 3) -> str:
-    """'N row(s) skipped' with the first few reasons ('' when none), for logs and results."""
-    if not data.skipped:
-        return ""
-    reasons = "; ".join(str(problem) for problem in data.skipped[:shown])
-    more = f"; and {len(data.skipped) - shown} more" if len(data.skipped) > shown else ""
-    return f"{data.source or data.name}: {len(data.skipped)} row(s) skipped: {reasons}{more}"
+    """'N row(s) skipped' by reason with the first few rows ('' when none), for logs and results."""
+    return skipped_summary(data.source or data.name, data.skipped, shown)
 
 
 # ----------------------------------------------------------------------------------------------- reading

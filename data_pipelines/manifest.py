@@ -16,11 +16,14 @@ by precompute, which reports those rows the same way.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from synergy_jax.errors import SetupError
 
@@ -60,6 +63,27 @@ class RowProblem:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def kind(self) -> str:
+        """The reason without its file names and error details ('audio file not found', 'image: OSError'), to
+        count rows skipped for the same cause."""
+        without_paths = re.sub(r"[^\s:]*[/\\][^\s:]*", "", self.reason)
+        parts = [part.strip() for part in without_paths.split(":")[:2]]
+        return ": ".join(part for part in parts if part) or self.reason
+
+
+def skipped_summary(source: str, problems: Sequence[RowProblem | dict], shown: int = 3) -> str:
+    """'<source>: N row(s) skipped: 5 x audio file not found, 3 x image: OSError; first: line 3 (row 1): ...', or ''
+    when nothing was skipped: what a job says whenever it reads or precomputes data that had bad rows."""
+    problems = [p if isinstance(p, RowProblem) else RowProblem(**p) for p in problems]
+    if not problems:
+        return ""
+    counts = collections.Counter(problem.kind for problem in problems)
+    kinds = ", ".join(f"{count} x {kind}" for kind, count in counts.most_common())
+    first = "; ".join(str(problem) for problem in problems[:shown])
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{source}: {len(problems)} row(s) skipped: {kinds}; first: {first}{more}"
 
 
 def split_label(label: str) -> list[str]:

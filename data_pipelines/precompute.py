@@ -38,7 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipelines import audio_io, records
-from data_pipelines.manifest import ManifestError, Row, RowProblem, read_manifest
+from data_pipelines.manifest import ManifestError, Row, RowProblem, read_manifest, skipped_summary
 from synergy_jax import audio
 from synergy_jax.errors import SetupError
 
@@ -299,6 +299,8 @@ def precompute(
     metadata["seconds"] = round(time.perf_counter() - started, 3)
     metadata["rows_computed_this_run"] = sum(len(chunks[i]) for i in todo)
     _write_json_atomically(metadata_path(out, split), metadata)
+    if summary := skipped_summary(str(manifest), metadata["skipped"]):
+        print(f"{summary} (every one: {metadata_path(out, split)})", file=sys.stderr, flush=True)
     if metadata["num_examples"] == 0:
         raise PrecomputeError(
             f"{manifest}: no usable row ({metadata['num_skipped']} skipped); see {metadata_path(out, split)}"
@@ -414,8 +416,6 @@ def _run(argv) -> None:
     except (ManifestError, PrecomputeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    for problem in metadata["skipped"]:
-        print(f"skipped line {problem['line']} (row {problem['row_id']}): {problem['reason']}", file=sys.stderr)
     print(
         f"{metadata['split']}: {metadata['num_examples']} examples in {len(metadata['shards'])} shard(s), "
         f"{metadata['num_skipped']} row(s) skipped, {metadata['rows_computed_this_run']} computed this run "

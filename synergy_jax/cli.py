@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from synergy_jax import distributed
-from synergy_jax.errors import NonFiniteLossError, SetupError
+from synergy_jax.errors import NonFiniteLossError, Preempted, SetupError
 
 # A bad flag, config value, manifest, precompute output or checkpoint (the project's errors for these subclass
 # ValueError), or a missing file or tokenizer (OSError).
@@ -112,10 +112,15 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
 
 
 def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
-    """Runs a job; a non-finite training state exits 1, a setup error exits 2, each with a one-line message
-    instead of a traceback."""
+    """Runs a job; SIGTERM outside the training loop exits 0 (preempted), a non-finite training state exits 1, a
+    setup error exits 2, each with a one-line message instead of a traceback."""
     try:
-        return job(*args)
+        with distributed.sigterm_raises():
+            return job(*args)
+    except Preempted:
+        print("stopped by SIGTERM outside the training steps (preparing data, or finishing); what was finished is "
+              "kept: rerun the same command to continue", file=sys.stderr)  # fmt: skip
+        sys.exit(0)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

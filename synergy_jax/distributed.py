@@ -10,9 +10,10 @@ Otherwise the job is single-process and nothing is initialised. On CPU, cross-pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Mapping
+from typing import Iterator, Mapping
 
 
 def distributed_arguments(
@@ -125,3 +126,20 @@ class StopRequest:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Preempted` in the block (the training loop's StopRequest takes over while it runs), so a job
+    stopped while it prepares data exits 0 with a message instead of dying silently with 143. Every file the jobs
+    write is written under a temporary name and renamed, so what was finished is kept."""
+    from synergy_jax.errors import Preempted
+
+    def handle(signum, frame) -> None:
+        raise Preempted("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,6 +3,8 @@
 - `SetupError`: bad flags, config values, data or files found before or while setting a job up -> exit 2.
 - `CheckpointError`: a checkpoint (Orbax run or Hugging Face folder) that is missing, unreadable or incompatible
   with the model being restored -> exit 2. A setup error too.
+- `Preempted`: SIGTERM arrived outside the training loop (which saves and stops by itself), e.g. while the data is
+  prepared; what was finished is kept -> exit 0, rerun to continue.
 - `NonFiniteLossError`: training produced a non-finite loss, gradient or parameter; the update was not applied and
   the last good checkpoint is kept -> exit 1.
 
@@ -22,3 +24,8 @@ class CheckpointError(SetupError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss, gradient or parameter; the jobs stop instead of applying it."""
+
+
+class Preempted(Exception):
+    """SIGTERM outside the training loop: the job stops where it is; its finished work (shards, checkpoints) is
+    kept and a rerun continues from it."""

@@ -34,9 +34,10 @@ def train_losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metric_lines(workdir) if "loss" in m}
 
 
-def write_pretrain_run(run_dir: Path, model_config: SynergyConfig, data: DataSource, seed: int = 0) -> None:
-    """A step-1 checkpoint of freshly initialised towers with a pre-training run record, through the checkpoint API
-    (what the consumers of a pre-training run read)."""
+def write_pretrain_run(run_dir: Path, model_config: SynergyConfig, data: DataSource, seed: int = 0,
+                       steps: tuple[int, ...] = (1,), data_state: dict | None = None) -> None:
+    """Checkpoints (default: step 1) of freshly initialised towers with a pre-training run record, through the
+    checkpoint API (what the consumers of a pre-training run read)."""
     mesh = parallel.make_mesh("1x1", jax.devices()[:1])
     optimizer = train.optimizer_config()
     tx = train.make_optimizer(optimizer)
@@ -45,7 +46,8 @@ def write_pretrain_run(run_dir: Path, model_config: SynergyConfig, data: DataSou
     record = RunRecord(kind="pretrain", model=model_config_to_dict(model_config),
                        optimizer_structure=optimizer_structure(optimizer), config={}, run={}, data=data, seed=seed)  # fmt: skip
     manager = checkpoint.make_manager(run_dir)
-    checkpoint.save(manager, 1, state, record, force=True)
+    for step in steps:
+        checkpoint.save(manager, step, state, record, data_state, force=True)
     manager.wait_until_finished()
     manager.close()
 

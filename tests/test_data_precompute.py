@@ -258,7 +258,11 @@ def test_cli_exit_status(bad_manifest, tmp_path):
     result = _cli(manifest, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "2 examples" in result.stdout and f"{len(expected)} row(s) skipped" in result.stdout
-    assert "skipped line 9 (row 7)" in result.stderr  # the truncated PNG, by its CSV line
+    # Summarised by cause, with the first rows by their CSV line, and where every one is listed:
+    assert f"{manifest}: {len(expected)} row(s) skipped: 2 x audio: AudioDecodeError, 1 x image file not found" in result.stderr
+    assert "1 x image: OSError" in result.stderr and "1 x audio: shorter than one 400-sample frame" in result.stderr
+    assert "first: line 3 (row 1): image file not found" in result.stderr and "and 7 more" in result.stderr
+    assert f"(every one: {tmp_path / 'out' / 'mixed.json'})" in result.stderr
 
     only_bad = tmp_path / "only_bad.csv"
     write_manifest(only_bad, [{"img_path": "truncated.png", "wav_path": "text.wav", "label": "x", "caption": "y"}])

@@ -3,6 +3,7 @@ preemption (SIGTERM in a subprocess), restore onto other meshes, incompatible co
 errors, and two processes x 4 devices giving the losses of one process x 8 devices."""
 
 import contextlib
+import os
 import json
 import shutil
 import signal
@@ -259,3 +260,36 @@ def test_resume_drops_the_lines_logged_after_the_restored_checkpoint(reference, 
     assert all(m["window_steps"] == 1 for m in lines if "loss" in m)  # log_every=1: one step per window
     np.testing.assert_allclose([m["loss"] for m in lines if "loss" in m], list(train_losses(reference[0]).values()),
                                rtol=1e-5)  # fmt: skip
+
+
+def test_resume_passes_over_a_damaged_checkpoint(reference, data_root, tmp_path, capsys):
+    """Bit rot in the newest checkpoint (step 8): the rerun says so, moves it aside, resumes from step 4 and ends
+    where the uninterrupted run ended; the damaged state is never loaded."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    state_file = max((p for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*") if p.is_file()),
+                     key=lambda p: p.stat().st_size)  # fmt: skip
+    data = bytearray(state_file.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = np.random.default_rng(1).bytes(len(data[len(data) // 2 :][:4096]))
+    state_file.write_bytes(bytes(data))
+    summary = run_pretrain(tiny_config(data_root), tmp_path, "8x1")
+    out = capsys.readouterr().out
+    assert f"Checkpoint {tmp_path / 'checkpoints' / '8'} is damaged: state/" in out
+    assert "Resuming from step 4, the newest that verifies" in out and "resumed" in out and "at step 4" in out
+    assert (tmp_path / "damaged_checkpoints" / "8" / "integrity.json").is_file()
+    assert checkpoint.verify(tmp_path / "checkpoints" / "8") is None  # saved again, sealed
+    assert [m["step"] for m in metric_lines(tmp_path) if "loss" in m] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(list(train_losses(tmp_path).values()), list(train_losses(reference[0]).values()),
+                               rtol=1e-5)  # fmt: skip
+    assert summary["eval/loss"] == pytest.approx(reference[1]["eval/loss"], rel=1e-4)
+
+
+def test_a_second_writer_exits_2_naming_the_first(data_root, tmp_path):
+    from synergy_jax import run_lock
+
+    with run_lock.RunLock(tmp_path):  # this test process is the first writer
+        result = subprocess.run([sys.executable, str(SCRIPT), f"--workdir={tmp_path}", *cli_overrides(data_root)],
+                                capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(1), timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {tmp_path} is in use: pid {os.getpid()} on host" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["writer.lock"]  # it wrote nothing
