@@ -415,7 +415,7 @@ def _run(argv) -> None:
         metadata = precompute(options.manifest, options.out, config, split=options.split, workers=options.workers)
     except (ManifestError, PrecomputeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # bad input, as the jobs' exit 2
     print(
         f"{metadata['split']}: {metadata['num_examples']} examples in {len(metadata['shards'])} shard(s), "
         f"{metadata['num_skipped']} row(s) skipped, {metadata['rows_computed_this_run']} computed this run "

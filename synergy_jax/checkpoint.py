@@ -308,6 +308,11 @@ def resume_step(manager: ocp.CheckpointManager) -> int | None:
             shutil.move(str(directory / str(step)), str(target))
         log(f"warning: {_damage_report(directory, damaged)} Resuming from step {trusted}, the newest that verifies; "
             f"the damaged one(s) were moved to {aside}.")  # fmt: skip
+    if damaged:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synergy_jax: damaged checkpoints moved aside")
         manager.reload()
     return trusted
 

@@ -269,5 +269,21 @@ def test_cli_exit_status(bad_manifest, tmp_path):
     (tmp_path / "truncated.png").write_bytes((manifest.parent / "truncated.png").read_bytes())
     (tmp_path / "text.wav").write_text("not audio")
     result = _cli(only_bad, tmp_path / "out")
-    assert result.returncode == 1 and "no usable row" in result.stderr
+    assert result.returncode == 2 and "no usable row" in result.stderr
     assert json.loads((tmp_path / "out" / "only_bad.json").read_text())["num_examples"] == 0
+
+
+def test_a_job_that_precomputes_says_why_rows_were_skipped(bad_manifest, tmp_path, capfd):
+    from data_pipelines import sources
+    from experiments.configs import pretrain as configs
+
+    manifest, expected = bad_manifest
+    config = configs.get_config("demo").data
+    config.demo, config.dir, config.tokenizer = False, str(tmp_path / "pre"), "t"
+    config.train_manifest = config.eval_manifest = str(manifest)
+    config.image_size, config.max_frames, config.mel_bins = 32, 64, 32
+    data = sources.prepare(config, tmp_path)
+    assert data.train_metadata["num_examples"] == 2
+    stderr = capfd.readouterr().err
+    assert f"{manifest}: {len(expected)} row(s) skipped: 2 x audio: AudioDecodeError" in stderr
+    assert "first: line 3 (row 1): image file not found" in stderr

@@ -301,7 +301,8 @@ def test_qqp_rows_with_missing_fields_are_skipped_and_reported(tmp_path):
     assert [(p.line, p.reason) for p in qqp.skipped] == [
         (3, "4 field(s), the header has 6"), (4, "3 field(s), the header has 6"), (7, "empty 'is_duplicate'")]
     report = glue.skipped_report(qqp, shown=2)
-    assert report.startswith(f"{root / 'QQP' / 'dev.tsv'}: 3 row(s) skipped: line 3 (row 1): 4 field(s)")
+    assert report.startswith(f"{root / 'QQP' / 'dev.tsv'}: 3 row(s) skipped: 1 x 4 field(s), the header has 6, 1 x 3 "
+                             "field(s), the header has 6, 1 x empty 'is_duplicate'; first: line 3 (row 1): 4 field(s)")
     assert report.endswith("; and 1 more") and "line 4 (row 2)" in report
     assert glue.skipped_report(glue.read_glue("rte", root, "validation")) == ""
     assert glue.describe(qqp)["num_skipped"] == 3
