@@ -256,7 +256,7 @@ def precompute(
     progress: bool = True,
 ) -> dict:
     """Precompute one manifest; returns the metadata it wrote. Raises PrecomputeError if no row is usable."""
-    from tqdm import tqdm
+    from synergy_jax import progress as progress_bar
 
     split = split or split_name(manifest)
     out = Path(out)
@@ -273,7 +273,7 @@ def precompute(
     todo = [index for index, sidecar in enumerate(sidecars) if sidecar is None]
 
     started = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar.bar(
         total=len(rows),
         initial=len(rows) - sum(len(chunks[i]) for i in todo),
         desc=f"precompute {split}",

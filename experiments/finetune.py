@@ -144,7 +144,7 @@ class EpochEval:
         names = self.splits.class_names
         matrix = classification.confusion_matrix(columns["label"], columns["logits"].argmax(1), len(names))
         title = f"{self.plan.config.task} epoch {step // self.steps_per_epoch} (clean selection), reported split"
-        plots.confusion_image(matrix, list(names), title).save(self.folder / "confusion.png")
+        plots.confusion_matrix(matrix, list(names), title, self.folder / "confusion.png")
 
 
 def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop_at=None) -> dict[str, Any] | None:

@@ -126,6 +126,7 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
 
 
 def train_mmr(config: ml_collections.ConfigDict, mesh, workdir: Path, started: float, stop_at) -> dict[str, Any]:
+    """The run itself, under the writer lock: frozen encoders, data, model, baselines, state, loop, samples."""
     missing, pretrain_dir = config.missing, Path(config.checkpoint).expanduser().absolute()
     steps_default, lr_default = config.task_defaults[missing]
     steps = config.total_steps or int(steps_default)

@@ -189,6 +189,7 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
 
 
 def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: float, stop_at) -> dict[str, Any]:
+    """The run itself, under the writer lock: input -> model -> shardings -> state -> step -> evals -> loop."""
     # ---- input
     data = sources.prepare(config.data, workdir, config.model.text, config.progress)
     tokenizer = text.load_tokenizer(data.source.tokenizer)

@@ -165,7 +165,7 @@ def write_outputs(results: dict, config: ml_collections.ConfigDict) -> list[str]
     for task, metrics in results["tasks"].items():
         png = out.with_name(f"{out.stem}_{task.split('->')[0]}_confusion.png")
         title = f"{results['dataset']} {task} top-1 {100 * metrics['top1']:.1f}%"
-        plots.confusion_image(np.asarray(metrics["confusion_matrix"]), results["class_names"], title).save(png)
+        plots.confusion_matrix(np.asarray(metrics["confusion_matrix"]), results["class_names"], title, png)
         metrics["confusion_png"] = str(png)
         written.append(str(png))
     out.write_text(json.dumps(results, indent=1))

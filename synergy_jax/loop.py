@@ -10,7 +10,7 @@ iterator (`next()`, `get_state()`, `set_state()`), a run record and an evaluatio
 - SIGTERM (preemption) or `stop_at(step)` saves and returns with `preempted=True` (exit 0; rerun to resume);
 - metric windows averaged every `log_every` steps with throughput and MFU, to metrics.jsonl and TensorBoard;
 - evaluation every `eval_every` steps and at the end; checkpoints at the manager's cadence and at the end;
-- a progress bar, and summary.json (`summarize`).
+- a progress bar, summary.json (`summarize`) and training_curves.png (`plots.training_curves`, when the loop ends).
 
 Only process 0 writes logs and files; every process runs the same loop (stopping is agreed collectively).
 """
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from synergy_jax import checkpoint, flops
+from synergy_jax import checkpoint, flops, plots, progress
 from synergy_jax.distributed import StopRequest, is_main_process, log
 from synergy_jax.errors import NonFiniteLossError
 from synergy_jax.record import RunRecord
@@ -219,9 +219,7 @@ class _Window:
 def _progress_bar(config: LoopConfig, step: int):
     if not (config.progress and is_main_process()):
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=config.total_steps, initial=step, desc=config.desc, unit="step", dynamic_ncols=True)
+    return progress.bar(total=config.total_steps, initial=step, desc=config.desc, unit="step")
 
 
 def train_loop(
@@ -308,6 +306,8 @@ class _Run:
         self.writer.close()
         if self.bar is not None:
             self.bar.close()
+        if is_main_process():
+            plots.training_curves(self.writer.workdir / "metrics.jsonl", title=f"{self.config.desc}: {self.writer.workdir}")
 
 
 def _stop_requested(config: LoopConfig, step: int, stop: StopRequest, stop_at: Callable[[int], bool] | None) -> bool:

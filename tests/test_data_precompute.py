@@ -263,6 +263,8 @@ def test_cli_exit_status(bad_manifest, tmp_path):
     assert "1 x image: OSError" in result.stderr and "1 x audio: shorter than one 400-sample frame" in result.stderr
     assert "first: line 3 (row 1): image file not found" in result.stderr and "and 7 more" in result.stderr
     assert f"(every one: {tmp_path / 'out' / 'mixed.json'})" in result.stderr
+    assert "\r" not in result.stderr  # stderr is a pipe: progress as whole lines, no redrawn frames
+    assert "precompute mixed: 7/7 row [" in result.stderr  # the rows the manifest check let through
 
     only_bad = tmp_path / "only_bad.csv"
     write_manifest(only_bad, [{"img_path": "truncated.png", "wav_path": "text.wav", "label": "x", "caption": "y"}])

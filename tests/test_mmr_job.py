@@ -89,6 +89,7 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
         assert summary["eval/baseline_unigram_per_position/ce"] > 0
         samples = (tmp_path / "text_samples.txt").read_text()
         assert samples.count("target:") == 3 and samples.count("reconstructed:") == 3
+        assert samples.count("token accuracy") == 3
     else:
         for key in ("psnr", "ssim", "baseline_mean_target/psnr", "baseline_mean_target/ssim"):
             assert np.isfinite(summary[f"eval/{key}"])
@@ -100,7 +101,7 @@ def test_each_direction_trains_evaluates_and_writes_samples(pretrain_run, image_
         from PIL import Image
 
         grid = np.asarray(Image.open(tmp_path / "reconstructions.png"))
-        assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
+        assert grid.ndim == 3 and grid.shape[0] > 3 * 150 and grid.std() > 0  # a labelled row per sample
     # The train state holds only the fusion encoder and decoder: the towers are neither trained nor saved.
     saved = checkpoint.make_manager(tmp_path, read_only=True)
     assert saved.all_steps() == [3, 6]

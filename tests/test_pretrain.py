@@ -99,6 +99,10 @@ def test_run_logs_evaluates_and_checkpoints(reference):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoint.make_manager(workdir, read_only=True).all_steps() == [4, 8]
     assert json.loads((workdir / "summary.json").read_text())["step"] == STEPS
+    from PIL import Image
+
+    curves = np.asarray(Image.open(workdir / "training_curves.png"))  # written when the loop ends
+    assert curves.shape[0] > 500 and curves.shape[1] > 1000 and curves.std() > 0
 
 
 def test_interrupted_run_resumes_to_the_same_losses(reference, data_root, tmp_path):

@@ -81,9 +81,9 @@ def _in_row_order(columns: Columns, samples: Sequence[str]) -> Columns:
 def _progress(total: int | None, desc: str | None):
     if desc is None or not is_main_process():
         return None
-    from tqdm import tqdm
+    from synergy_jax import progress
 
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+    return progress.bar(total=total, desc=desc, unit="batch")
 
 
 def indexed_batches(

@@ -85,7 +85,7 @@ def evaluate(
         metrics = text_metrics(cols["nll"], cols["correct"], cols["nll_all"], cols["correct_all"], tokens, positions)
         metrics.update(text_baselines(stats["position_counts"], cols["target"], cols["mask"]))
         metrics["examples"] = int(len(cols["nll"]))
-        samples = {k: cols[k][:num_samples] for k in ("predicted", "target", "mask")}
+        samples = {k: cols[k][:num_samples] for k in ("predicted", "target", "mask", "correct")}
         return metrics, samples
     mean_target = jnp.asarray(stats["mean_target"])
 
@@ -93,13 +93,14 @@ def evaluate(
         out = eval_fn(batch)
         return {**out, **_mean_target_scores(out["target"], mean_target, ssim_data_range)}
 
-    cols = embed_split(with_baseline, batches, mesh, samples=("recon", "target"), num_samples=num_samples)
+    cols = embed_split(with_baseline, batches, mesh, keep=("input_ids", "attention_mask"), samples=("recon", "target"),
+                       num_samples=num_samples)  # fmt: skip
     metrics = grid_metrics(cols["mse"], cols["ssim"])
     baseline = grid_metrics(cols["baseline_mse"], cols["baseline_ssim"])
     metrics.update({f"baseline_mean_target/{k}": v for k, v in baseline.items()})
     metrics["examples"] = int(len(cols["mse"]))
     metrics["ssim_data_range"] = float(ssim_data_range)
-    return metrics, {k: cols[k][:num_samples] for k in ("recon", "target")}
+    return metrics, {k: cols[k][:num_samples] for k in ("recon", "target", "mse", "ssim", "input_ids", "attention_mask")}
 
 
 def grid_metrics(mse_per_example: np.ndarray, ssim_per_example: np.ndarray) -> Metrics:
@@ -136,40 +137,27 @@ def text_baselines(position_counts: np.ndarray, target: np.ndarray, mask: np.nda
     return out
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, spectrogram: bool, zoom: int) -> np.ndarray:
-    """One row per sample: target | reconstruction, uint8 RGB. Spectrograms: mel upwards, time rightwards, each pair
-    scaled by its target's range."""
-    rows = []
-    for target, recon in zip(targets, recons):
-        if spectrogram:
-            low, high = float(target.min()), float(target.max())
-            scale = lambda a: np.repeat(((a[..., 0] - low) / max(high - low, 1e-6)).T[::-1, :, None], 3, -1)  # noqa: E731
-            target, recon = scale(target), scale(recon)
-        pair = np.concatenate([target, np.ones((target.shape[0], 2, 3)), recon], axis=1)
-        rows.extend([pair, np.ones((2, pair.shape[1], 3))])
-    grid = np.concatenate(rows[:-1], axis=0)
-    return np.repeat(np.repeat(_to_uint8(grid), zoom, 0), zoom, 1)
-
-
 def write_samples(out_dir: Path, missing: str, samples: dict[str, np.ndarray], tokenizer) -> list[str]:
-    """reconstructions.png (image/audio: target | reconstruction rows) or text_samples.txt; returns the paths."""
+    """reconstructions.png (image/audio: target | reconstruction rows, each with the example's text and its PSNR /
+    SSIM) or text_samples.txt (target and reconstruction with the token accuracy); returns the paths."""
+    from synergy_jax import plots
+
     if missing == "text":
         lines = []
-        for predicted, target, mask in zip(samples["predicted"], samples["target"], samples["mask"]):
+        for predicted, target, mask, correct in zip(samples["predicted"], samples["target"], samples["mask"],
+                                                    samples["correct"]):  # fmt: skip
             keep = mask.astype(bool)
             lines.append(f"target:        {tokenizer.decode(target[keep].tolist())}\n"
-                         f"reconstructed: {tokenizer.decode(predicted[keep].tolist())}\n")  # fmt: skip
+                         f"reconstructed: {tokenizer.decode(predicted[keep].tolist())}\n"
+                         f"token accuracy {100 * float(correct) / max(int(keep.sum()), 1):.1f}% ({int(correct)}/"
+                         f"{int(keep.sum())})\n")  # fmt: skip
         path = out_dir / "text_samples.txt"
         path.write_text("\n".join(lines))
         return [str(path)]
-    from PIL import Image
-
-    zoom = max(1, 128 // max(samples["target"].shape[1:3]))
-    grid = reconstruction_grid(samples["target"], samples["recon"], missing == "audio", zoom)
+    texts = [tokenizer.decode(ids[mask.astype(bool)].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(samples["input_ids"], samples["attention_mask"])]  # fmt: skip
+    scores = [f"PSNR {float(rl.psnr_from_mse(max(float(mse), 1e-12))):.1f} dB, SSIM {float(ssim):.3f}"
+              for mse, ssim in zip(samples["mse"], samples["ssim"])]  # fmt: skip
     path = out_dir / "reconstructions.png"
-    Image.fromarray(grid).save(path)
+    plots.reconstruction_grid(samples["target"], samples["recon"], texts, scores, missing == "audio", path)
     return [str(path)]
