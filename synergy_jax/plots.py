@@ -33,7 +33,7 @@ def _figure(width: float, height: float):
 
 def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], title: str, path: str | Path) -> Path:
     """`confusion_figure` written to `path` (PNG)."""
-    confusion_figure(matrix, class_names, title).savefig(path, dpi=100)
+    confusion_figure(matrix, class_names, title).savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
 
 
@@ -99,7 +99,7 @@ def training_curves(metrics_file: str | Path, path: str | Path | None = None, ti
     if figure is None:
         return None
     out = Path(path) if path else metrics_file.with_name("training_curves.png")
-    figure.savefig(out, dpi=100)
+    figure.savefig(out, dpi=100, bbox_inches="tight")
     return out
 
 
@@ -141,7 +141,7 @@ def _number(value) -> bool:
 def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, labels: Sequence[str], scores: Sequence[str],
                         spectrogram: bool, path: str | Path) -> Path:  # fmt: skip
     """`reconstruction_figure` written to `path` (PNG)."""
-    reconstruction_figure(targets, recons, labels, scores, spectrogram).savefig(path, dpi=100)
+    reconstruction_figure(targets, recons, labels, scores, spectrogram).savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
 
 
