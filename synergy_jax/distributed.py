@@ -131,8 +131,9 @@ class StopRequest:
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises `Preempted` in the block (the training loop's StopRequest takes over while it runs), so a job
-    stopped while it prepares data exits 0 with a message instead of dying silently with 143. Every file the jobs
-    write is written under a temporary name and renamed, so what was finished is kept."""
+    stopped while it prepares data exits 0 with a message instead of dying silently with 143. The data a job
+    prepares (demo data, precomputed shards) is written under temporary names and renamed when complete, so what was
+    finished is kept and a rerun continues from it."""
     from synergy_jax.errors import Preempted
 
     def handle(signum, frame) -> None:
