@@ -25,6 +25,8 @@ flags.DEFINE_integer("accum", 1, "Gradient-accumulation microbatches per step.")
 flags.DEFINE_integer("text_length", 32, "Tokens per text (the reference uses 32).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
 flags.DEFINE_bool("remat", False, "Recompute block activations in the backward pass.")
+flags.DEFINE_string("attention", "auto", "Attention implementation: auto, xla, heads_first, cudnn, splash "
+                    "(synergy_jax/models/attention.py).")
 flags.DEFINE_enum("negatives", "global", ["global", "local"], "Contrastive negatives.")
 flags.DEFINE_integer("steps", 0, "Timed steps to run after compiling (0: compile only).")
 flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices when running on CPU.")
@@ -72,7 +74,7 @@ def flop_count(count: float) -> str:
 def main(argv: list[str]) -> None:
     del argv
     mesh = parallel.make_mesh(FLAGS.mesh)
-    config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat)
+    config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat, FLAGS.attention)
     model = synergy.SynergyCLIP(config)
     tx = train.make_optimizer(train.optimizer_config())
     global_batch = FLAGS.batch_per_device * mesh.shape["data"] * FLAGS.accum

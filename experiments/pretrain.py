@@ -69,7 +69,7 @@ def build_model_config(
     """(model config, pretrained tower params or None): the resumed run's (no weights loaded), hub/folder towers
     for init=hub, presets for init=scratch."""
     m = config.model
-    runtime = dict(dtype=m.dtype, remat=m.remat)
+    runtime = dict(dtype=m.dtype, remat=m.remat, attention=m.attention)
     clamp = m.logit_scale_max or None
     if saved is not None:
         return saved.synergy_config(**runtime), None
@@ -97,7 +97,7 @@ def run_record(config: ml_collections.ConfigDict, model_config: SynergyConfig, m
     return RunRecord(
         kind="pretrain", model=model_config_to_dict(model_config), optimizer_structure=optimizer_structure(config.optimizer),
         config=json.loads(config.to_json_best_effort()), data=data.source.relative_to(workdir), seed=config.seed,
-        model_spec={k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat")},
+        model_spec={k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "attention")},
         run={"mesh": dict(mesh.shape), "process_count": jax.process_count(), "input_slices": input_slices(config),
              "jax": jax.__version__},
     )  # fmt: skip

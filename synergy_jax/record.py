@@ -95,12 +95,12 @@ class RunRecord:
             values["data"] = DataSource(**values["data"])
         return cls(**values)
 
-    def synergy_config(self, dtype: str = "float32", remat: bool = False) -> SynergyConfig:
+    def synergy_config(self, dtype: str = "float32", remat: bool = False, attention: str = "auto") -> SynergyConfig:
         """The tri-modal model config of a pre-training run (a CheckpointError for other kinds)."""
         if self.kind != "pretrain" or not all(name in self.model for name in TOWERS):
             raise CheckpointError(f"a {self.kind} run is not a pre-training run (it has no tower configs): pass the run folder of "
                                   "experiments/pretrain.py")  # fmt: skip
-        return model_config_from_dict(self.model, dtype=dtype, remat=remat)
+        return model_config_from_dict(self.model, dtype=dtype, remat=remat, attention=attention)
 
     def check_resumable_by(self, current: "RunRecord", where: str) -> None:
         """Raises CheckpointError naming every field that makes this saved state unusable for `current`.
@@ -132,8 +132,10 @@ def model_config_to_dict(config: SynergyConfig) -> dict[str, Any]:
     }
 
 
-def model_config_from_dict(saved: Mapping[str, Any], dtype: str = "float32", remat: bool = False) -> SynergyConfig:
-    towers = {name: TOWERS[name].config_cls.from_hf_dict(saved[name], dtype=dtype, remat=remat) for name in TOWERS}
+def model_config_from_dict(saved: Mapping[str, Any], dtype: str = "float32", remat: bool = False,
+                           attention: str = "auto") -> SynergyConfig:  # fmt: skip
+    towers = {name: TOWERS[name].config_cls.from_hf_dict(saved[name], dtype=dtype, remat=remat, attention=attention)
+              for name in TOWERS}  # fmt: skip
     return SynergyConfig(
         **towers,
         projection_dim=saved["projection_dim"],

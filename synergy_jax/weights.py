@@ -421,18 +421,19 @@ def check_unused(
 
 
 def load_hf_tower(
-    path_or_hub_id: str | Path, *, dtype: str = "float32", remat: bool = False, rng: jax.Array | None = None
+    path_or_hub_id: str | Path, *, dtype: str = "float32", remat: bool = False, attention: str = "auto",
+    rng: jax.Array | None = None,
 ) -> tuple[nn.Module, Params]:
     """Builds the tower from the checkpoint's own config.json and converts its weights.
 
     Returns `(module, params)` with `params` a plain nested dict of float32 numpy arrays (host memory: callers
     place them on a mesh), such that `module.apply({'params': params}, *inputs)` gives
-    `(last_hidden_state, pooled)`. `dtype`/`remat` are the run-time knobs of the config. `rng` seeds any
+    `(last_hidden_state, pooled)`. `dtype`/`remat`/`attention` are the run-time knobs of the config. `rng` seeds any
     parameter the checkpoint lacks but may lack (RoBERTa's pooler); default PRNGKey(0).
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     arch, tower_hf_config, ignored, prefixes = architecture_for(read_config(directory))
-    config = arch.kind.config_cls.from_hf_dict(tower_hf_config, dtype=dtype, remat=remat)
+    config = arch.kind.config_cls.from_hf_dict(tower_hf_config, dtype=dtype, remat=remat, attention=attention)
     module = build_tower(config)
     shapes = abstract_params(module, config)
     tensors = read_tensors(directory)

@@ -22,3 +22,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_collection_modifyitems(items):
+    """The notebooks' run is the longest test (minutes): collected first, it starts at once on one xdist worker
+    (`--dist loadfile` hands out files in collection order) while the other worker runs the rest beside it."""
+    items.sort(key=lambda item: item.path.name != "test_notebooks.py")

@@ -46,6 +46,7 @@ def common() -> ml_collections.ConfigDict:
     config.model.audio_overrides = ml_collections.ConfigDict()
     config.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU (params and optimizer stay fp32)
     config.model.remat = False
+    config.model.attention = "auto"  # xla | heads_first | cudnn | splash | auto (per backend; synergy_jax/models/attention.py)
     config.model.logit_scale_max = 0.0  # 0: unclamped (the reference); 4.6052 = CLIP's clamp at 100
 
     config.data = ml_collections.ConfigDict()

@@ -42,6 +42,7 @@ class ASTConfig(TowerConfig):
     num_mel_bins: int = 128
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # the attention implementation (synergy_jax.models.attention), per backend by default
 
     def validate(self) -> None:
         super().validate()

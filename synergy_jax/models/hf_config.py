@@ -1,8 +1,9 @@
 """Tower configs that mirror Hugging Face `config.json` files field for field.
 
 A tower config is a frozen dataclass whose hub-facing fields carry the Hugging Face names and defaults (so a
-config.json that omits a field means what it means in transformers), plus two run-time knobs that never go to
-disk: ``dtype`` (compute dtype) and ``remat`` (recompute block activations in the backward pass).
+config.json that omits a field means what it means in transformers), plus three run-time knobs that never go to
+disk: ``dtype`` (compute dtype), ``remat`` (recompute block activations in the backward pass) and ``attention``
+(the attention implementation, `synergy_jax.models.attention`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="TowerConfig")
 
-RUNTIME_FIELDS = ("dtype", "remat")
+RUNTIME_FIELDS = ("dtype", "remat", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,10 @@ class TowerConfig:
         return hf
 
     def validate(self) -> None:
+        from synergy_jax.models.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"{type(self).__name__}: attention={self.attention!r}; known: {IMPLEMENTATIONS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"{type(self).__name__}: hidden_size {self.hidden_size} is not divisible by "

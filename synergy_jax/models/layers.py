@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synergy_jax.models.attention import dot_product_attention
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -67,15 +69,16 @@ def attention(
     mask: jax.Array | None,
     dropout_rate: float,
     dropout_rng: jax.Array | None,
+    implementation: str = "auto",
 ) -> jax.Array:
     """Scaled dot-product attention on ``(batch, length, heads, head_dim)`` inputs.
 
-    Goes through ``jax.nn.dot_product_attention`` (fused kernels where the backend has them). That API has no
-    dropout on the attention probabilities, so only when such dropout is active (RoBERTa in training mode) the
-    explicit softmax path below is used; it computes the same function as Hugging Face's eager attention.
+    Without dropout on the attention probabilities, `synergy_jax.models.attention` computes it by the tower's
+    `attention` implementation (fused kernels where the backend has them). Dropout on the probabilities (RoBERTa in
+    training mode) takes the explicit softmax path below, the same function as Hugging Face's eager attention.
     """
     if dropout_rng is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+        return dot_product_attention(query, key, value, mask, implementation)
     scale = query.shape[-1] ** -0.5
     logits = jnp.einsum("bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32) * scale
     if mask is not None:
@@ -94,6 +97,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     torch_init: bool = False  # torch nn.MultiheadAttention's: xavier-uniform packed q/k/v, U(+-1/sqrt(E)) out, 0 biases
+    implementation: str = "auto"  # synergy_jax.models.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -119,7 +123,7 @@ class MultiHeadAttention(nn.Module):
         query, key, value = project("query"), project("key"), project("value")
         use_dropout = not deterministic and self.dropout_rate > 0.0
         dropout_rng = self.make_rng("dropout") if use_dropout else None
-        out = attention(query, key, value, mask, self.dropout_rate, dropout_rng)
+        out = attention(query, key, value, mask, self.dropout_rate, dropout_rng, self.implementation)
         return nn.DenseGeneral(
             features=hidden,
             axis=(-2, -1),
@@ -185,6 +189,7 @@ class BlockSpec:
     pre_norm: bool = True
     mlp_dropout: float = 0.0  # inside the MLP, as torch's nn.TransformerEncoderLayer (the MMR text decoder)
     torch_init: bool = False  # nn.TransformerEncoderLayer's initialisation instead of normal(init_std)
+    attention: str = "auto"  # the attention implementation (synergy_jax.models.attention)
 
 
 def block_spec(config: Any, *, pre_norm: bool, attention_dropout: float = 0.0, hidden_dropout: float = 0.0) -> BlockSpec:
@@ -198,6 +203,7 @@ def block_spec(config: Any, *, pre_norm: bool, attention_dropout: float = 0.0, h
         attention_dropout=attention_dropout,
         hidden_dropout=hidden_dropout,
         pre_norm=pre_norm,
+        attention=config.attention,
     )
 
 
@@ -217,7 +223,7 @@ class TransformerBlock(nn.Module):
         ln1 = layer_norm(spec.layer_norm_eps, self.dtype, "ln1")
         ln2 = layer_norm(spec.layer_norm_eps, self.dtype, "ln2")
         attn = MultiHeadAttention(spec.num_heads, spec.init_std, spec.attention_dropout, self.dtype, spec.torch_init,
-                                  name="attn")  # fmt: skip
+                                  spec.attention, name="attn")  # fmt: skip
         mlp = Mlp(spec.mlp_dim, spec.activation, spec.init_std, self.dtype, spec.mlp_dropout, spec.torch_init, name="mlp")
         drop = nn.Dropout(spec.hidden_dropout, deterministic=deterministic)
         if spec.pre_norm:

@@ -33,14 +33,11 @@ class SynergyConfig:
     logit_scale_init: float = LOGIT_SCALE_INIT
     logit_scale_max: float | None = None  # None: unclamped, as the reference
 
-    def with_runtime(self, dtype: str, remat: bool) -> "SynergyConfig":
-        """The same model with the compute dtype / remat knobs set on all three towers."""
-        return dataclasses.replace(
-            self,
-            vision=self.vision.replace(dtype=dtype, remat=remat),
-            text=self.text.replace(dtype=dtype, remat=remat),
-            audio=self.audio.replace(dtype=dtype, remat=remat),
-        )
+    def with_runtime(self, dtype: str, remat: bool, attention: str = "auto") -> "SynergyConfig":
+        """The same model with the compute dtype / remat / attention knobs set on all three towers."""
+        runtime = dict(dtype=dtype, remat=remat, attention=attention)
+        return dataclasses.replace(self, vision=self.vision.replace(**runtime), text=self.text.replace(**runtime),
+                                   audio=self.audio.replace(**runtime))  # fmt: skip
 
     def forward_flops(self, text_length: int = text.REFERENCE_TEXT_LENGTH) -> int:
         """Matmul FLOPs of one (image, text, audio) triple through towers and projections."""

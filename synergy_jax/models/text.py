@@ -54,6 +54,7 @@ class RobertaConfig(TowerConfig):
     eos_token_id: int = 2
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # the attention implementation (synergy_jax.models.attention), per backend by default
 
     @property
     def max_text_length(self) -> int:

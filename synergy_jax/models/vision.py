@@ -38,6 +38,7 @@ class CLIPVisionConfig(TowerConfig):
     initializer_range: float = 0.02
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # the attention implementation (synergy_jax.models.attention), per backend by default
 
     def validate(self) -> None:
         super().validate()

@@ -1,0 +1,119 @@
+"""Scaled dot-product attention, one function with a choice of implementation per backend (the towers' `attention`).
+
+All take `(batch, length, heads, head_dim)` query/key/value and an optional boolean key mask broadcastable to
+`(batch, heads, query, key)`, and compute softmax(q k^T / sqrt(d)) v with the softmax in float32.
+
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's own fusion; the reference path.
+- `heads_first`: the same math as einsums over `(batch, heads, length, head_dim)`. XLA:CPU runs long sequences
+  faster this way (docs/performance.md).
+- `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only,
+  bfloat16 / float16.
+- `splash`: Pallas' TPU splash-attention kernel (flash attention in blocks of 128, padding handled as segment
+  ids), for AST's long sequences. Under a mesh context (`jax.set_mesh`) it runs per shard (`shard_map` over the
+  batch on 'data' and the heads on 'model'); elsewhere it needs a single device. Off TPU it runs in Pallas'
+  interpret mode (slow; what the tests use).
+- `auto`: on CPU `heads_first` from `HEADS_FIRST_MIN_LENGTH` tokens, else `xla` (the two run equally fast on short
+  sequences); on GPU `cudnn` in bfloat16 / float16, else `xla`; on TPU `splash` from `SPLASH_MIN_LENGTH` tokens
+  where it can run (one device, or a mesh context), else `xla`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "heads_first", "cudnn", "splash")
+SPLASH_BLOCK = 128
+SPLASH_MIN_LENGTH = 512
+HEADS_FIRST_MIN_LENGTH = 256
+
+
+def resolve(implementation: str, dtype, length: int) -> str:
+    """The implementation `auto` stands for on this backend (others are returned as they are, after a check)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    if backend == "tpu":
+        runnable = jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
+        return "splash" if length >= SPLASH_MIN_LENGTH and runnable else "xla"
+    return "heads_first" if length >= HEADS_FIRST_MIN_LENGTH else "xla"
+
+
+def dot_product_attention(query, key, value, mask, implementation: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(d), masked) v by the chosen implementation (see the module docstring)."""
+    chosen = resolve(implementation, query.dtype, query.shape[1])
+    if chosen in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=chosen)
+    if chosen == "heads_first":
+        return _heads_first(query, key, value, mask)
+    return _splash(query, key, value, mask)
+
+
+def _heads_first(query, key, value, mask) -> jax.Array:
+    """Heads-first einsums with the softmax's division deferred to the output (one divide per output element
+    instead of per probability), the scale applied to the queries, and the max shift outside the gradient (softmax
+    does not depend on it)."""
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (query * query.shape[-1] ** -0.5, key, value))
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
+    return (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype).transpose(0, 2, 1, 3)
+
+
+def _key_padding(mask, batch: int, length: int) -> jax.Array:
+    """A (batch, key) validity mask from a key-padding mask broadcastable to (batch, 1, 1, key)."""
+    if mask is None:
+        return jnp.ones((batch, length), bool)
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise ValueError(f"splash attention takes key-padding masks of shape (batch, 1, 1, key), got {mask.shape}")
+    return jnp.broadcast_to(mask[:, 0, 0, :], (batch, length))
+
+
+def _splash(query, key, value, mask) -> jax.Array:
+    batch, length, heads, _ = query.shape
+    valid = _key_padding(mask, batch, length)
+    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK  # the kernel works in whole blocks
+    pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (query * query.shape[-1] ** -0.5, key, value))
+    # Segment ids: queries 1, real keys 1, padded keys 0, so no query attends a padded key.
+    q_segments = jnp.ones((batch, padded), jnp.int32)
+    kv_segments = jnp.pad(valid.astype(jnp.int32), [(0, 0), (0, padded - length)])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = _splash_kernel(q, k, v, q_segments, kv_segments)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        heads_axis = "model" if "model" in mesh.axis_names and heads % mesh.shape["model"] == 0 else None
+        spec, segments = P("data", heads_axis, None, None), P("data", None)
+        out = jax.shard_map(_splash_kernel, mesh=mesh, in_specs=(spec, spec, spec, segments, segments), out_specs=spec,
+                            check_vma=False)(q, k, v, q_segments, kv_segments)  # fmt: skip
+    return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
+    """Pallas splash attention over (batch, heads, padded length, head_dim), scaled queries, one shard."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    kernel = _make_kernel(q.shape[1], q.shape[2], jax.default_backend() != "tpu")
+    return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=q_segments, kv=kv_segments))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_kernel(heads: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(heads)])
+    block = min(SPLASH_BLOCK, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)  # fmt: skip
+    return splash.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)

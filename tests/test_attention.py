@@ -1,0 +1,91 @@
+"""Every attention implementation against float64 numpy and the XLA path: heads_first (the CPU default) exactly,
+splash (Pallas' TPU kernel, in interpret mode here) with padding, gradients and a mesh; the knob reaches every
+block; unknown names and cuDNN off GPU are refused. cuDNN itself needs a GPU and is not run here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from synergy_jax import parallel
+from synergy_jax.models import attention
+from synergy_jax.models.synergy import SynergyCLIP, example_batch
+from synthetic import tiny_config
+
+
+def reference(query, key, value, mask) -> np.ndarray:
+    """float64 numpy softmax(q k^T / sqrt(d)) v over (batch, length, heads, head_dim)."""
+    q, k, v = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (query, key, value))
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(np.asarray(mask), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return ((probs / probs.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
+
+
+def inputs(batch=2, length=200, heads=2, head_dim=64, padded_from=150):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32) for _ in range(3))
+    mask = jnp.broadcast_to(jnp.arange(length) < padded_from, (batch, length))[:, None, None, :]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("implementation", ["xla", "heads_first", "splash"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_implementations_compute_attention(implementation, masked):
+    q, k, v, mask = inputs()
+    mask = mask if masked else None
+    out = attention.dot_product_attention(q, k, v, mask, implementation)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
+
+
+def test_heads_first_equals_xla_in_value_and_gradient():
+    q, k, v, mask = inputs()
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
+    for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("heads_first"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
+
+
+def test_splash_gradients_and_a_sharded_batch():
+    """The kernel's own backward, and under a mesh context the kernel runs per shard (batch on 'data', heads on
+    'model') with the same result."""
+    q, k, v, mask = inputs(batch=4, length=136, heads=2)
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
+    for xla, splash in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("splash"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(splash), np.asarray(xla), atol=2e-5)
+    mesh = parallel.make_mesh("2x2", jax.devices()[:4])
+    placed = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, mask)]
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v, m: attention.dot_product_attention(q, k, v, m, "splash"))(*placed)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
+
+
+def test_auto_on_cpu_and_bad_choices_are_refused():
+    assert jax.default_backend() == "cpu" and attention.resolve("auto", jnp.float32, 1214) == "heads_first"
+    assert attention.resolve("auto", jnp.float32, 32) == "xla"  # short sequences: XLA's, as fast
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        attention.resolve("flash", jnp.float32, 10)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        tiny_config().vision.replace(attention="flash").validate()
+
+
+def test_the_knob_reaches_every_tower(monkeypatch):
+    """Each implementation set on the tower configs is the one every attention layer uses (three towers, one layer
+    each), and the tiny model gives the same embeddings with each."""
+    base = tiny_config(layers=1, dropout=False)
+    batch = example_batch(base, 2)
+    outputs, asked = {}, []
+    resolve = attention.resolve
+    monkeypatch.setattr(attention, "resolve", lambda impl, *a: asked.append(impl) or resolve(impl, *a))
+    for implementation in ("xla", "heads_first", "splash"):
+        config = base.with_runtime("float32", False, implementation)
+        model = SynergyCLIP(config)
+        params = model.init(jax.random.PRNGKey(0), batch)["params"]
+        asked.clear()
+        outputs[implementation] = model.apply({"params": params}, batch)
+        assert asked == [implementation] * 3
+    for implementation in ("heads_first", "splash"):
+        for ours, xla in zip(jax.tree.leaves(outputs[implementation]), jax.tree.leaves(outputs["xla"])):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
