@@ -16,7 +16,7 @@ so evaluation jobs need nothing but the workdir.
 
 Integrity: Orbax's save thread seals each checkpoint (`integrity.json`) after every file is written and before the
 step folder gets its final name, so a checkpoint that has a name has a seal. Every restore checks the seal first
-(`verify`): a missing, truncated, changed or extra-zero file, a missing commit marker or a missing seal makes the
+(`verify`): a missing, truncated or changed file, an added one, a missing commit marker or a missing seal makes the
 checkpoint damaged. Readers use the newest checkpoint that verifies (or refuse the one asked for); a resuming writer
 moves damaged ones newer than that to `<workdir>/damaged_checkpoints/` (so their steps can be saved again) and says
 so. With none left, the job exits 2 saying what to move away.
