@@ -1,5 +1,6 @@
 """Test environment: 8 fake CPU devices and an offline Hugging Face, set before jax or transformers import."""
 
+import collections
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +25,14 @@ jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+# Test files in the order the two xdist workers take them (`--dist loadfile --no-loadscope-reorder`): the longest
+# first, so that none is left to run alone at the end. The notebooks' run (minutes) starts at once on one worker;
+# the files that run whole jobs follow; then the rest, most tests first (xdist's own ordering).
+LONGEST_FIRST = ("test_notebooks.py", "test_pretrain.py", "test_finetune.py", "test_mmr_job.py", "test_zero_shot.py",
+                 "test_run_safety.py")  # fmt: skip
+
+
 def pytest_collection_modifyitems(items):
-    """The notebooks' run is the longest test (minutes): collected first, it starts at once on one xdist worker
-    (`--dist loadfile` hands out files in collection order) while the other worker runs the rest beside it."""
-    items.sort(key=lambda item: item.path.name != "test_notebooks.py")
+    counts = collections.Counter(item.path for item in items)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path], str(item.path)))
