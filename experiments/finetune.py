@@ -27,7 +27,7 @@ from synergy_jax import checkpoint, cli, finetune, loop, parallel, plots, run_lo
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import classification, embed, zero_shot
 from synergy_jax.models.synergy import SynergyCLIP
-from synergy_jax.record import RunRecord, optimizer_structure
+from synergy_jax.record import RunRecord, optimizer_structure, run_facts
 from synergy_jax.towers import Towers, load_towers
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "finetune.py"
@@ -36,26 +36,6 @@ SHORTCUTS = tuple(cli.Shortcut(name, name, help_text, choices) for name, help_te
     ("data_dir", "The dataset folder (see docs/finetune.md).", None), ("workdir", "Sweep folder.", None),
     ("mesh", "Device mesh DxM.", None), ("folds", "Folds: all | 1,3 | 1-5.", None),
     ("protocol", "The reported protocol.", finetune.PROTOCOLS)))  # fmt: skip
-
-
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config with every 'recipe default' (0 / empty / negative) replaced by the task's recipe value."""
-    if config.task not in recipes.TASK_NAMES:
-        raise SetupError(f"--task is required: one of {', '.join(recipes.TASK_NAMES)}")
-    c = config.copy_and_resolve_references()
-    epochs, lr, batch = recipes.recipe(c.name, c.task)
-    text_task = recipes.modality(c.task) == recipes.TEXT
-    with c.unlocked():
-        c.epochs, c.batch_size = c.epochs or epochs, c.batch_size or batch
-        c.accum_steps = c.accum_steps or recipes.accumulation(c.name, c.task)
-        c.seeds = tuple(c.seeds) or recipes.SEEDS[c.task]
-        c.workdir = c.workdir or str(Path("runs") / f"finetune_{c.name}_{c.task}")
-        c.optimizer.learning_rate = c.optimizer.learning_rate or lr
-        if c.optimizer.weight_decay < 0:  # R5: AdamW wd 0.05 on everything; R5.3: the Trainer's 0.01, no biases/norms
-            c.optimizer.weight_decay, c.optimizer.weight_decay_on = (0.01, "matrices") if text_task else (0.05, "all")
-        if text_task:  # the Trainer's linear decay to 0 and gradient clipping at 1.0 (R5.3)
-            c.optimizer.schedule, c.optimizer.clip_grad_norm = "linear", c.optimizer.clip_grad_norm or 1.0
-    return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,16 +144,14 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
             optimizer.update(schedule="step", decay_factor=0.99, decay_boundaries=tuple(m * steps_per_epoch for m in milestones))
     tx = finetune.make_optimizer(optimizer, c.head_learning_rate_multiplier)
     example = plan.towers.example_batch(model, plan.max_length)
-    shardings = train.state_shardings(model, tx, mesh, c.sharding, example)
     data = finetune_input.train_input(splits.train, splits.train_idx, input_config(plan, sub_run.seed, True),
                                       batch // jax.process_count(), tokenizer=plan.tokenizer)  # fmt: skip
     record = RunRecord(kind="finetune", model={"task": c.task, "init": sub_run.init, **plan.towers.describe(model)},
                        optimizer_structure=optimizer_structure(optimizer), config=json.loads(c.to_json_best_effort()),
-                       run={"mesh": dict(mesh.shape), "sub_run": sub_run.name, "jax": jax.__version__}, seed=sub_run.seed)  # fmt: skip
+                       run=run_facts(mesh, sub_run=sub_run.name), seed=sub_run.seed)  # fmt: skip
     manager = checkpoint.make_manager(folder, save_every=steps_per_epoch, keep=c.keep_checkpoints)
-    init = lambda: train.create_train_state(model, tx, mesh, c.sharding, example, jax.random.PRNGKey(sub_run.seed),  # noqa: E731
-                                            pretrained)[0]  # fmt: skip
-    state = loop.start_state(manager, record, train.abstract_train_state(model, tx, example, shardings), init, data)
+    state, shardings = loop.start_train_state(manager, record, model, tx, mesh, c.sharding, example, sub_run.seed,
+                                              pretrained, data)  # fmt: skip
     step = train.make_step(finetune.classification_loss(model, splits.regression), tx, shardings, mesh, c.accum_steps,
                            schedule=train.learning_rate_schedule(optimizer))  # fmt: skip
     hook = EpochEval(plan, splits, finetune.make_predict(model, shardings.params, mesh), mesh, steps_per_epoch, folder,
@@ -220,7 +198,7 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     is written before the config and the mesh are checked; then the job holds its folder's writer lock."""
     started = time.time()
     cli.check_ranges(config, recipes.RANGES)
-    config = resolve(config)
+    config = recipes.resolve(config)
     mesh = parallel.make_mesh(config.mesh)
     train.check_batch(config.batch_size * config.accum_steps, mesh, config.accum_steps)
     workdir = Path(config.workdir).expanduser().absolute()

@@ -30,7 +30,7 @@ from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import reconstruction
 from synergy_jax.models import mmr, param_groups
 from synergy_jax.models.synergy import SynergyConfig
-from synergy_jax.record import DataSource, RunRecord, optimizer_structure
+from synergy_jax.record import DataSource, RunRecord, optimizer_structure, run_facts
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "mmr.py"
 SHORTCUTS = (
@@ -84,7 +84,7 @@ def run_record(config, model_config: mmr.MMRConfig, pretrain_dir: Path, source: 
     return RunRecord(
         kind="mmr", model={"missing": config.missing, **json.loads(json.dumps(model_config.__dict__))},
         optimizer_structure=optimizer_structure(config.optimizer), config=json.loads(config.to_json_best_effort()),
-        run={"pretrain_checkpoint": str(pretrain_dir), "mesh": dict(mesh.shape), "jax": jax.__version__},
+        run=run_facts(mesh, pretrain_checkpoint=str(pretrain_dir)),
         data=source, seed=config.seed,
     )  # fmt: skip
 
@@ -118,8 +118,8 @@ def run(config: ml_collections.ConfigDict, stop_at: Callable[[int], bool] | None
         raise SetupError(f"--missing={{image,text,audio}} is required (the modality to reconstruct), got {missing!r}")
     workdir = Path(config.workdir or Path("runs") / f"mmr_{config.name}_{missing}").expanduser().absolute()
     mesh = parallel.make_mesh(config.mesh)
-    for batch in (config.batch_size, config.eval_batch_size):
-        train.check_batch(batch, mesh, 1)
+    for field in ("batch_size", "eval_batch_size"):
+        train.check_batch(config[field], mesh, name=f"--config.{field}")
     checkpoint.latest_step(config.checkpoint)  # the pre-training run has a checkpoint that verifies
     with run_lock.writing(workdir):
         return train_mmr(config, mesh, workdir, started, stop_at)

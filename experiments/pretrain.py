@@ -11,7 +11,6 @@ its run record and report; the loop, step, checkpoints and evaluators are the li
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +25,9 @@ from synergy_jax import checkpoint, cli, flops, loop, losses, parallel, run_lock
 from synergy_jax.distributed import log
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import contrastive, embed, retrieval, zero_shot
-from synergy_jax.models import MODALITIES, TOWER_OF, param_groups, preset
-from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, config_from_towers, example_batch
-from synergy_jax.record import RunRecord, model_config_to_dict, optimizer_structure
+from synergy_jax.models import preset
+from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
+from synergy_jax.record import RunRecord, model_config_to_dict, optimizer_structure, run_facts
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "pretrain.py"
 SHORTCUTS = (cli.Shortcut("workdir", "workdir", "Run folder (checkpoints, metrics, TensorBoard); default runs/<name>."),
@@ -54,12 +53,6 @@ def pipeline_config(config: ml_collections.ConfigDict, data: RunData, train_spli
     )  # fmt: skip
 
 
-def eval_input(config: ml_collections.ConfigDict, data: RunData, tokenizer):
-    """A fresh pass over the whole eval split (padded to whole batches, `valid` marks real rows)."""
-    return pipeline.build_dataset(pipeline_config(config, data, False, config.eval_batch_size // jax.process_count()),
-                                  tokenizer)  # fmt: skip
-
-
 # ================================================================================================ model
 
 
@@ -76,11 +69,8 @@ def build_model_config(
     if m.init == "hub":
         from synergy_jax import weights
 
-        towers, pretrained = {}, {}
-        for modality in MODALITIES:
-            module, params = weights.load_hf_tower(m[TOWER_OF[modality]], **runtime)
-            towers[TOWER_OF[modality]], pretrained[param_groups(modality)[0]] = module.config, params
-        return config_from_towers(towers, m.projection_dim, logit_scale_max=clamp), pretrained
+        hub = {tower: m[tower] for tower in ("vision", "text", "audio")}
+        return weights.load_hf_synergy(hub, m.projection_dim, logit_scale_max=clamp, **runtime)
     if m.init != "scratch":
         raise SetupError(f"--config.model.init must be 'hub' or 'scratch', got {m.init!r}")
     fbank = data.train_metadata["config"]["fbank"]
@@ -98,8 +88,7 @@ def run_record(config: ml_collections.ConfigDict, model_config: SynergyConfig, m
         kind="pretrain", model=model_config_to_dict(model_config), optimizer_structure=optimizer_structure(config.optimizer),
         config=json.loads(config.to_json_best_effort()), data=data.source.relative_to(workdir), seed=config.seed,
         model_spec={k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "attention")},
-        run={"mesh": dict(mesh.shape), "process_count": jax.process_count(), "input_slices": input_slices(config),
-             "jax": jax.__version__},
+        run=run_facts(mesh, input_slices=input_slices(config)),
     )  # fmt: skip
 
 
@@ -111,9 +100,11 @@ def make_evaluate(config, model: SynergyCLIP, mesh, data: RunData, tokenizer, co
     loss_config = losses.LossConfig(**config.loss)
     templates = {"image": config.zero_shot_image_templates, "audio": config.zero_shot_audio_templates}
 
-    def evaluate(state, step: int) -> dict[str, float]:
+    eval_split = pipeline_config(config, data, False, config.eval_batch_size // jax.process_count())
+
+    def evaluate(state, step: int) -> dict[str, float]:  # a fresh pass over the whole eval split, padding marked
         columns = embed.embed_split(lambda batch: embed.embed_all_modalities(model, state.params, batch),
-                                    eval_input(config, data, tokenizer), mesh, keep=("label_id",))  # fmt: skip
+                                    pipeline.build_dataset(eval_split, tokenizer), mesh, keep=("label_id",))  # fmt: skip
         scales = model.apply({"params": state.params}, method=SynergyCLIP.logit_scales)  # clamped as in training
         embed_prompts = embed.prompt_embedder(model, state.params, mesh, tokenizer, config.data.max_length,
                                               config.eval_batch_size)  # fmt: skip
@@ -163,9 +154,7 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     if slices % processes or config.batch_size % slices:
         raise SetupError(f"--config.data.input_slices={slices} must be a multiple of the {processes} processes and "
                          f"divide --config.batch_size={config.batch_size}")  # fmt: skip
-    if config.eval_batch_size % math.lcm(mesh.shape["data"], processes):
-        raise SetupError(f"--config.eval_batch_size={config.eval_batch_size} must be divisible by the data axis "
-                         f"({mesh.shape['data']}) and the process count ({processes})")  # fmt: skip
+    train.check_batch(config.eval_batch_size, mesh, name="--config.eval_batch_size")
     if not (config.epochs or config.total_steps):
         raise SetupError("--config.epochs and --config.total_steps are both 0: set one of them")
     if unknown := set(config.evals) - set(EVALUATORS):
@@ -207,12 +196,9 @@ def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: f
     tx, model = train.make_optimizer(optimizer), SynergyCLIP(model_config)
     example = example_batch(model_config, 1, config.data.max_length)
     # ---- shardings + state (born sharded, or restored onto this mesh)
-    shardings = train.state_shardings(model, tx, mesh, config.sharding, example)
-    init = lambda: train.create_train_state(model, tx, mesh, config.sharding, example,  # noqa: E731
-                                            jax.random.PRNGKey(config.seed), pretrained)[0]  # fmt: skip
     record = run_record(config, model_config, mesh, data, workdir)
-    state = loop.start_state(manager, record, train.abstract_train_state(model, tx, example, shardings), init,
-                             train_iter, config.resume_data)  # fmt: skip
+    state, shardings = loop.start_train_state(manager, record, model, tx, mesh, config.sharding, example, config.seed,
+                                              pretrained, train_iter, config.resume_data)  # fmt: skip
     pretrained = None  # the host copy of hub weights is no longer needed
     # ---- step, evals, loop
     loss_config = losses.LossConfig(**config.loss)

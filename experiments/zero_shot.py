@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import augment, demo, downstream, pipeline, precompute, sources
 from experiments.configs import zero_shot as zs_config
-from synergy_jax import audio, checkpoint, cli, distributed, parallel, plots, text
+from synergy_jax import audio, checkpoint, cli, distributed, parallel, plots, text, train
 from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.evaluators import embed, retrieval, zero_shot
 from synergy_jax.models import MODALITIES
@@ -201,8 +200,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if config.prompts not in zs_config.PROMPT_SETS:
         raise SetupError(f"--prompts must be one of {list(zs_config.PROMPT_SETS)}, got {config.prompts!r}")
     mesh = parallel.make_mesh(config.mesh)
-    if config.batch_size % (divisor := math.lcm(mesh.shape["data"], jax.process_count())):
-        raise SetupError(f"--batch_size={config.batch_size}: not a multiple of the data axis x processes ({divisor})")
+    train.check_batch(config.batch_size, mesh, name="--batch_size")
     kind, spec = zs_config.dataset_kind(config.dataset)
     classification = None if kind in ("demo", "precomputed") else load_classification_set(kind, spec, config)
     modalities = MODALITIES if classification is None else (classification.modality, "text")

@@ -23,6 +23,7 @@ import optax
 
 from synergy_jax import parallel, train
 from synergy_jax.distributed import is_main_process, log
+from synergy_jax.loop import read_metrics
 from synergy_jax.train import LossFn
 
 PROTOCOLS = ("clean", "reference")
@@ -160,16 +161,8 @@ def run_sweep(
 def history_from_metrics(path: Path) -> list[dict]:
     """The per-epoch evaluations of a sub-run from its metrics.jsonl: the last line logged for each step (a resumed
     run may have logged a step twice), rows with an 'epoch' evaluation only."""
-    rows: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if "eval/epoch" in row:
-                rows[row["step"]] = {"step": row["step"],
-                                     **{k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}}
+    rows = {row["step"]: {"step": row["step"], **{k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}}
+            for row in read_metrics(path) if "eval/epoch" in row}  # fmt: skip
     return [rows[step] for step in sorted(rows)]
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from synergy_jax import checkpoint, flops, plots, progress
+from synergy_jax import checkpoint, flops, progress, train
 from synergy_jax.distributed import StopRequest, is_main_process, log
 from synergy_jax.errors import NonFiniteLossError
 from synergy_jax.record import RunRecord
@@ -112,6 +112,17 @@ class MetricWriter:
             self.tensorboard.close()
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The lines of a metrics.jsonl in order; a line cut by a kill (or still being written) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; a line cut by a kill counts as past every step (it is dropped)."""
     try:
@@ -151,6 +162,16 @@ def start_state(
     if is_main_process():
         (Path(manager.directory).parent / "config.json").write_text(json.dumps(record.to_json(), indent=1))
     return state
+
+
+def start_train_state(manager: ocp.CheckpointManager, record: RunRecord, model, tx, mesh, rules: str, example,
+                      seed: int, pretrained: Any, data: ResumableIterator, resume_data: bool = True) -> tuple[Any, Any]:
+    """`start_state` for a `train.TrainState`: (state, its shardings). Restored onto `mesh` by the sharding `rules`,
+    or born sharded from `seed` with the `pretrained` parameter groups in place."""
+    shardings = train.state_shardings(model, tx, mesh, rules, example)
+    init = lambda: train.create_train_state(model, tx, mesh, rules, example, jax.random.PRNGKey(seed), pretrained)[0]  # noqa: E731
+    abstract = train.abstract_train_state(model, tx, example, shardings)
+    return start_state(manager, record, abstract, init, data, resume_data), shardings
 
 
 class _Window:
@@ -307,6 +328,8 @@ class _Run:
         if self.bar is not None:
             self.bar.close()
         if is_main_process():
+            from synergy_jax import plots  # plots reads metrics with this module's reader
+
             plots.training_curves(self.writer.workdir / "metrics.jsonl", title=f"{self.config.desc}: {self.writer.workdir}")
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import textwrap
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from synergy_jax.loop import read_metrics
 
 ANNOTATED_CLASSES = 30  # counts are written in the cells up to this many classes
 NAMED_CLASSES = 120  # class names on the axes up to this many
@@ -85,17 +86,11 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or (p.endswith("/") and name.startswith(p) and "/" not in name[len(p):]) for p in patterns)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The complete JSON lines of a metrics.jsonl (a running job may be writing the last one)."""
-    lines = Path(path).read_text().split("\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def training_curves(metrics_file: str | Path, path: str | Path | None = None, title: str = "") -> Path | None:
     """`curves_figure` of a run's metrics.jsonl, as `training_curves.png` beside it by default; None when there is
     nothing to draw yet."""
     metrics_file = Path(metrics_file)
-    figure = curves_figure(read_metrics(metrics_file) if metrics_file.is_file() else [], title or str(metrics_file.parent))
+    figure = curves_figure(read_metrics(metrics_file), title or str(metrics_file.parent))
     if figure is None:
         return None
     out = Path(path) if path else metrics_file.with_name("training_curves.png")

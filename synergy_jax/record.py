@@ -120,6 +120,13 @@ class RunRecord:
             )
 
 
+def run_facts(mesh, **extra: Any) -> dict[str, Any]:
+    """Where a run ran (its record's `run`: for the reader, never compared on resume): mesh, processes, jax."""
+    import jax
+
+    return {"mesh": dict(mesh.shape), "process_count": jax.process_count(), **extra, "jax": jax.__version__}
+
+
 def model_config_to_dict(config: SynergyConfig) -> dict[str, Any]:
     """What rebuilds the tri-modal model: each tower's Hugging Face config fields, projection and temperatures."""
     return {

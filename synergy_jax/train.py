@@ -13,6 +13,7 @@ negatives each microbatch is contrasted across all devices, with `local` negativ
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -205,13 +206,17 @@ def split_microbatches(batch: Batch, steps: int, mesh: Mesh) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def check_batch(batch_size: int, mesh: Mesh, accum_steps: int) -> None:
-    """Fails early, naming the numbers, when a batch cannot be split over the mesh and the microbatches."""
-    data = mesh.shape["data"]
-    if batch_size % (data * accum_steps):
-        raise ValueError(
-            f"batch size {batch_size} must be divisible by data-axis size {data} x accumulation steps {accum_steps}"
-        )
+def check_batch(batch_size: int, mesh: Mesh, accum_steps: int = 1, name: str = "") -> None:
+    """Fails early, naming the numbers (and the flag `name`), when a global batch cannot be split over the mesh's
+    data axis, the microbatches and the processes (each process feeds a whole share of it)."""
+    data, processes = mesh.shape["data"], jax.process_count()
+    divisor = math.lcm(data, processes)
+    if batch_size % (divisor * accum_steps) == 0:
+        return
+    what = f"{name}={batch_size}" if name else f"batch size {batch_size}"
+    accumulation = f" x accumulation steps {accum_steps}" if accum_steps > 1 else ""
+    process_count = f" and by the process count ({processes})" if divisor != data else ""
+    raise ValueError(f"{what} must be divisible by data-axis size {data}{accumulation}{process_count}")
 
 
 # loss_fn(params, batch, rng, mutable, frozen) -> (loss, (metrics, mutable)). `mutable` holds the train-state fields

@@ -29,8 +29,9 @@ import numpy as np
 import safetensors.numpy
 
 from synergy_jax.errors import CheckpointError
-from synergy_jax.models import TOWERS, TowerKind, build_tower, tower_kind
+from synergy_jax.models import MODALITIES, TOWER_OF, TOWERS, TowerKind, build_tower, param_groups, tower_kind
 from synergy_jax.models.hf_config import TowerConfig
+from synergy_jax.models.synergy import SynergyConfig, config_from_towers
 from synergy_jax.models.text_classifier import RobertaClassifier
 
 log = logging.getLogger(__name__)
@@ -444,6 +445,18 @@ def load_hf_tower(
     fill_missing(directory, params, shapes, rules, arch.initialisable, config.initializer_range, rng)
     check_unused(directory, tensors, used, ignored, f"the {arch.kind.modality} tower")
     return module, flax.traverse_util.unflatten_dict(params)
+
+
+def load_hf_synergy(tower_ids: dict[str, str], projection_dim: int, logit_scale_max: float | None = None,
+                    **runtime: Any) -> tuple[SynergyConfig, dict[str, Params]]:  # fmt: skip
+    """(SynergyConfig, {tower parameter group: params}) of three hub towers or folders named by tower ('vision',
+    'text', 'audio'); `runtime` are the towers' run-time knobs (dtype, remat, attention). The projections and
+    temperatures are not in the hub checkpoints: they start from their initialisers."""
+    towers, pretrained = {}, {}
+    for modality in MODALITIES:
+        module, params = load_hf_tower(tower_ids[TOWER_OF[modality]], **runtime)
+        towers[TOWER_OF[modality]], pretrained[param_groups(modality)[0]] = module.config, params
+    return config_from_towers(towers, projection_dim, logit_scale_max=logit_scale_max), pretrained
 
 
 def export_tensors(rules: list[Rule], params: Params, what: str) -> dict[str, np.ndarray]:

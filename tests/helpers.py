@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 from synergy_jax import checkpoint, cli, parallel, train
 from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
@@ -66,6 +67,20 @@ def tiny_pretrain_run(root: Path, words: str, seed: int = 3, max_length: int = 1
                       image_size=config.vision.image_size)  # fmt: skip
     write_pretrain_run(root, config, data, seed=seed)
     return root
+
+
+def largest_state_file(checkpoint_folder: Path) -> Path:
+    """The biggest file of a checkpoint's train state (Adam moments and weights live there)."""
+    return max((p for p in (checkpoint_folder / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def bit_rot(checkpoint_folder: Path, seed: int = 0) -> None:
+    """4 KB of random bytes in the middle of the largest state file, its size unchanged (what a disk does)."""
+    path = largest_state_file(checkpoint_folder)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(seed).bytes(len(data[middle : middle + 4096]))
+    path.write_bytes(bytes(data))
 
 
 def subprocess_env(devices: int) -> dict:

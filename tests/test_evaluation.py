@@ -99,3 +99,34 @@ def test_distributed_arguments_from_flags_env_and_clusters():
     assert distributed.distributed_arguments(env={"TPU_WORKER_HOSTNAMES": "t0"}) is None  # a single-host TPU VM
     assert distributed.distributed_arguments(env={"SLURM_NTASKS": "8"}) == {}
     assert distributed.distributed_arguments(env={"SLURM_NTASKS": "1"}) is None
+
+
+def test_reconstruction_samples_carry_their_own_scores():
+    """The shown reconstructions come in their arrival order while the metric columns are sorted by row: each shown
+    row's PSNR/SSIM and text must be its own (batches arrive with row ids descending here)."""
+    import jax
+    import jax.numpy as jnp
+
+    from synergy_jax import parallel
+    from synergy_jax.evaluators import reconstruction
+
+    rng = np.random.default_rng(0)
+    rows = 8
+    target = rng.random((rows, 4, 4, 3)).astype(np.float32)
+    recon = (target + rng.normal(0, 0.02, target.shape) * np.arange(1, rows + 1)[:, None, None, None]).astype(np.float32)
+    batches = [{"row_id": np.array([7 - 2 * i, 6 - 2 * i]), "valid": np.ones(2, bool),
+                "target": target[2 * i : 2 * i + 2], "recon": recon[2 * i : 2 * i + 2],
+                "input_ids": np.full((2, 3), 2 * i)[:, :] + np.arange(2)[:, None], "attention_mask": np.ones((2, 3), np.int32)}
+               for i in range(rows // 2)]  # fmt: skip
+
+    def eval_fn(batch):
+        mse = jnp.mean(jnp.square(batch["recon"] - batch["target"]), axis=(1, 2, 3))
+        return {"recon": batch["recon"], "target": batch["target"], "mse": mse, "ssim": -mse}
+
+    stats = {"mean_target": target.mean(0)}
+    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
+    _, samples = reconstruction.evaluate(eval_fn, batches, mesh, "image", stats, num_samples=4)
+    own = np.mean(np.square(samples["recon"] - samples["target"]), axis=(1, 2, 3))
+    np.testing.assert_allclose(samples["mse"], own, rtol=1e-6)
+    np.testing.assert_allclose(samples["ssim"], -own, rtol=1e-6)
+    np.testing.assert_array_equal(samples["input_ids"][:, 0], [0, 1, 2, 3])  # the shown rows' own text

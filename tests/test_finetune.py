@@ -127,7 +127,7 @@ def test_baselines_beside_the_run(run_dir, esc_sweep, tmp_path, monkeypatch):
     seen = []
     real = job.zero_shot.classes_from_prompts
     monkeypatch.setattr(job.zero_shot, "classes_from_prompts", lambda e, names, t: seen.append((names, t)) or real(e, names, t))
-    config = job.resolve(tiny("esc50", run_dir, esc, tmp_path / "again"))
+    config = recipes.resolve(tiny("esc50", run_dir, esc, tmp_path / "again"))
     mesh = parallel.make_mesh("8x1")
     plan = job.make_plan(config, mesh)
     job.zero_shot_accuracies(plan, [plan.data.splits(1, 17, 0.25)], mesh)
@@ -288,6 +288,6 @@ def test_recipe_schedules():
     optimizer.update(schedule="linear", total_steps=100)
     linear = train.learning_rate_schedule(optimizer)
     assert float(linear(0)) == pytest.approx(2e-5) and float(linear(50)) == pytest.approx(1e-5) and float(linear(100)) == 0
-    resolved = job.resolve(override(recipes.get_config("base_p"), {"task": "mrpc"}))
+    resolved = recipes.resolve(override(recipes.get_config("base_p"), {"task": "mrpc"}))
     assert (resolved.accum_steps, resolved.optimizer.schedule, resolved.optimizer.clip_grad_norm) == (2, "linear", 1.0)
     assert (resolved.optimizer.weight_decay, resolved.optimizer.weight_decay_on) == (0.01, "matrices")

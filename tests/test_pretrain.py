@@ -20,7 +20,7 @@ import pytest
 from data_pipelines import demo, precompute
 from experiments import pretrain
 from experiments.configs import pretrain as configs
-from helpers import ROOT, metric_lines, override, subprocess_env, train_losses
+from helpers import ROOT, bit_rot, metric_lines, override, subprocess_env, train_losses
 from synergy_jax import audio, checkpoint, parallel, train
 from synergy_jax.errors import NonFiniteLossError
 from synergy_jax.models.synergy import SynergyCLIP, example_batch
@@ -270,11 +270,7 @@ def test_resume_passes_over_a_damaged_checkpoint(reference, data_root, tmp_path,
     """Bit rot in the newest checkpoint (step 8): the rerun says so, moves it aside, resumes from step 4 and ends
     where the uninterrupted run ended; the damaged state is never loaded."""
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-    state_file = max((p for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*") if p.is_file()),
-                     key=lambda p: p.stat().st_size)  # fmt: skip
-    data = bytearray(state_file.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 4096] = np.random.default_rng(1).bytes(len(data[len(data) // 2 :][:4096]))
-    state_file.write_bytes(bytes(data))
+    bit_rot(tmp_path / "checkpoints" / "8", seed=1)
     summary = run_pretrain(tiny_config(data_root), tmp_path, "8x1")
     out = capsys.readouterr().out
     assert f"Checkpoint {tmp_path / 'checkpoints' / '8'} is damaged: state/" in out

@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from experiments.configs import finetune as finetune_configs
 from experiments.configs import mmr as mmr_configs
 from experiments.configs import pretrain as pretrain_configs
 from experiments.configs import zero_shot as zero_shot_configs
-from helpers import ROOT, subprocess_env, write_pretrain_run
+from helpers import ROOT, bit_rot, largest_state_file, subprocess_env, write_pretrain_run
 from synergy_jax import checkpoint, cli, parallel, run_lock
 from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.record import DataSource
@@ -45,26 +44,14 @@ def run_dir(sealed_run, tmp_path) -> Path:
     return tmp_path / "run"
 
 
-def _largest_state_file(folder: Path) -> Path:
-    return max((p for p in (folder / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
 def _truncate(folder: Path) -> None:
-    path = _largest_state_file(folder)
+    path = largest_state_file(folder)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _bit_rot(folder: Path) -> None:  # the same size, 4 KB of random bytes in the middle
-    path = _largest_state_file(folder)
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 4096] = np.random.default_rng(0).bytes(len(data[middle : middle + 4096]))
-    path.write_bytes(bytes(data))
 
 
 DAMAGE = {
     "truncated state file": (_truncate, "bytes,"),
-    "bit rot in a state file": (_bit_rot, "has changed since it was written"),
+    "bit rot in a state file": (bit_rot, "has changed since it was written"),
     "data state deleted": (lambda f: (f / "data" / "process_0-of-1.json").unlink(), "data/process_0-of-1.json"),
     "config emptied": (lambda f: (f / "config" / "metadata").write_text(""), "config/metadata has 0 bytes"),
     "step metadata deleted": (lambda f: (f / "_CHECKPOINT_METADATA").unlink(), "_CHECKPOINT_METADATA"),
@@ -99,7 +86,7 @@ def test_damage_is_detected_and_readers_fall_back(run_dir, damage, capsys):
 
 def test_no_checkpoint_that_verifies_is_exit_2_naming_each(run_dir):
     for step in STEPS:
-        _bit_rot(run_dir / "checkpoints" / str(step))
+        bit_rot(run_dir / "checkpoints" / str(step))
     with pytest.raises(CheckpointError) as caught:
         checkpoint.latest_step(run_dir)
     message = str(caught.value)

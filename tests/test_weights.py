@@ -8,8 +8,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import flax.linen
 import safetensors.numpy
 
+from synergy_jax import weights
 from synergy_jax.weights import CheckpointError, load_hf_tower, save_hf_tower
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -158,3 +160,21 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     assert all(leaf.dtype == np.float32 for leaf in leaves)
     for leaf, ref in zip(leaves, reference_leaves):  # the bf16-rounded fp32 values, exactly
         np.testing.assert_array_equal(leaf, np.asarray(ref).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_three_hub_towers_make_a_tri_modal_model():
+    """Pre-training's init=hub: each tower from its own folder with the run-time knobs, the tower weights in the
+    model's parameter groups (the projections start from their initialisers)."""
+    from synergy_jax.models.synergy import SynergyCLIP, example_batch
+
+    folders = {"vision": FIXTURES / "clip_vision_a", "text": FIXTURES / "roberta", "audio": FIXTURES / "ast_a"}
+    config, pretrained = weights.load_hf_synergy(folders, 16, logit_scale_max=4.6052, dtype="bfloat16", attention="xla")
+    assert config.projection_dim == 16 and config.logit_scale_max == 4.6052
+    assert {config.vision.dtype, config.text.dtype, config.audio.dtype} == {"bfloat16"}
+    assert {config.vision.attention, config.text.attention, config.audio.attention} == {"xla"}
+    for tower, folder in folders.items():
+        assert getattr(config, tower) == weights.load_hf_tower(folder, dtype="bfloat16", attention="xla")[0].config
+    shapes = jax.eval_shape(SynergyCLIP(config).init, jax.random.PRNGKey(0), example_batch(config, 1))["params"]
+    assert set(pretrained) == {"vision_model", "text_model", "audio_model"} <= set(shapes)
+    for group, params in pretrained.items():
+        assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, flax.linen.unbox(shapes[group]))

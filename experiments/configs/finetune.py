@@ -8,11 +8,14 @@ Fields left at 0 / empty take the task's value from the tables below for the con
 picks the paper's recipe); set them to override.
 """
 
+from pathlib import Path
+
 import ml_collections
 import numpy as np
 
 from data_pipelines import glue
 from synergy_jax import cli, train
+from synergy_jax.errors import SetupError
 
 IMAGE, AUDIO, TEXT = "image", "audio", "text"
 GLUE_TASKS = tuple(glue.TASKS)
@@ -160,3 +163,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_batch_size = 32
         config.log_every = 5
     return config
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with every 'recipe default' (0 / empty / negative) replaced by the task's recipe value."""
+    if config.task not in TASK_NAMES:
+        raise SetupError(f"--task is required: one of {', '.join(TASK_NAMES)}")
+    c = config.copy_and_resolve_references()
+    epochs, lr, batch = recipe(c.name, c.task)
+    text_task = modality(c.task) == TEXT
+    with c.unlocked():
+        c.epochs, c.batch_size = c.epochs or epochs, c.batch_size or batch
+        c.accum_steps = c.accum_steps or accumulation(c.name, c.task)
+        c.seeds = tuple(c.seeds) or SEEDS[c.task]
+        c.workdir = c.workdir or str(Path("runs") / f"finetune_{c.name}_{c.task}")
+        c.optimizer.learning_rate = c.optimizer.learning_rate or lr
+        if c.optimizer.weight_decay < 0:  # R5: AdamW wd 0.05 on everything; R5.3: the Trainer's 0.01, no biases/norms
+            c.optimizer.weight_decay, c.optimizer.weight_decay_on = (0.01, "matrices") if text_task else (0.05, "all")
+        if text_task:  # the Trainer's linear decay to 0 and gradient clipping at 1.0 (R5.3)
+            c.optimizer.schedule, c.optimizer.clip_grad_norm = "linear", c.optimizer.clip_grad_norm or 1.0
+    return c

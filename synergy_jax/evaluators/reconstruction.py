@@ -91,16 +91,19 @@ def evaluate(
 
     def with_baseline(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         out = eval_fn(batch)
-        return {**out, **_mean_target_scores(out["target"], mean_target, ssim_data_range)}
+        shown_scores = {"shown_mse": out["mse"], "shown_ssim": out["ssim"]}  # the shown rows' own, in their order
+        return {**out, **shown_scores, **_mean_target_scores(out["target"], mean_target, ssim_data_range)}
 
-    cols = embed_split(with_baseline, batches, mesh, keep=("input_ids", "attention_mask"), samples=("recon", "target"),
+    # Kept for the first `num_samples` rows only, in the order they came (the other columns are sorted by row).
+    shown = ("recon", "target", "shown_mse", "shown_ssim", "input_ids", "attention_mask")
+    cols = embed_split(with_baseline, batches, mesh, keep=("input_ids", "attention_mask"), samples=shown,
                        num_samples=num_samples)  # fmt: skip
     metrics = grid_metrics(cols["mse"], cols["ssim"])
     baseline = grid_metrics(cols["baseline_mse"], cols["baseline_ssim"])
     metrics.update({f"baseline_mean_target/{k}": v for k, v in baseline.items()})
     metrics["examples"] = int(len(cols["mse"]))
     metrics["ssim_data_range"] = float(ssim_data_range)
-    return metrics, {k: cols[k][:num_samples] for k in ("recon", "target", "mse", "ssim", "input_ids", "attention_mask")}
+    return metrics, {k.removeprefix("shown_"): cols[k][:num_samples] for k in shown}
 
 
 def grid_metrics(mse_per_example: np.ndarray, ssim_per_example: np.ndarray) -> Metrics:
