@@ -45,8 +45,18 @@ def _read_any(path: str) -> tuple[np.ndarray, int]:
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
-    """(samples, channels) -> (samples,) by averaging channels, as librosa.to_mono."""
-    return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    """(samples, channels) -> (samples,) by averaging channels, as librosa.to_mono.
+
+    Channels are summed column by column: numpy's `mean(axis=1)` over a handful of interleaved channels runs a
+    tiny reduction per sample (10 ms for 10 s of 44.1 kHz stereo, 3x the resampling). Up to 7 channels the
+    sum is in numpy's own order, so the result is the same to the bit."""
+    channels = samples.shape[1]
+    if channels == 1:
+        return samples[:, 0]
+    total = samples[:, 0].astype(np.float32)  # a copy: the sum accumulates in place
+    for channel in range(1, channels):
+        total += samples[:, channel]
+    return total / np.float32(channels)
 
 
 def resample(waveform: np.ndarray, rate: int, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:

@@ -164,18 +164,33 @@ def _stretch(power: np.ndarray, max_frames: int) -> np.ndarray:
 def augment_audio(
     features: np.ndarray, real_frames: int, rng: np.random.Generator, config: audio.FbankConfig, p: float = AUDIO_P
 ) -> np.ndarray:
-    """Feature-domain version of the reference's `audio_augment` (see module docstring); float32 out."""
+    """Feature-domain version of the reference's `audio_augment` (see module docstring); float32 out.
+
+    The power spectrum is formed only when an op that changes it fires (about half the clips at p = 0.2 have
+    none); the others keep their stored features, with the floor and padding values of the full path."""
     features = np.asarray(features, np.float32)
-    power = np.exp(audio.denormalize(features[:real_frames].astype(np.float64), config))
+    power = None
     for op in rng.permutation(4):
-        if rng.random() >= p or real_frames == 0:
+        if rng.random() >= p or real_frames == 0 or op == 3:  # op 3, polarity inversion: the same power spectrum
             continue
+        if power is None:
+            power = np.exp(audio.denormalize(features[:real_frames].astype(np.float64), config))
         if op == 0:
             power = _add_noise(power, rng, config)
         elif op == 1:
             power = _shift(power)
-        elif op == 2:
+        else:
             power = _stretch(power, config.max_frames)
-        # op 3, polarity inversion: identical power spectrum
+    if power is None:
+        return _untouched(features, real_frames, config)
     log_mel = np.log(np.maximum(power, audio.FLOAT32_EPS))
     return audio.normalize(audio.pad_or_truncate(log_mel, features.shape[0]), config).astype(np.float32)
+
+
+def _untouched(features: np.ndarray, real_frames: int, config: audio.FbankConfig) -> np.ndarray:
+    """What the full path returns when no op fired: the features floored at log(eps), float32 padding after."""
+    floor = np.float32(audio.normalize(np.log(audio.FLOAT32_EPS), config))
+    out = np.empty_like(features)
+    np.maximum(features[:real_frames], floor, out=out[:real_frames])
+    out[real_frames:] = np.float32(config.padding_value)
+    return out

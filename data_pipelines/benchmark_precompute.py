@@ -1,6 +1,6 @@
 """Throughput of the audio front-end: the reference's per-sample path against precompute + the Grain read path.
 
-    python -m data_pipelines.benchmark_precompute [--clips=48 --seconds=10 --rate=44100 --workers=2]
+    python -m data_pipelines.benchmark_precompute [--clips=48 --seconds=10 --rate=44100 --workers=2 --threads=2]
     python -m data_pipelines.benchmark_precompute --manifest=data/train.csv --limit=200
 
 On the same files (a manifest's, or generated VGGSound-like clips: 10 s stereo WAV at 44.1 kHz and 640x360 JPEG
@@ -9,10 +9,13 @@ frames), it times
               (-> 16 kHz), Kaldi fbank + pad/normalise (our numpy fbank, equal to ASTFeatureExtractor; the
               torchaudio one the reference called is not faster per clip), audio only
   ours        the same audio work with our loader (one soxr resampling step instead of two)
-  precompute  once: decode, resample, fbank, float16, PNG image, ArrayRecord write, in 1 and --workers processes
+  precompute  once: decode, resample, fbank, float16, raw image, ArrayRecord write: one process on one thread,
+              one process on --threads threads, --workers processes
   read path   every epoch: Grain train pipeline over the shards (record decode, image + feature augmentation,
-              prompt, tokenise, batch), in this process
-and prints clips/s for each. BLAS is pinned to one thread per process for every path (fair on small machines).
+              prompt, tokenise, batch), in this process on 1 and --threads threads
+and prints clips/s for each beside the reference's, then the feed a Base step needs on a v5e-8 host at 45 % MFU
+(from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one thread per process for
+every path (fair on small machines).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
+import math  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -68,6 +72,79 @@ def _rate(count: int, seconds: float) -> str:
     return f"{count / seconds:8.1f} clips/s  ({seconds:6.2f} s for {count})"
 
 
+def _timed(function, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def time_audio_paths(rows) -> tuple[float, float]:
+    """Seconds for the reference's per-sample audio path and for ours, over every row, in this process."""
+    reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
+    reference = _timed(lambda: [reference_audio_path(row.audio_path) for row in rows])
+    ours = _timed(lambda: [audio.ast_features(audio_io.load_audio(row.audio_path)) for row in rows])
+    return reference, ours
+
+
+def time_precompute(subset: Path, work: Path, count: int, workers: int, threads: int) -> dict[str, float]:
+    """Seconds to precompute the subset: one process on one thread, one process on `threads` threads, and
+    `workers` processes (start-up included)."""
+    timings = {}
+    for label, options in (("1 process, 1 thread", dict(workers=0, threads=1)),
+                           (f"1 process, {threads} threads", dict(workers=0, threads=threads)),
+                           (f"{workers} worker processes (+ start-up)", dict(workers=workers))):  # fmt: skip
+        out = work / f"out-{len(timings)}"
+        timings[label] = _timed(precompute.precompute, subset, out, precompute.PrecomputeConfig(), **options,
+                                progress=False)  # fmt: skip
+        print(f"precompute once (audio + image + write), {label}: {_rate(count, timings[label])}")
+    return timings
+
+
+def time_read_path(work: Path, rows, threads: int) -> float:
+    """Clips/s of the Grain training pipeline over the first precompute's shards, in this process."""
+    from data_pipelines import pipeline
+    from data_pipelines.demo import train_tokenizer
+
+    train_tokenizer([row.caption for row in rows] * 5 + ["a video of a tone"], work / "tokenizer", vocab_size=300)
+    config = pipeline.PipelineConfig(data_dir=str(work / "out-0"), split="subset", batch_size=min(8, len(rows)),
+                                     train=True, tokenizer=str(work / "tokenizer"), text_mode="prompt",
+                                     read_threads=threads, process_index=0, process_count=1)  # fmt: skip
+    iterator = iter(pipeline.build_dataset(config))
+    next(iterator)
+    batches = max(4, 2 * len(rows) // config.batch_size)  # two epochs (augmentation differs each time)
+    seconds = _timed(lambda: [next(iterator) for _ in range(batches)])
+    rate = batches * config.batch_size / seconds
+    print(f"read path per epoch (Grain: decode + augment + tokenise), 1 process, {threads} thread(s): "
+          f"{_rate(batches * config.batch_size, seconds)}")
+    return rate
+
+
+def feed_needed(mfu: float, chip_tflops: float, chips: int) -> float:
+    """Samples/s a host must feed a Base step (bf16, no remat) running at `mfu` on `chips` chips: the FLOP count
+    of one sample's forward + backward (3 x forward; synergy_jax/flops.py) against the chips' peak."""
+    from synergy_jax import flops
+    from synergy_jax.models import synergy
+
+    per_sample = flops.train_flops_per_sample(synergy.preset_config("base").forward_flops(), remat=False)
+    return mfu * chip_tflops * 1e12 * chips / per_sample
+
+
+def report(count: int, reference: float, ours: float, timings: dict[str, float], reads: dict[int, float]) -> None:
+    reference_rate = count / reference
+    print(f"\n{'path':58s} {'clips/s':>9s} {'x reference':>12s}")
+    print(f"{'reference per-sample audio (librosa, fbank), 1 process':58s} {reference_rate:9.1f} {1.0:12.2f}")
+    print(f"{'our audio decode + fbank, 1 thread':58s} {count / ours:9.1f} {reference / ours:12.2f}")
+    for label, seconds in timings.items():
+        print(f"{'precompute (audio + image), ' + label:58s} {count / seconds:9.1f} {reference / seconds:12.2f}")
+    for threads, rate in reads.items():
+        print(f"{f'read path, 1 process, {threads} thread(s)':58s} {rate:9.1f} {rate / reference_rate:12.2f}")
+    needed = feed_needed(0.45, 197.0, 8)
+    best = max(reads.values())
+    print(f"\nA Base step at 45 % MFU on a v5e-8 host (8 x 197 bf16 TFLOP/s) takes {needed:.0f} samples/s: "
+          f"{math.ceil(needed / best)} read-path processes at {best:.0f} clips/s each "
+          f"(pipeline.PipelineConfig.workers), this machine has {os.cpu_count()} cores.")
+
+
 def main(argv) -> None:
     from absl import flags
 
@@ -75,71 +152,18 @@ def main(argv) -> None:
     options = flags.FLAGS
     work = Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     try:
-        manifest = (
-            Path(options.manifest)
-            if options.manifest
-            else make_clips(work, options.clips, options.seconds, options.rate)
-        )
+        manifest = Path(options.manifest) if options.manifest else make_clips(work, options.clips, options.seconds,
+                                                                             options.rate)  # fmt: skip
         rows, _ = manifest_lib.read_manifest(manifest)
         rows = rows[: options.limit] if options.limit else rows
         subset = work / "subset.csv"
-        manifest_lib.write_manifest(
-            subset,
-            [
-                {"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label, "caption": r.caption}
-                for r in rows
-            ],
-        )
+        manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
+                                              "caption": r.caption} for r in rows])  # fmt: skip
         print(f"{len(rows)} clips from {manifest}")
-
-        reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
-        start = time.perf_counter()
-        for row in rows:
-            reference_audio_path(row.audio_path)
-        reference = time.perf_counter() - start
-        print(f"reference per-sample audio (librosa 22.05k -> 16k -> fbank), 1 process: {_rate(len(rows), reference)}")
-        start = time.perf_counter()
-        for row in rows:
-            audio.ast_features(audio_io.load_audio(row.audio_path))
-        ours = time.perf_counter() - start
-        print(f"our audio decode (soundfile, soxr native -> 16k, fbank), 1 process:    {_rate(len(rows), ours)}")
-
-        timings = {}
-        for workers in sorted({0, options.workers}):
-            out = work / f"out{workers}"
-            start = time.perf_counter()
-            precompute.precompute(subset, out, precompute.PrecomputeConfig(), workers=workers, progress=False)
-            timings[workers] = time.perf_counter() - start
-            label = "1 process" if workers == 0 else f"{workers} worker processes (+ start-up)"
-            print(f"precompute once (audio + image + write), {label}: {_rate(len(rows), timings[workers])}")
-
-        from data_pipelines import pipeline
-        from data_pipelines.demo import train_tokenizer
-
-        train_tokenizer([row.caption for row in rows] * 5 + ["a video of a tone"], work / "tokenizer", vocab_size=300)
-        config = pipeline.PipelineConfig(
-            data_dir=str(work / "out0"),
-            split="subset",
-            batch_size=min(8, len(rows)),
-            train=True,
-            tokenizer=str(work / "tokenizer"),
-            text_mode="prompt",
-            process_index=0,
-            process_count=1,
-        )
-        iterator = iter(pipeline.build_dataset(config))
-        next(iterator)
-        batches = max(1, len(rows) // config.batch_size)
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(iterator)
-        read = time.perf_counter() - start
-        examples = batches * config.batch_size
-        print(f"read path per epoch (Grain, decode + augment + tokenise), 1 process: {_rate(examples, read)}")
-        print(
-            f"audio front-end per epoch: reference {len(rows) / reference:.1f} clips/s vs read path "
-            f"{examples / read:.1f} clips/s (image work included in ours only)"
-        )
+        reference, ours = time_audio_paths(rows)
+        timings = time_precompute(subset, work, len(rows), options.workers, options.threads)
+        reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
+        report(len(rows), reference, ours, timings, reads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -153,4 +177,5 @@ if __name__ == "__main__":
     flags.DEFINE_float("seconds", 10.0, "Generated clip length.")
     flags.DEFINE_integer("rate", 44_100, "Generated clips' sample rate.")
     flags.DEFINE_integer("workers", 2, "Precompute worker processes.")
+    flags.DEFINE_integer("threads", 2, "Threads of one precompute process, and Grain read threads.")
     app.run(main)

@@ -23,11 +23,8 @@ Iterators are Grain DatasetIterators: `get_state()` / `set_state()` resume exact
 from __future__ import annotations
 
 import dataclasses
-import io
-
 import grain
 import numpy as np
-from PIL import Image
 
 from data_pipelines import augment, precompute, records
 from synergy_jax import audio, parallel, text
@@ -87,7 +84,7 @@ class ExampleTransform:
         if rng is None:  # evaluation: fixed per row, so every evaluation sees the same prompt
             rng = np.random.default_rng([self.config.seed, fields["row_id"]])
         augments = self.config.augments
-        image = Image.open(io.BytesIO(fields["image"])).convert("RGB")
+        image = records.image_of(fields)
         if augments and self.config.augment_image:
             image = augment.augment_image(image, self.config.image_size, rng)
         else:

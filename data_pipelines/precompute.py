@@ -3,8 +3,8 @@
     python -m data_pipelines.precompute --manifest=data/train.csv --out=data/precomputed [--workers=8]
 
 Per usable row, one record (see `records.py`): the image resized to 224x224 exactly as the reference
-(`Resize((224, 224))` = PIL bilinear with antialiasing, aspect ratio squashed) and stored as PNG (lossless; or
-`--image_format=jpeg`), the AST features (1024 x 128, normalised, float16), label, caption and row id.
+(`Resize((224, 224))` = PIL bilinear with antialiasing, aspect ratio squashed) and stored as raw pixels (or
+`--image_format=png|jpeg`), the AST features (1024 x 128, normalised, float16), label, caption and row id.
 
 Output in `--out`, for a split named after the manifest (`train.csv` -> `train`, or `--split`):
   train-00000.array_record ...     shards of `--shard_size` manifest rows each
@@ -22,6 +22,8 @@ One run per output split at a time.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -35,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from data_pipelines import audio_io, records
@@ -44,7 +47,7 @@ from synergy_jax.errors import SetupError
 
 SHARD_SUFFIX = ".array_record"
 SIDECAR_SUFFIX = ".json"
-IMAGE_FORMATS = ("png", "jpeg")
+IMAGE_FORMATS = ("png", "jpeg", "raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class PrecomputeConfig:
     """What a record depends on besides its input files; part of every shard's fingerprint."""
 
     image_size: int = 224
-    image_format: str = "png"
+    image_format: str = "raw"  # raw pixels: nothing to encode now or decode every epoch
     jpeg_quality: int = 95
     fbank: audio.FbankConfig = audio.FbankConfig()
     reference_resampling: bool = False  # True: native -> 22.05 kHz -> 16 kHz, as the reference
@@ -83,7 +86,11 @@ def load_image(path: str, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def encode_image(image: Image.Image, image_format: str, jpeg_quality: int) -> bytes:
+def encode_image(image: Image.Image, image_format: str, jpeg_quality: int) -> bytes | np.ndarray:
+    """PNG / JPEG bytes, or for `raw` the uint8 pixels themselves: no encoding now and no decoding every epoch, for
+    about 1.5x PNG's size (docs/performance.md)."""
+    if image_format == "raw":
+        return np.asarray(image, np.uint8)
     buffer = io.BytesIO()
     if image_format == "png":
         image.save(buffer, format="PNG", compress_level=1)  # lossless; level 1 is 5x faster than 6, ~10% larger
@@ -234,11 +241,30 @@ def _single_threaded_children():
                 os.environ[name] = value
 
 
-def _results(rows: list[Row], config: PrecomputeConfig, workers: int):
-    """Ordered (record, reason) results for `rows`, computed in `workers` processes (0: in this process)."""
+def _threaded_map(function, items: list, threads: int):
+    """`map(function, items)` in order, on a pool of `threads` threads with at most 2 x `threads` items queued.
+
+    Decoding, resampling, the FFT and PNG coding release the GIL, so one process keeps several cores busy; the
+    bound keeps memory flat however long the manifest is."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _results(rows: list[Row], config: PrecomputeConfig, workers: int, threads: int = 1):
+    """Ordered (record, reason) results for `rows`, computed in `workers` processes (0: in this process, on
+    `threads` threads)."""
     work = functools.partial(process_row, config=config)
     if workers == 0 or not rows:
-        yield from map(work, rows)
+        yield from _threaded_map(work, rows, threads)
         return
     with _single_threaded_children():
         pool = multiprocessing.get_context("spawn").Pool(workers)  # spawn: the parent may hold jax threads
@@ -253,9 +279,12 @@ def precompute(
     *,
     split: str | None = None,
     workers: int = 0,
+    threads: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Precompute one manifest; returns the metadata it wrote. Raises PrecomputeError if no row is usable."""
+    """Precompute one manifest; returns the metadata it wrote. Raises PrecomputeError if no row is usable.
+
+    Rows are computed in `workers` processes, or with `workers=0` in this process on `threads` threads."""
     from synergy_jax import progress as progress_bar
 
     split = split or split_name(manifest)
@@ -287,7 +316,7 @@ def precompute(
         bar.update(1)
         bar.set_postfix(skipped=skipped_so_far[0], refresh=False)
 
-    results = _results([row for index in todo for row in chunks[index]], config, workers)
+    results = _results([row for index in todo for row in chunks[index]], config, workers, threads)
     try:
         for index in todo:
             sidecars[index] = write_shard(shards[index], chunks[index], results, fingerprints[index], on_row)
@@ -388,10 +417,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("manifest", None, "Manifest CSV (img_path, wav_path, label, caption).", required=True)
     flags.DEFINE_string("out", None, "Output folder for shards and metadata.", required=True)
     flags.DEFINE_string("split", None, "Split name (default: the manifest's file name without extension).")
-    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1) - 1), "Decoding processes (0: in-process).")
+    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1) - 1), "Decoding processes (0: in this process).")
+    flags.DEFINE_integer("threads", 2, "Rows in flight on threads when --workers=0.")
     flags.DEFINE_integer("shard_size", PrecomputeConfig.shard_size, "Manifest rows per shard.")
     flags.DEFINE_integer("image_size", PrecomputeConfig.image_size, "Stored image side (pixels).")
-    flags.DEFINE_enum("image_format", "png", IMAGE_FORMATS, "Stored image encoding.")
+    flags.DEFINE_enum("image_format", "raw", IMAGE_FORMATS, "Stored image encoding (raw: pixels, the fastest to read).")
     flags.DEFINE_integer("max_frames", audio.FbankConfig.max_frames, "AST frames (10 ms each) per clip.")
     flags.DEFINE_integer("mel_bins", audio.FbankConfig.num_mel_bins, "Mel bins.")
     flags.DEFINE_bool("reference_resampling", False, "Resample via 22.05 kHz as the reference did.")
@@ -412,7 +442,8 @@ def _run(argv) -> None:
         shard_size=options.shard_size,
     )
     try:
-        metadata = precompute(options.manifest, options.out, config, split=options.split, workers=options.workers)
+        metadata = precompute(options.manifest, options.out, config, split=options.split, workers=options.workers,
+                              threads=options.threads)  # fmt: skip
     except (ManifestError, PrecomputeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)  # bad input, as the jobs' exit 2

@@ -3,10 +3,18 @@
     python experiments/benchmark.py --model=base --mesh=8x1 --batch_per_device=35            # compile only
     python experiments/benchmark.py --model=tiny --mesh=8x1 --steps=20                        # also run steps
     python experiments/benchmark.py --model=large --mesh=2x4 --rules=fsdp_tp --dtype=bfloat16 --remat
+    PYTHONPATH=<libtpu dir> python experiments/benchmark.py --topology=v5e:2x4 --model=base --dtype=bfloat16 --remat
+    python experiments/benchmark.py --model=base --layers=4 --width=256 --heads=4 --projection=256 \
+        --mesh=1x1 --cpu_devices=1 --batch_per_device=8 --steps=5      # towers of one's choosing
 
 Nothing is allocated for a compile-only run: the state and the batch are shape/sharding descriptions, so the full
 Base and Large steps compile on 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 is set when
 the job runs on CPU and asks for more devices than it has). Memory is per device, from the compiled executable.
+
+`--topology` compiles for a TPU slice that is not there (v5e:2x4, v5p:2x2x1, v6e:2x4, ...): libtpu's compiler
+runs on this host and the memory printed is the TPU's own buffer assignment. It needs libtpu importable, kept
+out of the project's environment (README "TPU memory without a TPU"). XLA:CPU's memory figures overstate an
+accelerator's many times over (they ignore remat and TPU fusion); read them as CPU figures only.
 """
 
 from __future__ import annotations
@@ -30,6 +38,12 @@ flags.DEFINE_string("attention", "auto", "Attention implementation: auto, xla, h
 flags.DEFINE_enum("negatives", "global", ["global", "local"], "Contrastive negatives.")
 flags.DEFINE_integer("steps", 0, "Timed steps to run after compiling (0: compile only).")
 flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices when running on CPU.")
+flags.DEFINE_string("topology", None, "Compile only, for this TPU topology (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4), "
+                    "with libtpu on PYTHONPATH; no TPU needed.")
+flags.DEFINE_integer("layers", 0, "Encoder layers of every tower (0: the preset's).")
+flags.DEFINE_integer("width", 0, "Hidden width of every tower, MLP at 4x (0: the preset's).")
+flags.DEFINE_integer("heads", 0, "Attention heads of every tower (0: the preset's).")
+flags.DEFINE_integer("projection", 0, "Projection width (0: the preset's).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU when the device kind is not known.")
 FLAGS = flags.FLAGS
 
@@ -71,19 +85,36 @@ def flop_count(count: float) -> str:
     return f"{count:10.0f} FLOP"
 
 
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology as libtpu describes it, with no TPU attached (for an ahead-of-time compile)."""
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except RuntimeError as error:  # jax's runtime errors included
+        if "not installed" in str(error):
+            raise SystemExit(f"--topology={name} needs libtpu: pip install --no-deps --target <dir> 'libtpu==0.0.42.*' "
+                             "and run with PYTHONPATH=<dir> (README \"TPU memory without a TPU\")") from None  # fmt: skip
+        hint = "; names look like v5e:2x4, v5p:2x2x1, v6e:2x4" if "INVALID_ARGUMENT" in str(error) else ""
+        raise SystemExit(f"--topology={name}: {error}{hint}") from None
+
+
 def main(argv: list[str]) -> None:
     del argv
-    mesh = parallel.make_mesh(FLAGS.mesh)
+    if FLAGS.topology and FLAGS.steps:
+        raise SystemExit("--topology compiles for a TPU that is not here: it cannot run --steps")
+    mesh = parallel.make_mesh(FLAGS.mesh, topology_devices(FLAGS.topology) if FLAGS.topology else None)
     config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat, FLAGS.attention)
+    config = synergy.resized(config, FLAGS.layers, FLAGS.width, FLAGS.heads, FLAGS.projection)
     model = synergy.SynergyCLIP(config)
     tx = train.make_optimizer(train.optimizer_config())
     global_batch = FLAGS.batch_per_device * mesh.shape["data"] * FLAGS.accum
     train.check_batch(global_batch, mesh, FLAGS.accum)
     example = synergy.example_batch(config, 1, FLAGS.text_length)
-    device = jax.devices()[0]
+    device = mesh.devices.flat[0]
     print(f"model={FLAGS.model} mesh={dict(mesh.shape)} rules={FLAGS.rules} dtype={FLAGS.dtype} remat={FLAGS.remat} "
           f"global_batch={global_batch} (={FLAGS.batch_per_device}/device x {mesh.shape['data']} x accum {FLAGS.accum}) "
-          f"devices={jax.device_count()} x {device.device_kind}")  # fmt: skip
+          f"devices={mesh.size} x {device.device_kind}")  # fmt: skip
 
     shardings = train.state_shardings(model, tx, mesh, FLAGS.rules, example)
     state_shapes = train.abstract_train_state(model, tx, example, shardings)
@@ -109,7 +140,7 @@ def main(argv: list[str]) -> None:
     if cost and "flops" in cost:
         print(f"XLA cost-analysis FLOPs/device {flop_count(cost['flops'])} per step")
     if memory is not None:
-        print("per-device memory (compiled executable):")
+        print(f"per-device memory ({'TPU buffer assignment' if FLAGS.topology else 'compiled executable'}):")
         print(f"  arguments (state + batch)    {gib(memory.argument_size_in_bytes)}")
         print(f"  outputs                      {gib(memory.output_size_in_bytes)}")
         print(f"  aliased (donated state)      {gib(memory.alias_size_in_bytes)}")

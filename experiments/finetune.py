@@ -159,8 +159,8 @@ def train_sub_run(plan: Plan, sub_run: finetune.SubRun, folder: Path, mesh, stop
     loop_config = loop.LoopConfig(total_steps=steps, batch_size=batch, log_every=c.log_every,
                                   eval_every=steps_per_epoch, steps_per_epoch=steps_per_epoch, progress=c.progress,
                                   desc=sub_run.name)  # fmt: skip
-    outcome = loop.train_loop(loop_config, state, lambda s, b: step(s, parallel.global_batch(b, mesh)), data, manager,
-                              record, loop.MetricWriter(folder), hook, stop_at)  # fmt: skip
+    outcome = loop.train_loop(loop_config, state, step, data, manager, record, loop.MetricWriter(folder), hook, stop_at,
+                              place=lambda batch: parallel.global_batch(batch, mesh))  # fmt: skip
     if outcome.preempted:
         return None
     history = finetune.history_from_metrics(folder / "metrics.jsonl")

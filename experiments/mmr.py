@@ -166,8 +166,9 @@ def train_mmr(config: ml_collections.ConfigDict, mesh, workdir: Path, started: f
         f"encoders {towers} frozen from {pretrain_dir}, data {source.dir}, mesh {dict(mesh.shape)}, workdir {workdir}")
     loop_config = loop.LoopConfig(total_steps=steps, batch_size=config.batch_size, log_every=config.log_every,
                                   eval_every=config.eval_every, progress=config.progress, desc=f"mmr/{missing}")
-    result = loop.train_loop(loop_config, state, lambda s, b: train_step(s, pipeline.global_batch(b, mesh), encoder_params),
-                             train_iter, manager, record, loop.MetricWriter(workdir), held_out, stop_at)  # fmt: skip
+    result = loop.train_loop(loop_config, state, lambda s, b: train_step(s, b, encoder_params), train_iter, manager,
+                             record, loop.MetricWriter(workdir), held_out, stop_at,
+                             place=lambda batch: pipeline.global_batch(batch, mesh))  # fmt: skip
     outputs = []
     if not result.preempted and jax.process_index() == 0:
         outputs = reconstruction.write_samples(workdir, missing, held_out.samples, tokenizer)

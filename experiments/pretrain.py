@@ -216,9 +216,9 @@ def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: f
     log(f"{config.name or 'run'}: {steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} "
         f"(x{config.accum_steps} accumulation), mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), workdir {workdir}")  # fmt: skip
-    result = loop.train_loop(loop_config, state, lambda s, b: train_step(s, pipeline.global_batch(b, mesh)),
-                             train_iter, manager, record, loop.MetricWriter(workdir),
-                             make_evaluate(config, model, mesh, data, tokenizer, contrastive_batch), stop_at)  # fmt: skip
+    result = loop.train_loop(loop_config, state, train_step, train_iter, manager, record, loop.MetricWriter(workdir),
+                             make_evaluate(config, model, mesh, data, tokenizer, contrastive_batch), stop_at,
+                             place=lambda batch: pipeline.global_batch(batch, mesh))  # fmt: skip
     return loop.summarize(result, workdir, started)
 
 

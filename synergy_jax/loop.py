@@ -5,7 +5,8 @@ iterator (`next()`, `get_state()`, `set_state()`), a run record and an evaluatio
 
 - resume: `start_state` restores the newest checkpoint (state and input position) after checking that the saved run
   record is compatible, or initialises a fresh state;
-- steps, with each step's metrics fetched while the next one runs (the host never waits for the device);
+- steps, with each step's metrics fetched while the next one runs (the host never waits for the device), and
+  the input placed on the mesh `prefetch` batches ahead (`DevicePrefetch`), so a step never waits for its batch;
 - a non-finite step stops the run (`NonFiniteLossError`, exit 1) and keeps the last good checkpoint;
 - SIGTERM (preemption) or `stop_at(step)` saves and returns with `preempted=True` (exit 0; rerun to resume);
 - metric windows averaged every `log_every` steps with throughput and MFU, to metrics.jsonl and TensorBoard;
@@ -17,11 +18,12 @@ Only process 0 writes logs and files; every process runs the same loop (stopping
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,7 @@ class LoopConfig:
     peak_flops: float | None = None  # per device, for MFU
     progress: bool = True
     desc: str = "train"
+    prefetch: int = 2  # batches placed on the mesh ahead of the step that takes them
 
 
 @dataclasses.dataclass
@@ -237,6 +240,43 @@ class _Window:
         self.started, self.steps = time.perf_counter(), 0
 
 
+class DevicePrefetch:
+    """Host batches placed on the devices (`place`) `depth` batches ahead of the step that takes them.
+
+    `get_state()` is the input position after the batches handed out so far, not after those waiting in the queue:
+    a checkpoint resumes exactly where its step left off.
+    """
+
+    def __init__(self, data: ResumableIterator, place: Callable[[dict], Any], depth: int):
+        self.data, self.place, self.depth = data, place, max(depth, 1)
+        self.queue: collections.deque = collections.deque()
+        self.state = data.get_state()
+        self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Any:
+        self._fill()
+        if not self.queue:
+            raise StopIteration
+        batch, self.state = self.queue.popleft()
+        self._fill()  # the next transfers start before this batch's step is dispatched
+        return batch
+
+    def _fill(self) -> None:
+        while not self.exhausted and len(self.queue) < self.depth:
+            try:
+                host = next(self.data)
+            except StopIteration:
+                self.exhausted = True
+                return
+            self.queue.append((self.place(host), self.data.get_state()))
+
+    def get_state(self) -> dict:
+        return self.state
+
+
 def _progress_bar(config: LoopConfig, step: int):
     if not (config.progress and is_main_process()):
         return None
@@ -246,21 +286,23 @@ def _progress_bar(config: LoopConfig, step: int):
 def train_loop(
     config: LoopConfig,
     state: Any,
-    step_fn: Callable[[Any, dict[str, np.ndarray]], tuple[Any, dict]],
-    data: ResumableIterator | Iterator,
+    step_fn: Callable[[Any, Any], tuple[Any, dict]],
+    data: ResumableIterator,
     manager: ocp.CheckpointManager,
     record: RunRecord,
     writer: MetricWriter,
     evaluate: Callable[[Any, int], Metrics],
     stop_at: Callable[[int], bool] | None = None,
+    place: Callable[[dict[str, np.ndarray]], Any] = lambda batch: batch,
 ) -> LoopResult:
-    """Runs `step_fn(state, next(data))` from the state's step to `config.total_steps` (see the module docstring).
+    """Runs `step_fn(state, place(next(data)))` from the state's step to `config.total_steps` (see the module
+    docstring); `place` puts a host batch on the mesh (e.g. `parallel.global_batch`) ahead of time.
 
     `evaluate(state, step)` returns the metrics to log (already named, e.g. 'eval/loss'); the last call's are the
     result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests). The manager and
     the writer are closed when it returns or raises.
     """
-    run = _Run(config, state, data, manager, record, writer, evaluate)
+    run = _Run(config, state, DevicePrefetch(data, place, config.prefetch), manager, record, writer, evaluate)
     try:
         return run.until_done(step_fn, stop_at)
     finally:

@@ -264,6 +264,10 @@ def make_step(
         return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics), fields
 
     def step(state, batch: Batch, *frozen: Any):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for the model's sharding hints and kernels
+            return mesh_step(state, batch, *frozen)
+
+    def mesh_step(state, batch: Batch, *frozen: Any):
         rng = jax.random.fold_in(state.rng, state.step)
         fields = {name: getattr(state, name) for name in mutable}
         grads, metrics, fields = gradients(state.params, batch, rng, fields, frozen[0] if frozen else None)

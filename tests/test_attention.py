@@ -89,3 +89,16 @@ def test_the_knob_reaches_every_tower(monkeypatch):
     for implementation in ("heads_first", "splash"):
         for ours, xla in zip(jax.tree.leaves(outputs[implementation]), jax.tree.leaves(outputs["xla"])):
             np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, dtype, expected", [("tpu", jnp.float32, "splash"), ("gpu", jnp.bfloat16, "cudnn"),
+                                                        ("gpu", jnp.float32, "xla"), ("cpu", jnp.float32, "heads_first")])
+def test_auto_follows_the_mesh_platform(platform, dtype, expected):
+    """Under a mesh context `auto` picks for the mesh's devices, not the host's: a step traced here for a TPU
+    topology uses the TPU's kernel."""
+    from jax._src.mesh import AbstractDevice
+
+    mesh = jax.sharding.AbstractMesh((2, 1), ("data", "model"), abstract_device=AbstractDevice(platform, None, platform))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attention.resolve("auto", dtype, 1214) == expected
+    assert attention.resolve("auto", dtype, 1214) == "heads_first"  # back on this CPU host

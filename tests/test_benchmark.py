@@ -29,3 +29,12 @@ def test_benchmark_rejects_a_mesh_that_does_not_fit(tmp_path):
     )
     assert result.returncode != 0
     assert "this job has 8" in result.stderr
+
+
+def test_a_topology_compile_without_libtpu_says_what_to_install(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model=tiny", "--topology=v5e:2x4", "--mesh=8x1"], capture_output=True,
+        text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--topology=v5e:2x4 needs libtpu: pip install --no-deps --target" in result.stderr

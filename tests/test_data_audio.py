@@ -121,3 +121,18 @@ def test_load_audio_rejects_truncated_header_and_empty_audio(tmp_path):
     soundfile.write(empty, np.zeros(0, np.float32), 16_000)
     with pytest.raises(audio_io.AudioDecodeError, match="no samples"):
         audio_io.load_audio(empty)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6, 7])
+def test_mixdown_is_numpy_mean_to_the_bit(channels):
+    samples = np.random.default_rng(channels).standard_normal((44_100, channels)).astype(np.float32)
+    mono = audio_io.to_mono(samples)
+    assert mono.dtype == np.float32 and mono.shape == (44_100,)
+    np.testing.assert_array_equal(mono, samples.mean(axis=1, dtype=np.float32))
+
+
+def test_sparse_mel_projection_equals_the_dense_filter_bank():
+    config = audio.FbankConfig()
+    power = np.random.default_rng(0).exponential(size=(50, config.fft_length // 2 + 1))
+    sparse = (audio.sparse_mel_filter_bank(config) @ power.T).T
+    np.testing.assert_allclose(sparse, power @ audio.mel_filter_bank(config), rtol=1e-12)

@@ -124,3 +124,18 @@ def test_feature_noise_raises_quiet_bins_like_waveform_noise(seed):
     noisy_features = np.log(augment._add_noise(power, rng, SMALL))
     assert abs(np.mean(noisy_wave) - np.mean(noisy_features)) < 0.1
     assert np.mean(noisy_features) - np.log(power).mean() > 0.5
+
+
+def test_audio_left_alone_is_what_the_full_path_gives():
+    """A clip no op fires on skips the power spectrum: its features must equal the full exp/log round trip,
+    floor at log(eps) and float32 padding included (float16 storage can sit just under the floor)."""
+    features = audio.ast_features(_clip(), SMALL)
+    frames = int(audio.num_frames(_clip().size, SMALL))
+    floor = audio.normalize(np.log(audio.FLOAT32_EPS), SMALL)
+    features[:5, :3] = floor - 1e-3  # below the floor, as float16 rounding can leave silence
+    stored = features.astype(np.float16)
+    power = np.exp(audio.denormalize(stored[:frames].astype(np.float64), SMALL))
+    full = audio.normalize(audio.pad_or_truncate(np.log(np.maximum(power, audio.FLOAT32_EPS)), SMALL.max_frames), SMALL)
+    left_alone = augment.augment_audio(stored, frames, np.random.default_rng(0), SMALL, p=0.0)
+    assert left_alone.dtype == np.float32
+    np.testing.assert_array_equal(left_alone, full.astype(np.float32))

@@ -2,13 +2,11 @@
 per-process sharding, eval padding, mesh placement and worker processes."""
 
 import dataclasses
-import io
 import threading
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from data_pipelines import augment, demo, pipeline, precompute, records
 from data_pipelines.manifest import read_manifest
@@ -175,7 +173,7 @@ def test_eval_is_deterministic_unaugmented_and_padded(data):
     assert sorted(np.concatenate([b["row_id"][b["valid"]] for b in batches])) == sorted(stored)
     batch = batches[0]
     for i, row_id in enumerate(batch["row_id"]):
-        image = Image.open(io.BytesIO(stored[row_id]["image"])).convert("RGB")
+        image = records.image_of(stored[row_id])
         np.testing.assert_allclose(batch["image"][i], augment.to_normalized_array(image), atol=1e-6)
         np.testing.assert_array_equal(batch["audio"][i], stored[row_id]["audio"].astype(np.float32))
 
@@ -186,7 +184,7 @@ def test_augmentation_is_train_only(data):
     plain = _config(paths, augment_image=False, augment_audio=False)
     (batch,) = _batches(plain, tokenizer, 1)
     for i, row_id in enumerate(batch["row_id"]):
-        image = Image.open(io.BytesIO(stored[row_id]["image"])).convert("RGB")
+        image = records.image_of(stored[row_id])
         np.testing.assert_allclose(batch["image"][i], augment.to_normalized_array(image), atol=1e-6)
         np.testing.assert_array_equal(batch["audio"][i], stored[row_id]["audio"].astype(np.float32))
     (augmented,) = _batches(_config(paths), tokenizer, 1)

@@ -1,5 +1,6 @@
 """Manifest validation, precompute robustness (bad rows), resumability and the CLI's exit status."""
 
+import dataclasses
 import io
 import json
 import os
@@ -126,11 +127,10 @@ def test_precompute_skips_and_reports_bad_rows(bad_manifest, tmp_path):
         assert example["audio"].shape == (64, 32) and example["audio"].dtype == np.float16
         np.testing.assert_allclose(example["audio"], expected_audio, atol=2e-3)  # float16 storage
         assert example["audio_frames"] == 64  # 1 s = 98 frames, capped at max_frames
-        image = Image.open(io.BytesIO(example["image"]))
-        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+        assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8  # raw, the default
         original = Image.open(manifest.parent / f"{name}.png").convert("RGB")
         expected_image = original.resize((32, 32), Image.Resampling.BILINEAR)
-        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected_image))  # PNG is lossless
+        np.testing.assert_array_equal(example["image"], np.asarray(expected_image))
 
 
 def _read_examples(out, split):
@@ -197,11 +197,18 @@ def test_changed_inputs_or_settings_recompute_only_what_changed(tmp_path):
     assert metadata["rows_computed_this_run"] == 2
     assert after["train-00000.array_record"] == before["train-00000.array_record"]
     assert after["train-00001.array_record"] != before["train-00001.array_record"]
-    jpeg = precompute.precompute(
-        manifest, out, TINY.__class__(**{**TINY.__dict__, "image_format": "jpeg"}), progress=False
-    )
-    assert jpeg["rows_computed_this_run"] == 4 and jpeg["frontend"]["image_format"] == "jpeg"
-    assert Image.open(io.BytesIO(_read_examples(out, "train")[0]["image"])).format == "JPEG"
+    raw = _read_examples(out, "train")[0]
+    for image_format, file_format in (("png", "PNG"), ("jpeg", "JPEG")):
+        encoded = precompute.precompute(manifest, out, dataclasses.replace(TINY, image_format=image_format), progress=False)
+        assert encoded["rows_computed_this_run"] == 4 and encoded["frontend"]["image_format"] == image_format
+        example = _read_examples(out, "train")[0]
+        assert Image.open(io.BytesIO(example["image"])).format == file_format
+        decoded = np.asarray(records.image_of(example))
+        if image_format == "png":  # lossless: the same pixels as the raw record
+            np.testing.assert_array_equal(decoded, raw["image"])
+        else:
+            assert decoded.shape == raw["image"].shape
+            assert np.corrcoef(decoded.ravel(), raw["image"].ravel())[0, 1] > 0.7  # lossy, but the same picture
 
 
 def test_an_interrupted_rerun_leaves_no_stale_metadata_and_a_truncated_shard_is_caught(tmp_path, monkeypatch):
@@ -226,11 +233,12 @@ def test_an_interrupted_rerun_leaves_no_stale_metadata_and_a_truncated_shard_is_
         precompute.load_metadata(out, "train")
 
 
-def test_worker_processes_give_the_same_shards(tmp_path):
-    manifest = _good_manifest(tmp_path / "data", 5)
+def test_worker_processes_and_threads_give_the_same_shards(tmp_path):
+    manifest = _good_manifest(tmp_path / "data", 7)
     serial = precompute.precompute(manifest, tmp_path / "serial", TINY, workers=0, progress=False)
     parallel = precompute.precompute(manifest, tmp_path / "parallel", TINY, workers=2, progress=False)
-    assert parallel["shards"] == serial["shards"]
+    threaded = precompute.precompute(manifest, tmp_path / "threads", TINY, workers=0, threads=3, progress=False)
+    assert parallel["shards"] == serial["shards"] == threaded["shards"]  # sizes and sha256: same bytes, same order
 
 
 def _cli(manifest, out):

@@ -1,5 +1,6 @@
 """The jobs' shared parts on their own: the run record, the command-line overrides, embed_split's row order and
-padding, and the step builder's mutable fields and frozen argument."""
+padding, the step builder's mutable fields and frozen argument, the device prefetch's input position, and the
+activations' batch sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from synergy_jax import cli, parallel, train
+from synergy_jax import cli, loop, parallel, train
+from synergy_jax.models import layers
 from synergy_jax.errors import CheckpointError
 from synergy_jax.evaluators.embed import embed_split, indexed_batches
 from synergy_jax.record import DataSource, RunRecord
@@ -107,3 +109,43 @@ def test_make_step_threads_mutable_fields_and_frozen_parameters():
     assert float(metrics["nonfinite"]) == 1.0
     for got, want in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(got, want)
+
+
+class _Counting:
+    """A resumable iterator over 0, 1, 2, ... up to `stop` whose state is the next number."""
+
+    def __init__(self, stop: int):
+        self.next, self.stop = 0, stop
+
+    def __next__(self):
+        if self.next == self.stop:
+            raise StopIteration
+        self.next += 1
+        return {"x": np.array([self.next - 1])}
+
+    def get_state(self) -> dict:
+        return {"next": self.next}
+
+
+def test_device_prefetch_places_ahead_and_reports_the_position_of_what_it_handed_out():
+    data, placed = _Counting(5), []
+    prefetch = loop.DevicePrefetch(data, lambda batch: placed.append(int(batch["x"][0])) or batch, depth=2)
+    assert prefetch.get_state() == {"next": 0} and placed == []
+    first = next(prefetch)
+    assert int(first["x"][0]) == 0 and placed == [0, 1, 2]  # two batches waiting behind the one handed out
+    assert prefetch.get_state() == {"next": 1}  # a checkpoint now resumes at batch 1, not at 3
+    assert [int(b["x"][0]) for b in prefetch] == [1, 2, 3, 4]
+    assert prefetch.get_state() == {"next": 5}
+
+
+def test_activations_are_pinned_to_the_batch_split_under_a_mesh():
+    mesh = parallel.make_mesh("4x2")
+    x = jnp.ones((8, 3, 4))
+    under_mesh = jax.jit(lambda x: _with_mesh(mesh, layers.batch_sharded, x)).lower(x).as_text()
+    alone = jax.jit(layers.batch_sharded).lower(x).as_text()
+    assert 'sharding_constraint %arg0 <@mesh, [{"data"}, {}, {}]>' in under_mesh and "sharding_constraint" not in alone
+
+
+def _with_mesh(mesh, function, x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return function(x)

@@ -4,7 +4,6 @@ brute-force numpy computation from embeddings computed directly (one device, who
 on several meshes; wrong class orders and broken layouts must stop it with a clear error."""
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -281,7 +280,7 @@ def test_precomputed_manifest_split_retrieval_and_zero_shot(run_dir, reference, 
     fields = [records.decode_example(r) for r in _all_records(out, metadata)]
     fields.sort(key=lambda f: f["row_id"])
     embeddings = {
-        "image": reference["images"]([Image.open(io.BytesIO(f["image"])) for f in fields]),
+        "image": reference["images"]([records.image_of(f) for f in fields]),
         "audio": reference["audio_features"](np.stack([f["audio"] for f in fields])),
         "text": reference["texts"]([f["caption"] for f in fields]),
     }

@@ -14,7 +14,8 @@ All take `(batch, length, heads, head_dim)` query/key/value and an optional bool
   interpret mode (slow; what the tests use).
 - `auto`: on CPU `heads_first` from `HEADS_FIRST_MIN_LENGTH` tokens, else `xla` (the two run equally fast on short
   sequences); on GPU `cudnn` in bfloat16 / float16, else `xla`; on TPU `splash` from `SPLASH_MIN_LENGTH` tokens
-  where it can run (one device, or a mesh context), else `xla`.
+  where it can run (one device, or a mesh context), else `xla`. The platform is the mesh context's when there is
+  one (so a step traced for a TPU topology on a CPU host picks TPU kernels), else JAX's default backend.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ def resolve(implementation: str, dtype, length: int) -> str:
         raise ValueError(f"unknown attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend()
+    mesh = jax.sharding.get_abstract_mesh()
+    backend = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     if backend == "tpu":
-        runnable = jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
+        runnable = jax.device_count() == 1 or not mesh.empty
         return "splash" if length >= SPLASH_MIN_LENGTH and runnable else "xla"
     return "heads_first" if length >= HEADS_FIRST_MIN_LENGTH else "xla"
 
@@ -103,7 +105,9 @@ def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
     """Pallas splash attention over (batch, heads, padded length, head_dim), scaled queries, one shard."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    kernel = _make_kernel(q.shape[1], q.shape[2], jax.default_backend() != "tpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    kernel = _make_kernel(q.shape[1], q.shape[2], platform != "tpu")
     return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=q_segments, kv=kv_segments))
 
 

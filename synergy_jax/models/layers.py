@@ -245,8 +245,21 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
         block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
         for i in range(self.num_layers):
-            x = block_cls(self.spec, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+            x = block_cls(self.spec, self.dtype, name=f"layer_{i}")(batch_sharded(x), mask, deterministic)
+        return batch_sharded(x)
+
+
+def batch_sharded(x: jax.Array) -> jax.Array:
+    """`x` split over the mesh's 'data' axis along its batch dimension, under a mesh context (the train step sets
+    one); unchanged without one.
+
+    Under FSDP the weights are split over 'data' too, and nothing else tells XLA which of the two to gather for a
+    matmul: left alone it gathered the whole global batch's activations onto every chip (Large on a v5e-8:
+    out of memory whatever the batch). Pinned here, it gathers the weights, as FSDP means."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names:
         return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
 
 
 def transformer_forward_flops(num_tokens: int, hidden: int, mlp_dim: int, num_layers: int) -> int:

@@ -67,6 +67,21 @@ def preset_config(name: str, **runtime: Any) -> SynergyConfig:
     )
 
 
+def resized(config: SynergyConfig, layers: int = 0, width: int = 0, heads: int = 0, projection: int = 0) -> SynergyConfig:
+    """The same trio with every tower's depth, width (MLP at 4x the width) and heads replaced where given (0 keeps
+    the preset's): towers of one's choosing for benchmarks, keeping each preset's inputs (image, patches, frames)."""
+    changes: dict[str, int] = {}
+    if layers:
+        changes["num_hidden_layers"] = layers
+    if width:
+        changes.update(hidden_size=width, intermediate_size=4 * width)
+    if heads:
+        changes["num_attention_heads"] = heads
+    return dataclasses.replace(config, vision=config.vision.replace(**changes), text=config.text.replace(**changes),
+                               audio=config.audio.replace(**changes),
+                               projection_dim=projection or config.projection_dim)  # fmt: skip
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     """x / ||x||, computed in float32 (the reference divides by the norm with no epsilon)."""
     x = x.astype(jnp.float32)
