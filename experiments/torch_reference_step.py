@@ -5,6 +5,11 @@ Needs torch (the optional fixtures venv, see README "Numerics"); the project its
     .venv-torch/bin/python experiments/torch_reference_step.py --model=tiny --batch=32 --steps=20
     python experiments/benchmark.py --model=tiny --mesh=1x1 --cpu_devices=1 --batch_per_device=32 --steps=20
 
+Towers of one's choosing take the same flags on both sides (docs/performance.md has the side-by-side runs):
+
+    taskset -c 0 .venv-torch/bin/python experiments/torch_reference_step.py --model=base --layers=4 --width=256 \
+        --heads=4 --projection=256 --batch=8 --threads=1
+
 It rebuilds the reference's Tri_CLIP forward (docs/reference.md R1.3-1.4: CLIPVisionModel / RobertaModel / ASTModel
 pooled outputs, bias-free projections, L2 normalisation, three exp-scaled logit matrices, symmetric CE, sum) from
 the same tower configs as our presets, with torch.optim.AdamW(lr=5e-6) and fp32, and reports samples/s.
@@ -65,10 +70,14 @@ def main() -> None:
     parser.add_argument("--text_length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--layers", type=int, default=0, help="encoder layers of every tower (0: the preset's)")
+    parser.add_argument("--width", type=int, default=0, help="hidden width of every tower, MLP at 4x (0: the preset's)")
+    parser.add_argument("--heads", type=int, default=0, help="attention heads of every tower (0: the preset's)")
+    parser.add_argument("--projection", type=int, default=0, help="projection width (0: the preset's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = synergy.preset_config(args.model)
+    config = synergy.resized(synergy.preset_config(args.model), args.layers, args.width, args.heads, args.projection)
     model = TriCLIP(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6)
     rng = np.random.default_rng(0)
