@@ -23,6 +23,7 @@ Iterators are Grain DatasetIterators: `get_state()` / `set_state()` resume exact
 from __future__ import annotations
 
 import dataclasses
+
 import grain
 import numpy as np
 

@@ -87,8 +87,8 @@ def load_image(path: str, size: int) -> Image.Image:
 
 
 def encode_image(image: Image.Image, image_format: str, jpeg_quality: int) -> bytes | np.ndarray:
-    """PNG / JPEG bytes, or for `raw` the uint8 pixels themselves: no encoding now and no decoding every epoch, for
-    about 1.5x PNG's size (docs/performance.md)."""
+    """PNG / JPEG bytes, or for `raw` the uint8 pixels themselves (147 KiB at 224 x 224): no encoding now and no
+    decoding every epoch (docs/performance.md)."""
     if image_format == "raw":
         return np.asarray(image, np.uint8)
     buffer = io.BytesIO()

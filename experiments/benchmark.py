@@ -124,16 +124,20 @@ def main(argv: list[str]) -> None:
 
     start = time.perf_counter()
     compiled = step.lower(state_shapes, batch_shapes).compile()
-    compile_seconds = time.perf_counter() - start
-    params = sum(x.size for x in jax.tree.leaves(state_shapes.params))
+    print(f"parameters                     {sum(x.size for x in jax.tree.leaves(state_shapes.params)) / 1e6:10.2f} M")
+    print(f"compile time                   {time.perf_counter() - start:10.1f} s")
     flops_per_sample = flops.train_flops_per_sample(config.forward_flops(FLAGS.text_length), FLAGS.remat)
+    samples_per_device = global_batch / mesh.size  # tensor parallelism shares a sample's work over 'model'
+    print_compiled(compiled, config, flops_per_sample, samples_per_device)
+    if FLAGS.steps > 0:
+        time_steps(compiled, model, tx, mesh, example, config, global_batch, flops_per_sample)
+
+
+def print_compiled(compiled, config: synergy.SynergyConfig, flops_per_sample: int, samples_per_device: float) -> None:
+    """FLOPs (analytic and XLA's) and the compiled step's per-device memory."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    samples_per_device = global_batch / mesh.size  # tensor parallelism shares a sample's work over 'model'
-
-    print(f"parameters                     {params / 1e6:10.2f} M")
-    print(f"compile time                   {compile_seconds:10.1f} s")
     print(f"analytic train FLOPs/sample    {flop_count(flops_per_sample)}  "
           f"(forward {flop_count(config.forward_flops(FLAGS.text_length)).strip()} x {4 if FLAGS.remat else 3})")  # fmt: skip
     print(f"analytic train FLOPs/device    {flop_count(flops_per_sample * samples_per_device)} per step")
@@ -147,9 +151,12 @@ def main(argv: list[str]) -> None:
         print(f"  temporaries (activations)    {gib(memory.temp_size_in_bytes)}")
         peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
         print(f"  total live                   {gib(peak + memory.temp_size_in_bytes)}")
-    if FLAGS.steps <= 0:
-        return
 
+
+def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, flops_per_sample: int) -> None:
+    """Runs the compiled step `--steps` times after a warm-up and prints step time, throughput and MFU."""
+    samples_per_device = global_batch / mesh.size
+    device = mesh.devices.flat[0]
     state, _ = train.create_train_state(model, tx, mesh, FLAGS.rules, example, jax.random.PRNGKey(0))
     batch = jax.device_put(random_batch(config, global_batch, FLAGS.text_length), parallel.batch_sharding(mesh))
     state, metrics = compiled(state, batch)  # warm-up (also checks the step runs)

@@ -37,14 +37,19 @@ def resolve(implementation: str, dtype, length: int) -> str:
         raise ValueError(f"unknown attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    mesh = jax.sharding.get_abstract_mesh()
-    backend = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    backend = _platform()
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     if backend == "tpu":
-        runnable = jax.device_count() == 1 or not mesh.empty
+        runnable = jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
         return "splash" if length >= SPLASH_MIN_LENGTH and runnable else "xla"
     return "heads_first" if length >= HEADS_FIRST_MIN_LENGTH else "xla"
+
+
+def _platform() -> str:
+    """The platform the code being traced will run on: the mesh context's, else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def dot_product_attention(query, key, value, mask, implementation: str = "auto") -> jax.Array:
@@ -105,9 +110,7 @@ def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
     """Pallas splash attention over (batch, heads, padded length, head_dim), scaled queries, one shard."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    kernel = _make_kernel(q.shape[1], q.shape[2], platform != "tpu")
+    kernel = _make_kernel(q.shape[1], q.shape[2], _platform() != "tpu")
     return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=q_segments, kv=kv_segments))
 
 
