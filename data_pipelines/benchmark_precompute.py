@@ -87,18 +87,18 @@ def time_audio_paths(rows) -> tuple[float, float]:
     return reference, ours
 
 
-def time_precompute(subset: Path, work: Path, count: int, workers: int, threads: int) -> dict[str, float]:
+def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) -> dict[str, float]:
     """Seconds to precompute the subset: one process on one thread, one process on `threads` threads, and
     `workers` processes (start-up included)."""
     timings = {}
-    precompute.process_row(manifest_lib.read_manifest(subset)[0][0], precompute.PrecomputeConfig())  # warm caches
+    precompute.process_row(rows[0], precompute.PrecomputeConfig())  # warm the first-call caches
     for label, options in (("1 process, 1 thread", dict(workers=0, threads=1)),
                            (f"1 process, {threads} threads", dict(workers=0, threads=threads)),
                            (f"{workers} worker processes (+ start-up)", dict(workers=workers))):  # fmt: skip
-        out = work / f"out-{len(timings)}"
+        out = work / ("shards" if not timings else f"out-{len(timings)}")  # the first is what the read path reads
         timings[label] = _timed(precompute.precompute, subset, out, precompute.PrecomputeConfig(), **options,
                                 progress=False)  # fmt: skip
-        print(f"precompute once (audio + image + write), {label}: {_rate(count, timings[label])}")
+        print(f"precompute once (audio + image + write), {label}: {_rate(len(rows), timings[label])}")
     return timings
 
 
@@ -108,7 +108,7 @@ def time_read_path(work: Path, rows, threads: int) -> float:
     from data_pipelines.demo import train_tokenizer
 
     train_tokenizer([row.caption for row in rows] * 5 + ["a video of a tone"], work / "tokenizer", vocab_size=300)
-    config = pipeline.PipelineConfig(data_dir=str(work / "out-0"), split="subset", batch_size=min(8, len(rows)),
+    config = pipeline.PipelineConfig(data_dir=str(work / "shards"), split="subset", batch_size=min(8, len(rows)),
                                      train=True, tokenizer=str(work / "tokenizer"), text_mode="prompt",
                                      read_threads=threads, process_index=0, process_count=1)  # fmt: skip
     iterator = iter(pipeline.build_dataset(config))
@@ -163,7 +163,7 @@ def main(argv) -> None:
                                               "caption": r.caption} for r in rows])  # fmt: skip
         print(f"{len(rows)} clips from {manifest}")
         reference, ours = time_audio_paths(rows)
-        timings = time_precompute(subset, work, len(rows), options.workers, options.threads)
+        timings = time_precompute(subset, rows, work, options.workers, options.threads)
         reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
         report(len(rows), reference, ours, timings, reads)
     finally:
