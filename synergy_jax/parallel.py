@@ -64,9 +64,31 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ('data', 'model') mesh for a DxM spec over all (or the given) devices, with Auto axes."""
     auto = (jax.sharding.AxisType.Auto,) * 2
     if devices is None:
-        return jax.make_mesh(parse_mesh(spec, jax.device_count()), AXES, axis_types=auto)
-    shape = parse_mesh(spec, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+        mesh = jax.make_mesh(parse_mesh(spec, jax.device_count()), AXES, axis_types=auto)
+    else:
+        mesh = Mesh(np.asarray(devices).reshape(parse_mesh(spec, len(devices))), AXES, axis_types=auto)
+    connect_cpu_collectives(mesh)
+    return mesh
+
+
+def connect_cpu_collectives(mesh: Mesh) -> None:
+    """On a multi-process CPU mesh, opens the gloo communicators of the mesh's axes now, while the processes are in
+    step (the jobs make their mesh right after `jax.distributed.initialize`).
+
+    Gloo connects a group of devices at its first collective and gives a late peer 30 s to join, a limit JAX does
+    not expose. Left to the first train step, the group would be opened only after each process has compiled the
+    step on its own, and on a busy machine the two compiles can end more than 30 s apart: the step then fails
+    with 'Gloo context initialization failed' and the peer hangs in the collective. An open communicator is kept
+    for the life of the process, and a collective on it waits for a late peer as long as it takes.
+    """
+    if jax.process_count() == 1 or mesh.devices.flat[0].platform != "cpu":
+        return
+    spec = jax.P(*AXES)
+    sums = lambda x: (jax.lax.psum(x, "data"), jax.lax.psum(x, "model"), jax.lax.psum(x, AXES))  # noqa: E731
+    connect = jax.jit(jax.shard_map(sums, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec)))
+    ones = jax.make_array_from_callback(mesh.devices.shape, NamedSharding(mesh, spec),
+                                        lambda index: np.ones((1, 1), np.float32))  # fmt: skip
+    jax.block_until_ready(connect(ones))
 
 
 def logical_to_mesh_spec(

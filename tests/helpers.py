@@ -1,9 +1,13 @@
-"""Helpers shared by the job tests: config overrides, metrics readers, a fake pre-training run, subprocess envs."""
+"""Helpers shared by the job tests: config overrides, metrics readers, a fake pre-training run, subprocess envs and
+job processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import jax
@@ -89,3 +93,33 @@ def subprocess_env(devices: int) -> dict:
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
     return env
+
+
+@contextlib.contextmanager
+def job_processes(commands: list[list[str]], devices: int, cwd: Path):
+    """Starts one job process per command, output to `<cwd>/process_<i>.log` (no pipe to fill up); on exit kills any
+    still running, so a failing test never leaves a training process (or its peer in a collective) behind."""
+    logs = [open(cwd / f"process_{i}.log", "w") for i in range(len(commands))]
+    processes = []
+    try:
+        for command, log in zip(commands, logs):
+            processes.append(subprocess.Popen(command, env=subprocess_env(devices), stdout=log,
+                                              stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        for log in logs:
+            log.close()
+
+
+def process_output(cwd: Path, index: int) -> str:
+    return (cwd / f"process_{index}.log").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,10 +1,13 @@
 """Mesh parsing and sharding rules: parameters really are split the way the rules say."""
 
+import sys
+
 import jax
 import pytest
 
 from synergy_jax import parallel, train
 from synergy_jax.models import synergy
+from helpers import free_port, job_processes, process_output
 from synthetic import TEXT_LENGTH, tiny_config
 
 
@@ -82,3 +85,32 @@ def test_tensor_parallel_falls_back_to_embed_for_undivisible_matrices():
     assert parallel.logical_to_mesh_spec(("embed", "heads", "kv"), (768, 16, 64), tp, mesh, fallback) == jax.P(None, "model", None)
     assert parallel.logical_to_mesh_spec(("embed",), (768,), tp, mesh, fallback) == jax.P(None)  # vectors stay whole
     assert parallel.logical_to_mesh_spec(("vocab", "embed"), (50265, 768), tp, mesh) == jax.P(None, None)
+
+
+LATE_PEER = """
+import sys, time
+import jax, jax.numpy as jnp
+from synergy_jax import distributed, parallel
+process, port = int(sys.argv[1]), sys.argv[2]
+distributed.initialize(distributed.distributed_arguments(f"127.0.0.1:{port}", 2, process))
+mesh = parallel.make_mesh("2x2")
+if process == 1:
+    time.sleep(35)  # a slower compile of the first step: more than gloo's 30 s to join a new communicator
+x = jax.device_put(jnp.arange(16.0).reshape(4, 4), jax.NamedSharding(mesh, jax.P("data", "model")))
+total = jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(x)
+print("total", float(total.addressable_data(0)))
+"""
+
+
+def test_a_peer_late_to_the_first_collective_is_waited_for(tmp_path):
+    """Two processes x 2 CPU devices; one reaches the first cross-process collective 35 s after the other. The
+    mesh opened the communicators while the processes were in step, so the early one waits instead of failing."""
+    port = free_port()
+    commands = [[sys.executable, "-c", LATE_PEER, str(i), str(port)] for i in range(2)]
+    with job_processes(commands, devices=2, cwd=tmp_path) as processes:
+        for process in processes:
+            process.wait(timeout=300)  # a hang guard, not a speed limit
+    for i, process in enumerate(processes):
+        output = process_output(tmp_path, i)
+        assert process.returncode == 0, output[-3000:]
+        assert "total 120.0" in output

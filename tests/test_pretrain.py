@@ -2,12 +2,10 @@
 preemption (SIGTERM in a subprocess), restore onto other meshes, incompatible configs, non-finite stops, early
 errors, and two processes x 4 devices giving the losses of one process x 8 devices."""
 
-import contextlib
 import os
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,8 @@ import pytest
 from data_pipelines import demo, precompute
 from experiments import pretrain
 from experiments.configs import pretrain as configs
-from helpers import ROOT, bit_rot, metric_lines, override, subprocess_env, train_losses
+from helpers import (ROOT, bit_rot, free_port, job_processes, metric_lines, override, process_output, subprocess_env,
+                     train_losses)
 from synergy_jax import audio, checkpoint, parallel, train
 from synergy_jax.errors import NonFiniteLossError
 from synergy_jax.models.synergy import SynergyCLIP, example_batch
@@ -180,30 +179,6 @@ def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, e
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
 
-@contextlib.contextmanager
-def job_processes(commands: list[list[str]], devices: int, cwd: Path):
-    """Starts one job process per command, output to `<cwd>/process_<i>.log` (no pipe to fill up); on exit kills any
-    still running, so a failing test never leaves a training process (or its peer in a collective) behind."""
-    logs = [open(cwd / f"process_{i}.log", "w") for i in range(len(commands))]
-    processes = []
-    try:
-        for command, log in zip(commands, logs):
-            processes.append(subprocess.Popen(command, env=subprocess_env(devices), stdout=log,
-                                              stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
-        yield processes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        for log in logs:
-            log.close()
-
-
-def process_output(cwd: Path, index: int) -> str:
-    return (cwd / f"process_{index}.log").read_text()
-
-
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
@@ -223,17 +198,11 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     assert max(train_losses(tmp_path)) == saved
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(reference, data_root, tmp_path):
     single, _ = reference
     steps = STEPS
     multi = tmp_path / "multi"
-    port = _free_port()
+    port = free_port()
     common = [sys.executable, str(SCRIPT), f"--workdir={multi}", "--mesh=8x1", f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", *cli_overrides(data_root, total_steps=steps)]  # fmt: skip
     with job_processes([[*common, f"--process_id={i}"] for i in range(2)], devices=4, cwd=tmp_path) as processes:
