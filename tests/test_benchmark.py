@@ -38,3 +38,22 @@ def test_a_topology_compile_without_libtpu_says_what_to_install(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "--topology=v5e:2x4 needs libtpu: pip install --no-deps --target" in result.stderr
+
+
+def test_the_cpu_bound_times_every_matmul_of_the_train_step(tmp_path):
+    """The bound's matmul list is the step's: three times the forward's matmul FLOPs (forward, input gradient,
+    weight gradient) of every tower, as the model's own FLOP count has them."""
+    from synergy_jax.models import layers, synergy
+
+    command = [sys.executable, str(SCRIPT.parent / "cpu_step_bound.py"), "--model=tiny", "--layers=1", "--width=32",
+               "--heads=2", "--projection=16", "--batch=2", "--text_length=8", "--repeats=1", "--reference_seconds=1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = synergy.resized(synergy.preset_config("tiny"), 1, 32, 2, 16)
+    towers = [(config.vision, config.vision.num_tokens), (config.text, 8), (config.audio, config.audio.num_tokens)]
+    forward = sum(layers.transformer_forward_flops(tokens, t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+                  for t, tokens in towers)  # fmt: skip
+    printed = re.search(r"train step matmuls: [\d.]+ GFLOP \((\d+) FLOP", result.stdout)
+    assert printed and int(printed.group(1)) == 2 * 3 * forward  # batch 2
+    assert re.search(r"every matmul at jax speed\s+[\d.]+ s", result.stdout)
+    assert "1.5x its throughput is 0.67 s per step" in result.stdout

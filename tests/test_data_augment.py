@@ -63,6 +63,28 @@ def test_normalisation_is_clip_statistics():
     np.testing.assert_allclose(augment.to_normalized_array(image)[1, 1], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("width, height", [(224, 224), (7, 3), (1, 5)])
+def test_normalisation_equals_torchvision_formula_bit_for_bit(width, height):
+    """ToTensor then Normalize, written the obvious way, against the row-wise in-place version."""
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    formula = (pixels.astype(np.float32) / np.float32(255.0) - augment.CLIP_MEAN) / augment.CLIP_STD
+    out = augment.to_normalized_array(Image.fromarray(pixels))
+    assert out.dtype == np.float32 and out.shape == (height, width, 3)
+    np.testing.assert_array_equal(out, formula)
+
+
+def test_hue_shift_wraps_every_byte_like_torchvision():
+    """torchvision's PIL adjust_hue: (h + int(hue * 255)) mod 256 on the HSV hue byte, for positive and negative
+    shifts and every hue value."""
+    hues = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    saturation = np.full_like(hues, 255)
+    image = Image.merge("HSV", [Image.fromarray(c, "L") for c in (hues, saturation, saturation)]).convert("RGB")
+    for hue in (-0.5, -0.2, 0.075, 0.49):
+        shifted = ((np.asarray(image.convert("HSV"))[..., 0].astype(np.int32) + int(hue * 255)) % 256).astype(np.uint8)
+        expected = Image.merge("HSV", [Image.fromarray(shifted, "L"), *image.convert("HSV").split()[1:]]).convert("RGB")
+        np.testing.assert_array_equal(np.asarray(augment.adjust_hue(image, hue)), np.asarray(expected))
+
+
 def _clip(seconds=1.5, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(int(16000 * seconds)) / 16000
