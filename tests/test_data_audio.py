@@ -83,6 +83,20 @@ def test_padding_is_zero_log_mel_and_truncation_keeps_the_start():
     np.testing.assert_allclose(audio.denormalize(audio.normalize(features, config), config), features, atol=1e-5)
 
 
+@pytest.mark.parametrize("subtype, channels", [("PCM_16", 2), ("PCM_16", 3), ("PCM_16", 1), ("PCM_24", 2), ("FLOAT", 2)])
+def test_decoding_equals_libsndfile_float_samples_bit_for_bit(tmp_path, subtype, channels):
+    """16-bit PCM is read as int16 and scaled by 2^-15 ourselves; every format must give libsndfile's own float32
+    samples, mixed down and resampled, to the bit (full-scale values and both extremes included)."""
+    rng = np.random.default_rng(channels)
+    samples = rng.uniform(-1, 1, (22_050, channels)).astype(np.float32)
+    samples[:4] = [[-1.0] * channels, [1.0] * channels, [0.0] * channels, [-(2.0**-15)] * channels]
+    path = tmp_path / f"clip_{subtype}.wav"
+    soundfile.write(path, samples, 22_050, subtype=subtype)
+    libsndfile, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    expected = audio_io.resample(audio_io.to_mono(libsndfile), rate)
+    np.testing.assert_array_equal(audio_io.load_audio(path), expected)
+
+
 def test_load_audio_mixes_down_and_resamples(tmp_path):
     rate = 44_100
     t = np.arange(rate) / rate
