@@ -55,7 +55,7 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
     Channels are summed column by column: numpy's `mean(axis=1)` over a handful of interleaved channels runs a
     tiny reduction per sample (10 ms for 10 s of 44.1 kHz stereo, 3x the resampling). Up to 7 channels the
-    sum is in numpy's own order, so the result is the same to the bit."""
+    sum is in numpy's own order, so the result is the same to the bit (but for the sign of an exact zero)."""
     channels = samples.shape[1]
     if channels == 1:
         return samples[:, 0]

@@ -1,7 +1,8 @@
 """A lower bound on the CPU train step's time from its matmuls alone, with each library's own matmul speed.
 
-Every matmul of the step (forward and backward: q/k/v/out projections, MLP, attention scores and values, per
-tower, at the step's real shapes) is timed alone on this machine with XLA:CPU (jax) and, when torch is importable,
+Every matmul of the towers' blocks (forward and backward: q/k/v/out projections, MLP, attention scores and values,
+per tower, at the step's real shapes; the patch embeddings and the three projections, about 2 % of the FLOPs, are
+left out, which only lowers the bound) is timed alone with XLA:CPU (jax) and, when torch is importable,
 with torch's kernels. The sum over the step's matmuls of their best time is what a step takes if it ran every
 matmul as fast as the faster library runs it alone and everything else (softmax, norms, GELU, AdamW, copies)
 took no time at all. No implementation built on these kernels goes below it.

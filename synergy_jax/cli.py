@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -113,7 +114,9 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
 
 def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
     """Runs a job; SIGTERM outside the training loop exits 0 (preempted), a non-finite training state exits 1, a
-    setup error exits 2, each with a one-line message instead of a traceback."""
+    setup error exits 2, each with a one-line message instead of a traceback. In a multi-process job any other
+    error prints its traceback and exits 1, and every failure leaves at once (`distributed.exit_now`) so the
+    other processes stop within seconds instead of waiting in a collective for this one."""
     try:
         with distributed.sigterm_raises():
             return job(*args)
@@ -123,10 +126,17 @@ def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
         sys.exit(0)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        distributed.exit_now(1)
     except SETUP_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        distributed.exit_now(2)
+    except Exception:
+        if not distributed.is_one_of_several():
+            raise
+        traceback.print_exc()
+        print("error: this process failed (traceback above). If it is a lost connection or a failed collective, "
+              "another process of the job failed first: its output says why.", file=sys.stderr)  # fmt: skip
+        distributed.exit_now(1)
 
 
 def start(

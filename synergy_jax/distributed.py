@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from typing import Iterator, Mapping
 
 
@@ -45,6 +46,14 @@ def distributed_arguments(
     return None
 
 
+_initialized = False  # whether this process called `initialize` (it is one of several)
+
+
+def is_one_of_several() -> bool:
+    """Whether this process started a multi-process job (`initialize` ran)."""
+    return _initialized
+
+
 def initialize(arguments: dict | None) -> bool:
     """Calls `jax.distributed.initialize(**arguments)` unless None; returns whether it did."""
     if arguments is None:
@@ -54,7 +63,24 @@ def initialize(arguments: dict | None) -> bool:
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
+    global _initialized
+    _initialized = True
     return True
+
+
+def exit_now(code: int) -> None:
+    """Ends the process with `code`, at once when it is one of several.
+
+    A normal exit waits at JAX's shutdown barrier for every other process; after a failure those may be waiting in
+    a collective for this one, and all of them would then sit out the barrier's 5-minute timeout and abort. Leaving
+    without the barrier closes this process's connections: the others' collectives fail within seconds and they
+    exit the same way (`cli.run_or_exit`). Output is flushed first; files were closed by the code that wrote them.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _initialized:
+        os._exit(code)
+    sys.exit(code)
 
 
 def default_log_verbosity() -> None:

@@ -57,7 +57,7 @@ class LoopConfig:
     peak_flops: float | None = None  # per device, for MFU
     progress: bool = True
     desc: str = "train"
-    prefetch: int = 2  # batches placed on the mesh ahead of the step that takes them
+    prefetch: int = 2  # batches placed on the mesh ahead of the step that takes them (at least 1)
 
 
 @dataclasses.dataclass
@@ -260,8 +260,13 @@ class DevicePrefetch:
         self._fill()
         if not self.queue:
             raise StopIteration
-        batch, self.state = self.queue.popleft()
-        self._fill()  # the next transfers start before this batch's step is dispatched
+        entry = self.queue.popleft()
+        try:
+            self._fill()  # the next transfers start before this batch's step is dispatched
+        except BaseException:
+            self.queue.appendleft(entry)  # an input error hands nothing out: the position stays before this batch
+            raise
+        batch, self.state = entry
         return batch
 
     def _fill(self) -> None:

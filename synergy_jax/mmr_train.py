@@ -178,5 +178,6 @@ def make_eval_step(
         return {"predicted": predicted, "target": target, "mask": mask, "nll": jnp.sum(nll * mask, 1),
                 "correct": jnp.sum(correct * mask, 1), "nll_all": jnp.sum(nll, 1), "correct_all": jnp.sum(correct, 1)}  # fmt: skip
 
-    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), encoder_shardings, parallel.batch_sharding(mesh)),
+    return jax.jit(parallel.on_mesh(evaluate, mesh),
+                   in_shardings=(parallel.replicated(mesh), encoder_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.batch_sharding(mesh))  # fmt: skip

@@ -19,7 +19,7 @@ mesh axis is used at most once per parameter. Under `tp` a matrix whose rule-nam
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -80,8 +80,12 @@ def connect_cpu_collectives(mesh: Mesh) -> None:
     step on its own, and on a busy machine the two compiles can end more than 30 s apart: the step then fails
     with 'Gloo context initialization failed' and the peer hangs in the collective. An open communicator is kept
     for the life of the process, and a collective on it waits for a late peer as long as it takes.
+
+    It is itself a collective: every process must make the same meshes in the same order (the jobs make one). A
+    mesh that leaves out some process's devices is skipped, as is any mesh on one process or on accelerators.
     """
-    if jax.process_count() == 1 or mesh.devices.flat[0].platform != "cpu":
+    processes = {device.process_index for device in mesh.devices.flat}
+    if len(processes) == 1 or len(processes) < jax.process_count() or mesh.devices.flat[0].platform != "cpu":
         return
     spec = jax.P(*AXES)
     sums = lambda x: (jax.lax.psum(x, "data"), jax.lax.psum(x, "model"), jax.lax.psum(x, AXES))  # noqa: E731
@@ -126,6 +130,29 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules: str | dict[str, str]) 
         return NamedSharding(mesh, logical_to_mesh_spec(leaf.names, leaf.value.shape, rule_set, mesh, fallback))
 
     return jax.tree.map(leaf_sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def on_mesh(function: Callable, mesh: Mesh | None) -> Callable:
+    """`function` run under `mesh` as the abstract mesh, for jitting: what it traces sees the mesh (the towers pin
+    their activations to its batch split, attention picks kernels for its platform). Every jitted forward and
+    step of the jobs is traced this way, so evaluation lays out activations as training does. None: unchanged."""
+    if mesh is None:
+        return function
+
+    def traced_on_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args, **kwargs)
+
+    return traced_on_mesh
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a tree of arrays is laid out on (its first leaf with a NamedSharding), or None."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -264,10 +264,6 @@ def make_step(
         return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics), fields
 
     def step(state, batch: Batch, *frozen: Any):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for the model's sharding hints and kernels
-            return mesh_step(state, batch, *frozen)
-
-    def mesh_step(state, batch: Batch, *frozen: Any):
         rng = jax.random.fold_in(state.rng, state.step)
         fields = {name: getattr(state, name) for name in mutable}
         grads, metrics, fields = gradients(state.params, batch, rng, fields, frozen[0] if frozen else None)
@@ -285,7 +281,8 @@ def make_step(
 
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     in_shardings = (shardings, batch_sharding) + (() if frozen_shardings is None else (frozen_shardings,))
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return jax.jit(parallel.on_mesh(step, mesh), in_shardings=in_shardings, out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))  # fmt: skip
 
 
 def contrastive_loss(model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh) -> LossFn:

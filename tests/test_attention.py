@@ -102,3 +102,9 @@ def test_auto_follows_the_mesh_platform(platform, dtype, expected):
     with jax.sharding.use_abstract_mesh(mesh):
         assert attention.resolve("auto", dtype, 1214) == expected
     assert attention.resolve("auto", dtype, 1214) == "heads_first"  # back on this CPU host
+
+
+def test_auto_under_a_mesh_of_shapes_alone_uses_the_default_backend():
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))  # no devices: no platform to follow
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attention.resolve("auto", jnp.float32, 1214) == "heads_first"

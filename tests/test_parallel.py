@@ -114,3 +114,36 @@ def test_a_peer_late_to_the_first_collective_is_waited_for(tmp_path):
         output = process_output(tmp_path, i)
         assert process.returncode == 0, output[-3000:]
         assert "total 120.0" in output
+
+
+FAILING_PEER = """
+import sys
+import jax, jax.numpy as jnp
+from synergy_jax import cli, distributed, parallel
+from synergy_jax.errors import SetupError
+process, port = int(sys.argv[1]), sys.argv[2]
+
+def job():
+    distributed.initialize(distributed.distributed_arguments(f"127.0.0.1:{port}", 2, process))
+    mesh = parallel.make_mesh("2x2")
+    if process == 1:
+        raise SetupError("process 1: its data folder is missing")
+    x = jax.device_put(jnp.ones((4, 4)), jax.NamedSharding(mesh, jax.P("data", "model")))
+    jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(x).block_until_ready()
+
+cli.run_or_exit(job)
+"""
+
+
+def test_one_failing_process_stops_the_others_within_seconds(tmp_path):
+    """Process 1 fails its setup while process 0 waits for it in a collective. Each exits with its code and a
+    message, instead of both waiting out JAX's 5-minute shutdown barrier and aborting."""
+    port = free_port()
+    commands = [[sys.executable, "-c", FAILING_PEER, str(i), str(port)] for i in range(2)]
+    with job_processes(commands, devices=2, cwd=tmp_path) as processes:
+        for process in processes:
+            process.wait(timeout=200)  # under the barrier's 300 s: the old behaviour fails here
+    waiting, failing = (process_output(tmp_path, i) for i in range(2))
+    assert processes[1].returncode == 2 and "error: process 1: its data folder is missing" in failing
+    assert processes[0].returncode == 1, waiting[-3000:]
+    assert "another process of the job failed first" in waiting

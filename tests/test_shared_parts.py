@@ -2,6 +2,8 @@
 padding, the step builder's mutable fields and frozen argument, the device prefetch's input position, and the
 activations' batch sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,10 +12,13 @@ import optax
 import pytest
 
 from synergy_jax import cli, loop, parallel, train
+from synergy_jax.evaluators import embed
 from synergy_jax.models import layers
+from synergy_jax.models.synergy import SynergyCLIP
 from synergy_jax.errors import CheckpointError
 from synergy_jax.evaluators.embed import embed_split, indexed_batches
 from synergy_jax.record import DataSource, RunRecord
+from synthetic import random_batch, tiny_config
 
 
 def test_data_source_paths_inside_the_run_are_stored_relative(tmp_path):
@@ -138,14 +143,47 @@ def test_device_prefetch_places_ahead_and_reports_the_position_of_what_it_handed
     assert prefetch.get_state() == {"next": 5}
 
 
+def test_an_input_error_while_reading_ahead_hands_out_nothing():
+    """The read of batch 2 fails while batch 1 is being handed out: batch 1 stays queued and the position stays
+    before it, so a caller that saved now would not skip it."""
+    data = _Counting(5)
+    place = lambda batch: batch if int(batch["x"][0]) != 2 or data.next > 3 else 1 / 0  # noqa: E731
+    prefetch = loop.DevicePrefetch(data, place, depth=1)
+    assert int(next(prefetch)["x"][0]) == 0
+    with pytest.raises(ZeroDivisionError):
+        next(prefetch)
+    assert prefetch.get_state() == {"next": 1}
+    assert int(next(prefetch)["x"][0]) == 1  # the same batch, once the input recovers
+
+
 def test_activations_are_pinned_to_the_batch_split_under_a_mesh():
     mesh = parallel.make_mesh("4x2")
     x = jnp.ones((8, 3, 4))
     under_mesh = jax.jit(lambda x: _with_mesh(mesh, layers.batch_sharded, x)).lower(x).as_text()
     alone = jax.jit(layers.batch_sharded).lower(x).as_text()
     assert 'sharding_constraint %arg0 <@mesh, [{"data"}, {}, {}]>' in under_mesh and "sharding_constraint" not in alone
+    # Inside a shard_map over 'data' each device holds its own rows already: the towers run there unchanged.
+    per_shard = jax.shard_map(layers.batch_sharded, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: _with_mesh(mesh, per_shard, x))(x)), np.ones((8, 3, 4)))
 
 
 def _with_mesh(mesh, function, x):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return function(x)
+
+
+def test_evaluation_forwards_are_traced_on_the_parameters_mesh(monkeypatch):
+    """The embedders trace under the mesh their parameters live on, as the train step does, so evaluation keeps
+    activations batch-split under FSDP and picks the same attention kernels."""
+    seen = []
+    monkeypatch.setattr(layers, "batch_sharded", lambda x: seen.append(dict(jax.sharding.get_abstract_mesh().shape)) or x)
+    mesh = parallel.make_mesh("4x2")
+    config = dataclasses.replace(tiny_config(), projection_dim=24)  # a config no other test traces
+    model = SynergyCLIP(config)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(config, 8).items()}
+    params = jax.device_put(model.init(jax.random.PRNGKey(0), batch)["params"], parallel.replicated(mesh))
+    placed = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+    seen.clear()  # initialisation ran outside any mesh
+    embed.embed_all_modalities(model, params, placed)
+    embed.modality_embedder(model, params, "audio")(placed)
+    assert seen and all(shape == {"data": 4, "model": 2} for shape in seen)

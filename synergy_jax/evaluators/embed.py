@@ -127,9 +127,14 @@ def batch_count(count: int, batch_size: int) -> int:
     return len(_process_batches(count, batch_size))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
 def embed_all_modalities(model: SynergyCLIP, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Normalised image, text and audio embeddings of a tri-modal batch (deterministic), batch-sharded."""
+    """Normalised image, text and audio embeddings of a tri-modal batch (deterministic), batch-sharded; traced on
+    the parameters' mesh (`parallel.on_mesh`)."""
+    return parallel.on_mesh(_embed_all, parallel.mesh_of(params))(model, params, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _embed_all(model: SynergyCLIP, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     embeddings, _ = model.apply({"params": params}, batch, deterministic=True)
     return embeddings
 
@@ -143,8 +148,9 @@ def _embed_one(model: SynergyCLIP, params, batch: dict[str, jax.Array], modality
 
 def modality_embedder(model: SynergyCLIP, params, modality: str) -> Callable[[dict[str, jax.Array]], dict]:
     """`batch -> {modality: normalised embeddings}` through one tower and its projection (one compiled program per
-    model config, modality and shapes, shared by every call in the process)."""
-    return lambda batch: {modality: _embed_one(model, params, batch, modality)}
+    model config, modality and shapes, shared by every call in the process), traced on the parameters' mesh."""
+    embed_one = parallel.on_mesh(_embed_one, parallel.mesh_of(params))
+    return lambda batch: {modality: embed_one(model, params, batch, modality)}
 
 
 def prompt_embedder(

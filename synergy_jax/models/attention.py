@@ -49,7 +49,8 @@ def resolve(implementation: str, dtype, length: int) -> str:
 def _platform() -> str:
     """The platform the code being traced will run on: the mesh context's, else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    device = None if mesh.empty else mesh.abstract_device  # None for a mesh built from shapes and names alone
+    return jax.default_backend() if device is None else device.platform
 
 
 def dot_product_attention(query, key, value, mask, implementation: str = "auto") -> jax.Array:

@@ -250,8 +250,8 @@ class Encoder(nn.Module):
 
 
 def batch_sharded(x: jax.Array) -> jax.Array:
-    """`x` split over the mesh's 'data' axis along its batch dimension, under a mesh context (the train step sets
-    one); unchanged without one.
+    """`x` split over the mesh's 'data' axis along its batch dimension, under a mesh context (`parallel.on_mesh`
+    sets one for every job's step and evaluation forward); unchanged without one.
 
     Under FSDP the weights are split over 'data' too, and nothing else tells XLA which of the two to gather for a
     matmul: left alone it gathered the whole global batch's activations onto every chip (Large on a v5e-8:
@@ -259,6 +259,8 @@ def batch_sharded(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "data" not in mesh.axis_names:
         return x
+    if mesh.axis_types[mesh.axis_names.index("data")] != jax.sharding.AxisType.Auto:
+        return x  # inside a shard_map 'data' is a manual axis: there is no split to pin
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
 
 
