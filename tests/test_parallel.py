@@ -87,63 +87,51 @@ def test_tensor_parallel_falls_back_to_embed_for_undivisible_matrices():
     assert parallel.logical_to_mesh_spec(("vocab", "embed"), (50265, 768), tp, mesh) == jax.P(None, None)
 
 
-LATE_PEER = """
+TWO_PEERS = """
 import sys, time
-import jax, jax.numpy as jnp
-from synergy_jax import distributed, parallel
-process, port = int(sys.argv[1]), sys.argv[2]
-distributed.initialize(distributed.distributed_arguments(f"127.0.0.1:{port}", 2, process))
-mesh = parallel.make_mesh("2x2")
-if process == 1:
-    time.sleep(35)  # a slower compile of the first step: more than gloo's 30 s to join a new communicator
-x = jax.device_put(jnp.arange(16.0).reshape(4, 4), jax.NamedSharding(mesh, jax.P("data", "model")))
-total = jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(x)
-print("total", float(total.addressable_data(0)))
-"""
-
-
-def test_a_peer_late_to_the_first_collective_is_waited_for(tmp_path):
-    """Two processes x 2 CPU devices; one reaches the first cross-process collective 35 s after the other. The
-    mesh opened the communicators while the processes were in step, so the early one waits instead of failing."""
-    port = free_port()
-    commands = [[sys.executable, "-c", LATE_PEER, str(i), str(port)] for i in range(2)]
-    with job_processes(commands, devices=2, cwd=tmp_path) as processes:
-        for process in processes:
-            process.wait(timeout=300)  # a hang guard, not a speed limit
-    for i, process in enumerate(processes):
-        output = process_output(tmp_path, i)
-        assert process.returncode == 0, output[-3000:]
-        assert "total 120.0" in output
-
-
-FAILING_PEER = """
-import sys
 import jax, jax.numpy as jnp
 from synergy_jax import cli, distributed, parallel
 from synergy_jax.errors import SetupError
-process, port = int(sys.argv[1]), sys.argv[2]
+process, port, peer_1 = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
 def job():
     distributed.initialize(distributed.distributed_arguments(f"127.0.0.1:{port}", 2, process))
     mesh = parallel.make_mesh("2x2")
-    if process == 1:
+    if process == 1 and peer_1 == "late":
+        time.sleep(35)  # a slower compile of the first step: more than gloo's 30 s to join a new communicator
+    if process == 1 and peer_1 == "failing":
         raise SetupError("process 1: its data folder is missing")
-    x = jax.device_put(jnp.ones((4, 4)), jax.NamedSharding(mesh, jax.P("data", "model")))
-    jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(x).block_until_ready()
+    x = jax.device_put(jnp.arange(16.0).reshape(4, 4), jax.NamedSharding(mesh, jax.P("data", "model")))
+    total = jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(x)
+    print("total", float(total.addressable_data(0)))
 
 cli.run_or_exit(job)
 """
 
 
+def run_two_peers(tmp_path, peer_1: str, hang_guard: int) -> tuple[list, list[str]]:
+    """Two processes x 2 CPU devices summing one array across both; process 1 is `late` or `failing`."""
+    port = free_port()
+    commands = [[sys.executable, "-c", TWO_PEERS, str(i), str(port), peer_1] for i in range(2)]
+    with job_processes(commands, devices=2, cwd=tmp_path) as processes:
+        for process in processes:
+            process.wait(timeout=hang_guard)
+    return processes, [process_output(tmp_path, i) for i in range(2)]
+
+
+def test_a_peer_late_to_the_first_collective_is_waited_for(tmp_path):
+    """Process 1 reaches the first cross-process collective 35 s after process 0. The mesh opened the
+    communicators while the processes were in step, so the early one waits instead of failing."""
+    processes, outputs = run_two_peers(tmp_path, "late", hang_guard=300)  # a hang guard, not a speed limit
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert "total 120.0" in output
+
+
 def test_one_failing_process_stops_the_others_within_seconds(tmp_path):
     """Process 1 fails its setup while process 0 waits for it in a collective. Each exits with its code and a
     message, instead of both waiting out JAX's 5-minute shutdown barrier and aborting."""
-    port = free_port()
-    commands = [[sys.executable, "-c", FAILING_PEER, str(i), str(port)] for i in range(2)]
-    with job_processes(commands, devices=2, cwd=tmp_path) as processes:
-        for process in processes:
-            process.wait(timeout=200)  # under the barrier's 300 s: the old behaviour fails here
-    waiting, failing = (process_output(tmp_path, i) for i in range(2))
+    processes, (waiting, failing) = run_two_peers(tmp_path, "failing", hang_guard=200)  # under the barrier's 300 s
     assert processes[1].returncode == 2 and "error: process 1: its data folder is missing" in failing
     assert processes[0].returncode == 1, waiting[-3000:]
     assert "another process of the job failed first" in waiting
