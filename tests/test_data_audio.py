@@ -150,3 +150,29 @@ def test_sparse_mel_projection_equals_the_dense_filter_bank():
     power = np.random.default_rng(0).exponential(size=(50, config.fft_length // 2 + 1))
     sparse = (audio.sparse_mel_filter_bank(config) @ power.T).T
     np.testing.assert_allclose(sparse, power @ audio.mel_filter_bank(config), rtol=1e-12)
+
+
+def _whole_clip_log_mel(waveform, config):
+    """The front-end's float64 steps over all frames at once: what blocking the frames must reproduce."""
+    count = int(audio.num_frames(waveform.size, config))
+    frames = np.lib.stride_tricks.sliding_window_view(waveform, config.frame_length)[:: config.hop_length][:count]
+    frames = frames - frames.mean(axis=1, keepdims=True, dtype=np.float64)
+    emphasised = np.empty_like(frames)
+    np.multiply(frames[:, :-1], -config.preemphasis, out=emphasised[:, 1:])
+    emphasised[:, 1:] += frames[:, 1:]
+    emphasised[:, 0] = frames[:, 0] * (1.0 - config.preemphasis)
+    emphasised *= audio.hann_window(config.frame_length)
+    spectrum = np.fft.rfft(emphasised, n=config.fft_length, axis=1)
+    power = np.square(spectrum.real) + np.square(spectrum.imag)
+    energies = (audio.sparse_mel_filter_bank(config) @ power.T).T
+    return np.log(np.maximum(energies, audio.FLOAT32_EPS)).astype(np.float32)
+
+
+@pytest.mark.parametrize("frames", [1, audio.FRAME_BLOCK - 1, audio.FRAME_BLOCK, 3 * audio.FRAME_BLOCK + 5, 1024])
+def test_frames_in_blocks_equal_the_whole_clip_to_the_bit(frames):
+    config = audio.FbankConfig()
+    samples = config.frame_length + (frames - 1) * config.hop_length + 100  # + a partial frame that is dropped
+    wave = 0.2 * np.random.default_rng(frames).standard_normal(samples).astype(np.float32)
+    features = audio.log_mel(wave, config)
+    assert features.shape == (frames, config.num_mel_bins) and features.dtype == np.float32
+    np.testing.assert_array_equal(features, _whole_clip_log_mel(wave, config))

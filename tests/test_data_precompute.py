@@ -241,6 +241,16 @@ def test_worker_processes_and_threads_give_the_same_shards(tmp_path):
     assert parallel["shards"] == serial["shards"] == threaded["shards"]  # sizes and sha256: same bytes, same order
 
 
+def test_shards_are_zstd_level_1_with_one_record_per_chunk(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    manifest = _good_manifest(tmp_path / "data", 2)
+    precompute.precompute(manifest, tmp_path / "out", TINY, workers=0, progress=False)
+    reader = ArrayRecordReader(str(next((tmp_path / "out").glob(f"*{precompute.SHARD_SUFFIX}"))))
+    options = reader.writer_options_string().split(",")
+    assert "zstd:1" in options and "group_size:1" in options, options
+
+
 def _cli(manifest, out):
     return subprocess.run(
         [
