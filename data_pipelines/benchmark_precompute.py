@@ -6,9 +6,13 @@
 On the same files (a manifest's, or generated VGGSound-like clips: 10 s stereo WAV at 44.1 kHz and 640x360 JPEG
 frames), it times
   reference   per sample, every epoch (dataset.py:143-149): librosa.load (-> 22.05 kHz, soxr_hq), librosa.resample
-              (-> 16 kHz), Kaldi fbank + pad/normalise (our numpy fbank, equal to ASTFeatureExtractor; the
-              torchaudio one the reference called is not faster per clip), audio only
+              (-> 16 kHz), Kaldi fbank + pad/normalise (our numpy fbank, equal to ASTFeatureExtractor's output; the
+              reference ran torchaudio's, which this install lacks), audio only
+  reference example
+              the reference's whole pre-training example: the above plus its waveform augmentation (librosa's time
+              stretch included) and the JPEG frame decoded, resized and augmented (PIL)
   ours        the same audio work with our loader (one soxr resampling step instead of two)
+  decoding    our image decode + resize and audio decode + resample alone: precompute cannot be faster
   precompute  once: decode, resample, fbank, float16, raw image, ArrayRecord write: one process on one thread,
               one process on --threads threads, --workers processes
   read path   every epoch: Grain train pipeline over the shards (record decode, image + feature augmentation,
@@ -35,7 +39,7 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_pipelines import audio_io  # noqa: E402
+from data_pipelines import audio_io, augment  # noqa: E402
 from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
 from synergy_jax import audio  # noqa: E402
@@ -68,6 +72,35 @@ def reference_audio_path(path: str) -> np.ndarray:
     return audio.ast_features(wave)
 
 
+def reference_training_example(row, rng: np.random.Generator) -> None:
+    """What the reference's Dataset computes for one pre-training example, every epoch (docs/reference.md R2.2,
+    R2.3): the audio path above with its waveform augmentation, and the image decoded and augmented. The image
+    ops are ours, which are the PIL algorithms torchvision's run on a PIL image; the caption's tokenisation is
+    left out, so this is a lower bound on the reference's cost."""
+    with Image.open(row.image_path) as image:
+        image = image.convert("RGB")
+    augment.to_normalized_array(augment.augment_image(image, 224, rng))
+    import librosa
+
+    wave, rate = librosa.load(row.audio_path)
+    wave = librosa.resample(wave, orig_sr=rate, target_sr=16_000)
+    audio.ast_features(reference_waveform_augment(wave, rng))
+
+
+def reference_waveform_augment(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The reference's `audio_augment`: noise, circular shift, time stretch, polarity, shuffled, each at p 0.2."""
+    import librosa
+
+    ops = (lambda x: x + augment.NOISE_STD * rng.standard_normal(x.size).astype(np.float32),
+           lambda x: np.roll(x, int(augment.SHIFT_FRACTION * x.size)),
+           lambda x: librosa.effects.time_stretch(x, rate=augment.STRETCH_RATE),
+           lambda x: -x)  # fmt: skip
+    for op in rng.permutation(len(ops)):
+        if rng.random() < augment.AUDIO_P:
+            wave = ops[op](wave)
+    return wave
+
+
 def _rate(count: int, seconds: float) -> str:
     return f"{count / seconds:8.1f} clips/s  ({seconds:6.2f} s for {count})"
 
@@ -78,13 +111,22 @@ def _timed(function, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def time_audio_paths(rows) -> tuple[float, float]:
-    """Seconds for the reference's per-sample audio path and for ours, over every row, in this process."""
+def time_per_clip_paths(rows) -> dict[str, float]:
+    """Seconds, over every row in this process, for: the reference's per-sample audio path, its whole training
+    example, our audio decode + fbank, and our decoding alone (image + audio: what precompute cannot go below)."""
+    import librosa
+
+    rng = np.random.default_rng(0)
     reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
-    reference = _timed(lambda: [reference_audio_path(row.audio_path) for row in rows])
+    librosa.effects.time_stretch(np.zeros(16_000, np.float32), rate=augment.STRETCH_RATE)
     audio.ast_features(audio_io.load_audio(rows[0].audio_path))  # first-call caches (filter bank, FFT plans)
-    ours = _timed(lambda: [audio.ast_features(audio_io.load_audio(row.audio_path)) for row in rows])
-    return reference, ours
+    return {
+        "reference": _timed(lambda: [reference_audio_path(row.audio_path) for row in rows]),
+        "reference example": _timed(lambda: [reference_training_example(row, rng) for row in rows]),
+        "ours": _timed(lambda: [audio.ast_features(audio_io.load_audio(row.audio_path)) for row in rows]),
+        "decoding": _timed(lambda: [(precompute.load_image(row.image_path, 224), audio_io.load_audio(row.audio_path))
+                                    for row in rows]),  # fmt: skip
+    }
 
 
 def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) -> dict[str, float]:
@@ -131,18 +173,23 @@ def feed_needed(mfu: float, chip_tflops: float, chips: int) -> float:
     return mfu * chip_tflops * 1e12 * chips / per_sample
 
 
-def report(count: int, reference: float, ours: float, timings: dict[str, float], reads: dict[int, float]) -> None:
-    reference_rate = count / reference
-    print(f"\n{'path':58s} {'clips/s':>9s} {'x reference':>12s}")
-    print(f"{'reference per-sample audio (librosa, fbank), 1 process':58s} {reference_rate:9.1f} {1.0:12.2f}")
-    print(f"{'our audio decode + fbank, 1 thread':58s} {count / ours:9.1f} {reference / ours:12.2f}")
-    for label, seconds in timings.items():
-        print(f"{'precompute (audio + image), ' + label:58s} {count / seconds:9.1f} {reference / seconds:12.2f}")
+def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[int, float]) -> None:
+    reference = seconds["reference"]
+    print(f"\n{'path':64s} {'clips/s':>9s} {'x reference':>12s}")
+    lines = [("reference per-sample audio (librosa, fbank), 1 process", reference),
+             ("our audio decode + fbank, 1 thread", seconds["ours"]),
+             ("decoding alone (image + audio: precompute's floor), 1 thread", seconds["decoding"])]  # fmt: skip
+    lines += [(f"precompute (audio + image), {label}", value) for label, value in timings.items()]
+    for label, value in lines:
+        print(f"{label:64s} {count / value:9.1f} {reference / value:12.2f}")
     for threads, rate in reads.items():
-        print(f"{f'read path, 1 process, {threads} thread(s)':58s} {rate:9.1f} {rate / reference_rate:12.2f}")
+        print(f"{f'read path, 1 process, {threads} thread(s)':64s} {rate:9.1f} {rate * reference / count:12.2f}")
+    example = seconds["reference example"]
+    print(f"\nThe reference's whole training example (+ waveform augmentation, image decode + augmentation) runs at "
+          f"{count / example:.1f} examples/s; the read path is {max(reads.values()) * example / count:.2f}x that.")
     needed = feed_needed(0.45, 197.0, 8)
     best = max(reads.values())
-    print(f"\nA Base step at 45 % MFU on a v5e-8 host (8 x 197 bf16 TFLOP/s) takes {needed:.0f} samples/s: "
+    print(f"A Base step at 45 % MFU on a v5e-8 host (8 x 197 bf16 TFLOP/s) takes {needed:.0f} samples/s: "
           f"{math.ceil(needed / best)} read-path processes at {best:.0f} clips/s each "
           f"(pipeline.PipelineConfig.workers), this machine has {os.cpu_count()} cores.")
 
@@ -162,10 +209,10 @@ def main(argv) -> None:
         manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
                                               "caption": r.caption} for r in rows])  # fmt: skip
         print(f"{len(rows)} clips from {manifest}")
-        reference, ours = time_audio_paths(rows)
+        seconds = time_per_clip_paths(rows)
         timings = time_precompute(subset, rows, work, options.workers, options.threads)
         reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
-        report(len(rows), reference, ours, timings, reads)
+        report(len(rows), seconds, timings, reads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

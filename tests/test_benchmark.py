@@ -1,5 +1,6 @@
 """experiments/benchmark.py compiles the real step and runs it on the tiny config (numbers are not asserted)."""
 
+import math
 import re
 import subprocess
 import sys
@@ -57,3 +58,27 @@ def test_the_cpu_bound_times_every_matmul_of_the_train_step(tmp_path):
     assert printed and int(printed.group(1)) == 2 * 3 * forward  # batch 2
     assert re.search(r"every matmul at jax speed\s+[\d.]+ s", result.stdout)
     assert "1.5x its throughput is 0.67 s per step" in result.stdout
+
+
+def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=3", "--seconds=1", "--workers=1",
+         "--threads=2"],
+        capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = dict(
+        (label.strip(), (float(rate), float(ratio)))
+        for label, rate, ratio in re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)$", result.stdout, re.M)
+    )
+    labels = ["reference per-sample audio", "our audio decode", "decoding alone", "1 process, 1 thread",
+              "1 process, 2 threads", "1 worker processes", "read path, 1 process, 1 thread",
+              "read path, 1 process, 2 thread"]  # fmt: skip
+    rows = {label: next(value for key, value in table.items() if label in key) for label in labels}
+    reference = rows["reference per-sample audio"][0]
+    for label, (rate, ratio) in rows.items():
+        assert abs(rate / reference - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
+    best_read = max(rows["read path, 1 process, 1 thread"][0], rows["read path, 1 process, 2 thread"][0])
+    needed, processes = map(float, re.search(r"takes (\d+) samples/s: (\d+) read-path", result.stdout).groups())
+    assert processes == math.ceil(needed / round(best_read)) or processes == math.ceil(needed / best_read)
+    assert re.search(r"whole training example .* runs at [\d.]+ examples/s; the read path is [\d.]+x", result.stdout)
