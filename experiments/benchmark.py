@@ -3,6 +3,7 @@
     python experiments/benchmark.py --model=base --mesh=8x1 --batch_per_device=35            # compile only
     python experiments/benchmark.py --model=tiny --mesh=8x1 --steps=20                        # also run steps
     python experiments/benchmark.py --model=large --mesh=2x4 --rules=fsdp_tp --dtype=bfloat16 --remat
+    python experiments/benchmark.py --model=large --mesh=8x1 --rules=fsdp --program=eval --batch_per_device=64
     PYTHONPATH=<libtpu dir> python experiments/benchmark.py --topology=v5e:2x4 --model=base --dtype=bfloat16 --remat
     python experiments/benchmark.py --model=base --layers=4 --width=256 --heads=4 --projection=256 \
         --mesh=1x1 --cpu_devices=1 --batch_per_device=8 --steps=5      # towers of one's choosing
@@ -36,6 +37,9 @@ flags.DEFINE_bool("remat", False, "Recompute block activations in the backward p
 flags.DEFINE_string("attention", "auto", "Attention implementation: auto, xla, heads_first, cudnn, splash "
                     "(synergy_jax/models/attention.py).")
 flags.DEFINE_enum("negatives", "global", ["global", "local"], "Contrastive negatives.")
+flags.DEFINE_enum("program", "train", ["train", "eval"], "What to compile: the train step, or the evaluators' "
+                  "forward (all three embeddings, no gradient; synergy_jax/evaluators/embed.py) with the same "
+                  "parameter sharding.")
 flags.DEFINE_integer("steps", 0, "Timed steps to run after compiling (0: compile only).")
 flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices when running on CPU.")
 flags.DEFINE_string("topology", None, "Compile only, for this TPU topology (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4), "
@@ -61,6 +65,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from synergy_jax import flops, losses, parallel, train  # noqa: E402
+from synergy_jax.evaluators import embed  # noqa: E402
 from synergy_jax.models import synergy  # noqa: E402
 
 
@@ -103,6 +108,8 @@ def main(argv: list[str]) -> None:
     del argv
     if FLAGS.topology and FLAGS.steps:
         raise SystemExit("--topology compiles for a TPU that is not here: it cannot run --steps")
+    if FLAGS.program == "eval" and (FLAGS.steps or FLAGS.accum != 1):
+        raise SystemExit("--program=eval compiles the evaluation forward only: it takes no --steps or --accum")
     mesh = parallel.make_mesh(FLAGS.mesh, topology_devices(FLAGS.topology) if FLAGS.topology else None)
     config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat, FLAGS.attention)
     config = synergy.resized(config, FLAGS.layers, FLAGS.width, FLAGS.heads, FLAGS.projection)
@@ -120,13 +127,18 @@ def main(argv: list[str]) -> None:
     state_shapes = train.abstract_train_state(model, tx, example, shardings)
     batch_shapes = {name: jax.ShapeDtypeStruct((global_batch, *x.shape[1:]), x.dtype,
                                                sharding=parallel.batch_sharding(mesh)) for name, x in example.items()}  # fmt: skip
-    step = train.make_train_step(model, tx, losses.LossConfig(negatives=FLAGS.negatives), mesh, shardings, FLAGS.accum)
-
     start = time.perf_counter()
-    compiled = step.lower(state_shapes, batch_shapes).compile()
+    if FLAGS.program == "eval":
+        lower_eval = parallel.on_mesh(lambda params, batch: embed._embed_all.lower(model, params, batch), mesh)
+        compiled = lower_eval(state_shapes.params, batch_shapes).compile()
+        flops_per_sample = config.forward_flops(FLAGS.text_length)
+    else:
+        step = train.make_train_step(model, tx, losses.LossConfig(negatives=FLAGS.negatives), mesh, shardings,
+                                     FLAGS.accum)  # fmt: skip
+        compiled = step.lower(state_shapes, batch_shapes).compile()
+        flops_per_sample = flops.train_flops_per_sample(config.forward_flops(FLAGS.text_length), FLAGS.remat)
     print(f"parameters                     {sum(x.size for x in jax.tree.leaves(state_shapes.params)) / 1e6:10.2f} M")
     print(f"compile time                   {time.perf_counter() - start:10.1f} s")
-    flops_per_sample = flops.train_flops_per_sample(config.forward_flops(FLAGS.text_length), FLAGS.remat)
     samples_per_device = global_batch / mesh.size  # tensor parallelism shares a sample's work over 'model'
     print_compiled(compiled, config, flops_per_sample, samples_per_device)
     if FLAGS.steps > 0:
@@ -138,14 +150,16 @@ def print_compiled(compiled, config: synergy.SynergyConfig, flops_per_sample: in
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    print(f"analytic train FLOPs/sample    {flop_count(flops_per_sample)}  "
-          f"(forward {flop_count(config.forward_flops(FLAGS.text_length)).strip()} x {4 if FLAGS.remat else 3})")  # fmt: skip
-    print(f"analytic train FLOPs/device    {flop_count(flops_per_sample * samples_per_device)} per step")
+    passes = "1 (eval)" if FLAGS.program == "eval" else 4 if FLAGS.remat else 3
+    print(f"{f'analytic {FLAGS.program} FLOPs/sample':31s}{flop_count(flops_per_sample)}  "
+          f"(forward {flop_count(config.forward_flops(FLAGS.text_length)).strip()} x {passes})")  # fmt: skip
+    print(f"{f'analytic {FLAGS.program} FLOPs/device':31s}{flop_count(flops_per_sample * samples_per_device)} per step")
     if cost and "flops" in cost:
         print(f"XLA cost-analysis FLOPs/device {flop_count(cost['flops'])} per step")
     if memory is not None:
         print(f"per-device memory ({'TPU buffer assignment' if FLAGS.topology else 'compiled executable'}):")
-        print(f"  arguments (state + batch)    {gib(memory.argument_size_in_bytes)}")
+        arguments = "params + batch" if FLAGS.program == "eval" else "state + batch"
+        print(f"  {f'arguments ({arguments})':29s}{gib(memory.argument_size_in_bytes)}")
         print(f"  outputs                      {gib(memory.output_size_in_bytes)}")
         print(f"  aliased (donated state)      {gib(memory.alias_size_in_bytes)}")
         print(f"  temporaries (activations)    {gib(memory.temp_size_in_bytes)}")

@@ -82,3 +82,18 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     needed, processes = map(float, re.search(r"takes (\d+) samples/s: (\d+) read-path", result.stdout).groups())
     assert processes == math.ceil(needed / round(best_read)) or processes == math.ceil(needed / best_read)
     assert re.search(r"whole training example .* runs at [\d.]+ examples/s; the read path is [\d.]+x", result.stdout)
+
+
+def test_the_evaluation_forward_compiles_with_the_training_sharding(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model=tiny", "--mesh=4x2", "--rules=fsdp", "--program=eval",
+         "--batch_per_device=2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    forward = re.search(r"analytic eval FLOPs/sample\s+([\d.]+ \w+)\s+\(forward ([\d.]+ \w+) x 1 \(eval\)\)", result.stdout)
+    assert forward and forward.group(1) == forward.group(2), result.stdout
+    assert re.search(r"arguments \(params \+ batch\)\s+[\d.]+ GiB", result.stdout)
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--model=tiny", "--program=eval", "--steps=2"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "--program=eval compiles the evaluation forward only" in refused.stderr
