@@ -386,5 +386,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("train_per_class", 16, "Training examples per class.")
     flags.DEFINE_integer("test_per_class", 6, "Test examples per class.")
     flags.DEFINE_integer("seed", 0, "Generation seed.")
-    app.run(_run)
+    from synergy_jax import cli
+
+    app.run(_run, flags_parser=cli.parse_flags_or_exit)
     sys.exit(0)

@@ -431,11 +431,12 @@ def _define_flags() -> None:
 
 
 def _run(argv) -> None:
-    """absl entry point: exit 1 when the manifest is unusable or no row survives, 0 otherwise."""
+    """absl entry point: exit 2 for a bad flag, an unusable manifest or no surviving row, 0 otherwise."""
     from absl import flags
 
     if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]}: every option is a flag (--name=value)", file=sys.stderr)
+        sys.exit(2)
     options = flags.FLAGS
     config = PrecomputeConfig(
         image_size=options.image_size,
@@ -460,5 +461,7 @@ def _run(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from synergy_jax import cli
+
     _define_flags()
-    app.run(_run)
+    app.run(_run, flags_parser=cli.parse_flags_or_exit)  # a bad flag exits 2 in one line, as the jobs

@@ -201,6 +201,7 @@ def run(config: ml_collections.ConfigDict, stop_at=None) -> dict[str, Any]:
     config = recipes.resolve(config)
     mesh = parallel.make_mesh(config.mesh)
     train.check_batch(config.batch_size * config.accum_steps, mesh, config.accum_steps)
+    cli.check_runtime(mesh, config.dtype, config.sharding)
     workdir = Path(config.workdir).expanduser().absolute()
     with run_lock.writing(workdir):
         return sweep(make_plan(config, mesh), mesh, workdir, started, stop_at)

@@ -157,6 +157,11 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     train.check_batch(config.eval_batch_size, mesh, name="--config.eval_batch_size")
     if not (config.epochs or config.total_steps):
         raise SetupError("--config.epochs and --config.total_steps are both 0: set one of them")
+    cli.check_runtime(mesh, config.model.dtype, config.sharding)
+    warmup, schedule = config.optimizer.warmup_steps, config.optimizer.schedule
+    if config.total_steps and schedule in ("warmup_cosine", "linear") and config.total_steps <= warmup:
+        raise SetupError(f"--config.total_steps={config.total_steps} must exceed --config.optimizer.warmup_steps="
+                         f"{warmup} for the {schedule!r} schedule")  # fmt: skip
     if unknown := set(config.evals) - set(EVALUATORS):
         raise SetupError(f"--config.evals: unknown evaluator(s) {sorted(unknown)}; known: {list(EVALUATORS)}")
 
@@ -233,8 +238,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for modality in ("image", "audio"):
         key = f"eval/zero_shot/{modality}->text"
         if f"{key}/top1" in summary:
+            top5 = f"{100 * summary[f'{key}/top5']:.1f}%" if f"{key}/top5" in summary else "- (under 5 classes)"
             print(f"zero-shot {modality}->text (label prompts): top-1 {100 * summary[f'{key}/top1']:.1f}% "
-                  f"(chance {100 * summary[f'{key}/chance']:.1f}%), top-5 {100 * summary.get(f'{key}/top5', 0):.1f}%")  # fmt: skip
+                  f"(chance {100 * summary[f'{key}/chance']:.1f}%), top-5 {top5}")  # fmt: skip
     print(f"{'retrieval':16s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s}")
     for query, candidate in retrieval.DIRECTIONS:
         key = f"eval/retrieval/{query}->{candidate}"

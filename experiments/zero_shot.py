@@ -201,6 +201,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         raise SetupError(f"--prompts must be one of {list(zs_config.PROMPT_SETS)}, got {config.prompts!r}")
     mesh = parallel.make_mesh(config.mesh)
     train.check_batch(config.batch_size, mesh, name="--batch_size")
+    cli.check_runtime(mesh, config.dtype, config.sharding)
     kind, spec = zs_config.dataset_kind(config.dataset)
     classification = None if kind in ("demo", "precomputed") else load_classification_set(kind, spec, config)
     modalities = MODALITIES if classification is None else (classification.modality, "text")

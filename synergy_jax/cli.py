@@ -88,6 +88,16 @@ def check_ranges(config: ml_collections.ConfigDict, ranges: Mapping[str, Range])
         raise SetupError(f"bad config value(s): {'; '.join(problems)}")
 
 
+def check_runtime(mesh: Any, dtype: str, sharding: str) -> None:
+    """A job's compute dtype (one its mesh's platform runs) and parameter-sharding rules (known ones), checked before
+    it writes anything; a ValueError (exit 2) names the problem."""
+    from synergy_jax import parallel
+    from synergy_jax.models import layers
+
+    layers.compute_dtype(dtype, mesh.devices.flat[0].platform)
+    parallel.check_rules(sharding)
+
+
 def _numbers(value: Any) -> list[Any]:
     """The values of a field, nested sequences flattened."""
     if isinstance(value, (tuple, list)):
@@ -123,7 +133,9 @@ def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
     except Preempted:
         print("stopped by SIGTERM outside the training steps (preparing data, or finishing); what was finished is "
               "kept: rerun the same command to continue", file=sys.stderr)  # fmt: skip
-        sys.exit(0)
+        # The job's own cleanup has run (files closed, checkpoints waited for, the lock released). Finalising the
+        # interpreter now, with the runtime's threads interrupted mid-work, crashed some runs with SIGSEGV (exit 139).
+        distributed.exit_now(0, at_once=True)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         distributed.exit_now(1)
@@ -162,7 +174,8 @@ def start(
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+            print(f"error: unexpected arguments {argv[1:]}: every option is a flag (--name=value)", file=sys.stderr)
+            sys.exit(2)
         distributed.default_log_verbosity()
         result = run_or_exit(_configure_and_run, config_flag.value, shortcuts, run)
         if distributed.is_main_process():

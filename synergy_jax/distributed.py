@@ -68,8 +68,8 @@ def initialize(arguments: dict | None) -> bool:
     return True
 
 
-def exit_now(code: int) -> None:
-    """Ends the process with `code`, at once when it is one of several.
+def exit_now(code: int, at_once: bool = False) -> None:
+    """Ends the process with `code`, at once (no interpreter finalisation) when it is one of several or asked to.
 
     A normal exit waits at JAX's shutdown barrier for every other process; after a failure those may be waiting in
     a collective for this one, and all of them would then sit out the barrier's 5-minute timeout and abort. Leaving
@@ -78,7 +78,7 @@ def exit_now(code: int) -> None:
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if _initialized:
+    if _initialized or at_once:
         os._exit(code)
     sys.exit(code)
 

@@ -23,6 +23,7 @@ import optax
 
 from synergy_jax import parallel, train
 from synergy_jax.distributed import is_main_process, log
+from synergy_jax.errors import SetupError
 from synergy_jax.loop import read_metrics
 from synergy_jax.train import LossFn
 
@@ -125,7 +126,13 @@ class SubRun:
 
 def sub_runs(fold_ids: Sequence[int | None], chosen: Sequence[int] | None, seeds: Sequence[int],
              inits: Sequence[str] = ("run",)) -> list[SubRun]:  # fmt: skip
-    """Every (init, fold, seed) of a sweep, in that order; `chosen` folds only (None: all)."""
+    """Every (init, fold, seed) of a sweep, in that order; `chosen` folds only (None: all). A chosen fold the task
+    lacks, or any chosen fold for a task without folds, is a SetupError naming what the task has."""
+    if chosen is not None:
+        unknown = sorted(set(chosen) - set(fold_ids))
+        if unknown:
+            has = f"folds {list(fold_ids)}" if list(fold_ids) != [None] else "no folds (leave --folds at 'all')"
+            raise SetupError(f"--folds asks for fold(s) {unknown}: this task has {has}")
     folds = [f for f in fold_ids if f is None or chosen is None or f in chosen]
     return [SubRun(fold, seed, init) for init in inits for fold in folds for seed in seeds]
 

@@ -117,10 +117,16 @@ def logical_to_mesh_spec(
     return jax.P(*spec)
 
 
+def check_rules(name: str) -> None:
+    """A ValueError unless `name` is one of the parameter-sharding rule sets (jobs check before any work)."""
+    if name not in RULES:
+        raise ValueError(f"unknown sharding rules {name!r}; known: {sorted(RULES)}")
+
+
 def param_shardings(boxed_params: Any, mesh: Mesh, rules: str | dict[str, str]) -> Any:
     """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters, unboxed structure."""
-    if isinstance(rules, str) and rules not in RULES:
-        raise ValueError(f"unknown sharding rules {rules!r}; known: {sorted(RULES)}")
+    if isinstance(rules, str):
+        check_rules(rules)
     rule_set = RULES[rules] if isinstance(rules, str) else rules
     fallback = FALLBACK_RULES.get(rules) if isinstance(rules, str) else None
 

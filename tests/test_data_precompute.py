@@ -292,6 +292,11 @@ def test_cli_exit_status(bad_manifest, tmp_path):
     assert result.returncode == 2 and "no usable row" in result.stderr
     assert json.loads((tmp_path / "out" / "only_bad.json").read_text())["num_examples"] == 0
 
+    misspelled = subprocess.run([sys.executable, "-m", "data_pipelines.precompute", f"--manfest={manifest}"],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert misspelled.returncode == 2 and "Unknown command line flag 'manfest'" in misspelled.stderr
+    assert "Traceback" not in misspelled.stderr
+
 
 def test_a_job_that_precomputes_says_why_rows_were_skipped(bad_manifest, tmp_path, capfd):
     from data_pipelines import sources

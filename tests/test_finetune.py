@@ -67,6 +67,20 @@ def test_sweep_skips_finished_sub_runs_and_stops_when_preempted(tmp_path):
     assert calls == ["run/seed1", "run/seed2", "run/seed2", "run/seed3"]  # seed 1 was not trained again
 
 
+def test_sub_runs_take_the_chosen_folds_and_refuse_folds_the_task_lacks():
+    from synergy_jax.errors import SetupError
+
+    subs = finetune.sub_runs([1, 2, 3], (2, 3), [0, 1], inits=("run", "scratch"))
+    assert [s.name for s in subs] == ["run/fold2_seed0", "run/fold2_seed1", "run/fold3_seed0", "run/fold3_seed1",
+                                      "scratch/fold2_seed0", "scratch/fold2_seed1", "scratch/fold3_seed0",
+                                      "scratch/fold3_seed1"]  # fmt: skip
+    assert len(finetune.sub_runs([None], None, [0, 1])) == 2
+    with pytest.raises(SetupError, match=r"fold\(s\) \[6, 7\]: this task has folds \[1, 2, 3, 4, 5\]"):
+        finetune.sub_runs([1, 2, 3, 4, 5], (5, 6, 7), [0])
+    with pytest.raises(SetupError, match="this task has no folds"):
+        finetune.sub_runs([None], (1,), [0])
+
+
 def test_seeded_folds_are_stratified():
     labels = np.repeat(np.arange(4), 10)
     folds = finetune_tasks.seeded_folds(labels, 5, seed=3)

@@ -45,3 +45,24 @@ def test_bad_flag_exits_2_with_one_line(script, args, message, tmp_path):
     result = _run(script, *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("pretrain.py", ["--config.model.dtype=float16"], "compute dtype 'float16' does not run on CPU"),
+        ("pretrain.py", ["--config.sharding=rows"], "unknown sharding rules 'rows'"),
+        ("pretrain.py", ["--config.total_steps=3"], "--config.total_steps=3 must exceed --config.optimizer.warmup_steps=20"),
+        ("pretrain.py", ["stray"], "unexpected arguments ['stray']"),
+        ("zero_shot.py", ["--dtype=float16"], "compute dtype 'float16' does not run on CPU"),
+        ("finetune.py", ["--task=demo", "--config.sharding=rows"], "unknown sharding rules 'rows'"),
+    ],
+)  # fmt: skip
+def test_runtime_choices_are_refused_before_anything_is_written(script, args, message, tmp_path):
+    """The compute dtype, the sharding rules and the schedule's length are checked with the config, so a refused
+    job leaves no run folder (or demo data) behind."""
+    workdir = [] if script == "zero_shot.py" else [f"--workdir={tmp_path / 'run'}"]  # zero-shot writes beside its run
+    result = _run(script, *args, *workdir, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

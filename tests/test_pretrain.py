@@ -262,3 +262,14 @@ def test_a_second_writer_exits_2_naming_the_first(data_root, tmp_path):
     assert f"error: {tmp_path} is in use: pid {os.getpid()} on host" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["writer.lock"]  # it wrote nothing
+
+
+def test_the_summary_prints_no_top5_for_fewer_than_5_classes(capsys):
+    summary = {"step": 10, "wall_seconds": 1.0, "workdir": "w", "eval/examples": 4, "eval/loss": 1.0,
+               "eval/zero_shot/image->text/top1": 0.5, "eval/zero_shot/image->text/chance": 0.5,
+               "eval/zero_shot/audio->text/top1": 0.25, "eval/zero_shot/audio->text/chance": 0.125,
+               "eval/zero_shot/audio->text/top5": 0.75}  # fmt: skip
+    pretrain.print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert "top-1 50.0% (chance 50.0%), top-5 - (under 5 classes)" in next(l for l in lines if "image->text" in l)
+    assert "top-1 25.0% (chance 12.5%), top-5 75.0%" in next(l for l in lines if "audio->text" in l)

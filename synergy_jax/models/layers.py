@@ -276,9 +276,13 @@ def transformer_forward_flops(num_tokens: int, hidden: int, mlp_dim: int, num_la
     return num_layers * (projections + attention_matmuls)
 
 
-def compute_dtype(name: str) -> Dtype:
-    """Maps a config string ('float32', 'bfloat16') to a jnp dtype, with a clear error for anything else."""
+def compute_dtype(name: str, platform: str | None = None) -> Dtype:
+    """Maps a config string ('float32', 'bfloat16', 'float16') to a jnp dtype, with a clear error for anything else
+    and for float16 on CPU (XLA:CPU has no float16 matmul); jobs pass their mesh's platform before any work."""
     allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if name not in allowed:
         raise ValueError(f"unknown compute dtype {name!r}; use one of {sorted(allowed)}")
+    if name == "float16" and platform == "cpu":
+        raise ValueError("compute dtype 'float16' does not run on CPU (XLA:CPU has no float16 matmul): use float32 or "
+                         "bfloat16 here; float16 is for GPUs")  # fmt: skip
     return allowed[name]
