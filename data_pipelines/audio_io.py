@@ -44,9 +44,9 @@ def _read_any(path: str) -> tuple[np.ndarray, int]:
                 mono, rate = librosa.load(path, sr=None, mono=True)
             return mono[:, None].astype(np.float32), int(rate)
         except Exception as fallback_error:  # audioread raises several unrelated types
+            detail = str(fallback_error) or "no decoder read it"  # audioread's NoBackendError has no message
             raise AudioDecodeError(
-                f"cannot decode audio: {sndfile_error} (librosa fallback: {type(fallback_error).__name__}: "
-                f"{fallback_error})"
+                f"cannot decode audio: {sndfile_error} (librosa fallback: {type(fallback_error).__name__}: {detail})"
             ) from fallback_error
 
 

@@ -167,8 +167,8 @@ def start(
         config_flag = _define_flags(default, shortcuts)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         # ml_collections applies --config.x=y while defining the flag: a bad override surfaces here.
-        what = str(error.args[0] if error.args else error).strip("'\"")  # a KeyError quotes its key
-        print(f"error: bad --config or --config.<field> override: {what}. The fields are in {config_file}.",
+        what = _override_problem(error)
+        print(f"error: bad --config or --config.<field> override: {what} (the fields are in {config_file})",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
@@ -182,6 +182,15 @@ def start(
             report(result)
 
     app.run(main, flags_parser=parse_flags_or_exit)
+
+
+def _override_problem(error: Exception) -> str:
+    """The text of a config-override error, unwrapped: ml_collections raises e.g. an AttributeError holding a
+    KeyError whose message is the quoted key plus a 'Did you mean' line."""
+    while error.args and isinstance(error.args[0], Exception):
+        error = error.args[0]
+    what = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return ": ".join(line.strip().strip("'\"") for line in what.splitlines() if line.strip())
 
 
 def _define_flags(default_config: str, shortcuts: Sequence[Shortcut]):

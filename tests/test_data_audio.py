@@ -120,8 +120,9 @@ def test_load_audio_rejects_non_audio(tmp_path, content, reason):
     path = tmp_path / "clip.wav"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(audio_io.AudioDecodeError, match=reason):
+    with pytest.raises(audio_io.AudioDecodeError, match=reason) as caught:
         audio_io.load_audio(path)
+    assert not str(caught.value).endswith(": )")  # every part of the message says something
 
 
 def test_load_audio_rejects_truncated_header_and_empty_audio(tmp_path):

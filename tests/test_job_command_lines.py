@@ -21,6 +21,13 @@ def test_unknown_config_field_exits_2_naming_it(script, required, tmp_path):
     assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
 
 
+def test_a_near_miss_config_field_gets_the_suggestion_in_plain_text(tmp_path):
+    result = _run("pretrain.py", "--config.batchsize=8", f"--workdir={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    assert 'override: batchsize: Did you mean "batch_size" instead of "batchsize"?' in result.stderr
+    assert "\\" not in result.stderr and not any(tmp_path.iterdir())
+
+
 def test_mmr_without_missing_exits_2(tmp_path):
     result = _run("mmr.py", f"--workdir={tmp_path}")
     assert result.returncode == 2 and "--missing" in result.stderr
