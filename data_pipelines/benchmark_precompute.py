@@ -2,15 +2,20 @@
 
     python -m data_pipelines.benchmark_precompute [--clips=48 --seconds=10 --rate=44100 --workers=2 --threads=2]
     python -m data_pipelines.benchmark_precompute --manifest=data/train.csv --limit=200
+    python -m data_pipelines.benchmark_precompute --reference_python=.venv-reference/bin/python
 
 On the same files (a manifest's, or generated VGGSound-like clips: 10 s stereo WAV at 44.1 kHz and 640x360 JPEG
 frames), it times
   reference   per sample, every epoch (dataset.py:143-149): librosa.load (-> 22.05 kHz, soxr_hq), librosa.resample
-              (-> 16 kHz), Kaldi fbank + pad/normalise (our numpy fbank, equal to ASTFeatureExtractor's output; the
-              reference ran torchaudio's, which this install lacks), audio only
+              (-> 16 kHz), Kaldi fbank + pad/normalise, audio only. With --reference_python (a venv holding the
+              reference's pinned torch, torchaudio, torchvision, transformers and librosa) it is the reference's own
+              code, run by experiments/torch_reference_data.py on the same files, and the yardstick of the
+              "x reference" column; in this process it runs with our numpy fbank (equal to ASTFeatureExtractor's
+              output) instead of torchaudio's
   reference example
               the reference's whole pre-training example: the above plus its waveform augmentation (librosa's time
-              stretch included) and the JPEG frame decoded, resized and augmented (PIL)
+              stretch included) and the JPEG frame decoded, resized and augmented (its torchvision transform in
+              the pinned venv, our PIL equivalents here)
   ours        the same audio work with our loader (one soxr resampling step instead of two)
   decoding    our image decode + resize and audio decode + resample alone: precompute cannot be faster
   precompute  once: decode, resample, fbank, float16, raw image, ArrayRecord write: one process on one thread,
@@ -29,8 +34,10 @@ import os
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
+import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,7 +49,9 @@ from PIL import Image  # noqa: E402
 from data_pipelines import audio_io, augment  # noqa: E402
 from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
-from synergy_jax import audio  # noqa: E402
+from synergy_jax import audio, errors  # noqa: E402
+
+PINNED_REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference_data.py"
 
 
 def make_clips(folder: Path, count: int, seconds: float, rate: int) -> Path:
@@ -173,20 +182,47 @@ def feed_needed(mfu: float, chip_tflops: float, chips: int) -> float:
     return mfu * chip_tflops * 1e12 * chips / per_sample
 
 
-def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[int, float]) -> None:
-    reference = seconds["reference"]
+def time_pinned_reference(python: str, subset: Path) -> dict:
+    """Seconds of the reference's own audio path and whole example over the subset's rows, timed by
+    experiments/torch_reference_data.py under `python` (a venv with the reference's pinned packages)."""
+    command = [python, str(PINNED_REFERENCE_SCRIPT), f"--manifest={subset}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:
+        raise errors.SetupError(f"--reference_python={python} cannot be run ({error}); give the python of a venv "
+                                f"made as experiments/torch_reference_data.py's docstring says") from error
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise errors.SetupError(f"the reference's input path failed under --reference_python={python} (exit "
+                                f"{result.returncode}): {result.stderr.strip()[-1500:]}")
+    timed = json.loads(lines[-1])
+    print(f"the reference's own input path ({', '.join(f'{k} {v}' for k, v in timed['versions'].items())}): "
+          f"audio {_rate(timed['rows'], timed['seconds']['audio'])}; "
+          f"whole example {_rate(timed['rows'], timed['seconds']['example'])}")
+    return timed["seconds"]
+
+
+def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[int, float],
+           pinned: dict[str, float] | None = None) -> None:
+    """The table: every path's clips/s and its ratio to the reference's per-sample audio path, which is the
+    pinned reference's own run when there is one."""
+    reference = pinned["audio"] if pinned else seconds["reference"]
     print(f"\n{'path':64s} {'clips/s':>9s} {'x reference':>12s}")
-    lines = [("reference per-sample audio (librosa, fbank), 1 process", reference),
-             ("our audio decode + fbank, 1 thread", seconds["ours"]),
-             ("decoding alone (image + audio: precompute's floor), 1 thread", seconds["decoding"])]  # fmt: skip
+    lines = [("reference per-sample audio, its pinned venv (torchaudio fbank)", pinned["audio"])] if pinned else []
+    lines += [("reference per-sample audio (librosa, our fbank), 1 process", seconds["reference"]),
+              ("our audio decode + fbank, 1 thread", seconds["ours"]),
+              ("decoding alone (image + audio: precompute's floor), 1 thread", seconds["decoding"])]  # fmt: skip
     lines += [(f"precompute (audio + image), {label}", value) for label, value in timings.items()]
     for label, value in lines:
         print(f"{label:64s} {count / value:9.1f} {reference / value:12.2f}")
     for threads, rate in reads.items():
         print(f"{f'read path, 1 process, {threads} thread(s)':64s} {rate:9.1f} {rate * reference / count:12.2f}")
-    example = seconds["reference example"]
-    print(f"\nThe reference's whole training example (+ waveform augmentation, image decode + augmentation) runs at "
-          f"{count / example:.1f} examples/s; the read path is {max(reads.values()) * example / count:.2f}x that.")
+    examples = {"its pinned venv": pinned["example"]} if pinned else {}
+    examples["this process, our image ops and fbank"] = seconds["reference example"]
+    for where, example in examples.items():
+        print(f"The reference's whole training example (+ waveform augmentation, image decode + augmentation; "
+              f"{where}) runs at {count / example:.1f} examples/s; the read path is "
+              f"{max(reads.values()) * example / count:.2f}x that.")
     needed = feed_needed(0.45, 197.0, 8)
     best = max(reads.values())
     print(f"A Base step at 45 % MFU on a v5e-8 host (8 x 197 bf16 TFLOP/s) takes {needed:.0f} samples/s: "
@@ -194,11 +230,8 @@ def report(count: int, seconds: dict[str, float], timings: dict[str, float], rea
           f"(pipeline.PipelineConfig.workers), this machine has {os.cpu_count()} cores.")
 
 
-def main(argv) -> None:
-    from absl import flags
-
-    del argv
-    options = flags.FLAGS
+def benchmark(options) -> None:
+    """Generates (or reads) the clips, times every path on them and prints the table."""
     work = Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     try:
         manifest = Path(options.manifest) if options.manifest else make_clips(work, options.clips, options.seconds,
@@ -209,16 +242,28 @@ def main(argv) -> None:
         manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
                                               "caption": r.caption} for r in rows])  # fmt: skip
         print(f"{len(rows)} clips from {manifest}")
+        pinned = time_pinned_reference(options.reference_python, subset) if options.reference_python else None
         seconds = time_per_clip_paths(rows)
         timings = time_precompute(subset, rows, work, options.workers, options.threads)
         reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
-        report(len(rows), seconds, timings, reads)
+        report(len(rows), seconds, timings, reads, pinned)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def main(argv) -> None:
+    from absl import flags
+
+    from synergy_jax import cli
+
+    cli.refuse_positional(argv)
+    cli.run_or_exit(benchmark, flags.FLAGS)
+
+
 if __name__ == "__main__":
     from absl import app, flags
+
+    from synergy_jax import cli
 
     flags.DEFINE_string("manifest", None, "Benchmark on this manifest's files instead of generated clips.")
     flags.DEFINE_integer("limit", 0, "Use at most this many rows (0: all).")
@@ -227,4 +272,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("rate", 44_100, "Generated clips' sample rate.")
     flags.DEFINE_integer("workers", 2, "Precompute worker processes.")
     flags.DEFINE_integer("threads", 2, "Threads of one precompute process, and Grain read threads.")
-    app.run(main)
+    flags.DEFINE_string("reference_python", None, "Python of a venv with the reference's pinned packages: time its "
+                        "own input path (experiments/torch_reference_data.py) and use it as the yardstick.")
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

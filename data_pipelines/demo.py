@@ -368,8 +368,9 @@ def ensure_demo_data(
 def _run(argv) -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    from synergy_jax import cli
+
+    cli.refuse_positional(argv)
     options = flags.FLAGS
     paths = generate(options.out, options.train_per_class, options.test_per_class, options.seed)
     size = sum(f.stat().st_size for f in Path(options.out).rglob("*") if f.is_file())

@@ -434,9 +434,9 @@ def _run(argv) -> None:
     """absl entry point: exit 2 for a bad flag, an unusable manifest or no surviving row, 0 otherwise."""
     from absl import flags
 
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}: every option is a flag (--name=value)", file=sys.stderr)
-        sys.exit(2)
+    from synergy_jax import cli
+
+    cli.refuse_positional(argv)
     options = flags.FLAGS
     config = PrecomputeConfig(
         image_size=options.image_size,

@@ -64,7 +64,7 @@ fake_cpu_devices(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from synergy_jax import flops, losses, parallel, train  # noqa: E402
+from synergy_jax import cli, errors, flops, losses, parallel, train  # noqa: E402
 from synergy_jax.evaluators import embed  # noqa: E402
 from synergy_jax.models import synergy  # noqa: E402
 
@@ -98,18 +98,25 @@ def topology_devices(name: str) -> list:
         return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
     except RuntimeError as error:  # jax's runtime errors included
         if "not installed" in str(error):
-            raise SystemExit(f"--topology={name} needs libtpu: pip install --no-deps --target <dir> 'libtpu==0.0.42.*' "
-                             "and run with PYTHONPATH=<dir> (README \"TPU memory without a TPU\")") from None  # fmt: skip
+            raise errors.SetupError(f"--topology={name} needs libtpu: pip install --no-deps --target <dir> "
+                                    "'libtpu==0.0.42.*' and run with PYTHONPATH=<dir> (README \"TPU memory without a "
+                                    "TPU\")") from None  # fmt: skip
         hint = "; names look like v5e:2x4, v5p:2x2x1, v6e:2x4" if "INVALID_ARGUMENT" in str(error) else ""
-        raise SystemExit(f"--topology={name}: {error}{hint}") from None
+        raise errors.SetupError(f"--topology={name}: {error}{hint}") from None
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    """A bad flag value (a mesh that does not fit, a batch the mesh cannot split, a topology name) exits 2 in one
+    line, as the jobs do."""
+    cli.refuse_positional(argv)
+    cli.run_or_exit(benchmark)
+
+
+def benchmark() -> None:
     if FLAGS.topology and FLAGS.steps:
-        raise SystemExit("--topology compiles for a TPU that is not here: it cannot run --steps")
+        raise errors.SetupError("--topology compiles for a TPU that is not here: it cannot run --steps")
     if FLAGS.program == "eval" and (FLAGS.steps or FLAGS.accum != 1):
-        raise SystemExit("--program=eval compiles the evaluation forward only: it takes no --steps or --accum")
+        raise errors.SetupError("--program=eval compiles the evaluation forward only: it takes no --steps or --accum")
     mesh = parallel.make_mesh(FLAGS.mesh, topology_devices(FLAGS.topology) if FLAGS.topology else None)
     config = synergy.preset_config(FLAGS.model).with_runtime(FLAGS.dtype, FLAGS.remat, FLAGS.attention)
     config = synergy.resized(config, FLAGS.layers, FLAGS.width, FLAGS.heads, FLAGS.projection)
@@ -191,4 +198,4 @@ def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, fl
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -173,9 +173,7 @@ def start(
         sys.exit(2)
 
     def main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            print(f"error: unexpected arguments {argv[1:]}: every option is a flag (--name=value)", file=sys.stderr)
-            sys.exit(2)
+        refuse_positional(argv)
         distributed.default_log_verbosity()
         result = run_or_exit(_configure_and_run, config_flag.value, shortcuts, run)
         if distributed.is_main_process():
@@ -219,6 +217,13 @@ def _configure_and_run(config: ml_collections.ConfigDict, shortcuts: Sequence[Sh
     f = flags.FLAGS
     distributed.initialize(distributed.distributed_arguments(f.coordinator_address, f.num_processes, f.process_id))
     return run(config)
+
+
+def refuse_positional(argv: Sequence[str]) -> None:
+    """absl leaves words that are not flags in argv; a command line with any exits 2 naming them."""
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {list(argv[1:])}: every option is a flag (--name=value)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

@@ -36,6 +36,7 @@ from synergy_jax.errors import NonFiniteLossError
 from synergy_jax.record import RunRecord
 
 Metrics = dict[str, float]
+EVAL_PREFIX = "eval/"  # every evaluation metric's name starts with it; a train window's never does
 
 
 class ResumableIterator(Protocol):
@@ -83,14 +84,16 @@ class MetricWriter:
         self.enabled = is_main_process()
         self.jsonl = self.tensorboard = None
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, evaluates_step: bool = False) -> None:
+        """`evaluates_step`: this run evaluates `step` again (a finished run, rerun), so an evaluation logged at
+        `step` is dropped too."""
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
         path = self.workdir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().split("\n")[:-1] if _logged_step(line) <= step]
+            kept = [line for line in path.read_text().split("\n")[:-1] if _kept(line, step, evaluates_step)]
             partial = path.with_suffix(".jsonl.tmp")
             partial.write_text("".join(line + "\n" for line in kept))
             partial.replace(path)
@@ -126,12 +129,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; a line cut by a kill counts as past every step (it is dropped)."""
+def _kept(line: str, step: int, evaluates_step: bool) -> bool:
+    """Whether a metrics.jsonl line stays when a run continues from `step`: lines of later steps go (they are logged
+    again), and so does one cut by a kill; an evaluation at `step` goes too when the run evaluates it again."""
     try:
-        return json.loads(line)["step"]
+        row = json.loads(line)
+        logged = row["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
+        return False
+    evaluation = any(name.startswith(EVAL_PREFIX) for name in row)
+    return logged < step or (logged == step and not (evaluates_step and evaluation))
 
 
 @jax.jit
@@ -303,9 +310,9 @@ def train_loop(
     """Runs `step_fn(state, place(next(data)))` from the state's step to `config.total_steps` (see the module
     docstring); `place` puts a host batch on the mesh (e.g. `parallel.global_batch`) ahead of time.
 
-    `evaluate(state, step)` returns the metrics to log (already named, e.g. 'eval/loss'); the last call's are the
-    result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests). The manager and
-    the writer are closed when it returns or raises.
+    `evaluate(state, step)` returns the metrics to log (named 'eval/<name>', e.g. 'eval/loss'); the last call's are
+    the result's `eval_metrics`. `stop_at(step)` -> True acts as a preemption after that step (tests). The manager
+    and the writer are closed when it returns or raises.
     """
     run = _Run(config, state, DevicePrefetch(data, place, config.prefetch), manager, record, writer, evaluate)
     try:
@@ -321,7 +328,7 @@ class _Run:
         self.config, self.state, self.data, self.manager, self.record = config, state, data, manager, record
         self.writer, self.evaluate = writer, evaluate
         self.step = int(jax.device_get(state.step))
-        writer.start(self.step)
+        writer.start(self.step, evaluates_step=self.step >= config.total_steps)
         self.bar = _progress_bar(config, self.step)
         self.window = _Window(config, writer, self.bar, manager.latest_step)
         self.stop = StopRequest()
@@ -364,6 +371,9 @@ class _Run:
     def run_eval(self) -> None:
         started = time.perf_counter()
         self.eval_metrics = self.evaluate(self.state, self.step)
+        unnamed = sorted(name for name in self.eval_metrics if not name.startswith(EVAL_PREFIX))
+        if unnamed:  # a rerun of a finished run could not tell this evaluation's line from a train window's
+            raise RuntimeError(f"evaluation metrics must be named {EVAL_PREFIX}<name>: {unnamed}")
         self.writer.write(self.step, self.eval_metrics)
         self.eval_seconds += time.perf_counter() - started
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "experiments" / "benchmark.py"
 
 
@@ -60,10 +62,30 @@ def test_the_cpu_bound_times_every_matmul_of_the_train_step(tmp_path):
     assert "1.5x its throughput is 0.67 s per step" in result.stdout
 
 
+def _fake_reference_python(folder: Path, seconds_per_clip: float, fail: bool = False) -> Path:
+    """Stands in for the pinned reference venv's python: prints torch_reference_data.py's JSON for the manifest
+    it is given, at `seconds_per_clip` for the audio path and twice that for the whole example (or fails)."""
+    script = folder / "python"
+    script.write_text(f"""#!{sys.executable}
+import csv, json, sys
+if {fail}:
+    sys.exit("ModuleNotFoundError: No module named 'torchaudio'")
+manifest = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--manifest="))
+assert sys.argv[1].endswith("torch_reference_data.py"), sys.argv
+rows = len(list(csv.DictReader(open(manifest))))
+seconds = {{"audio": rows * {seconds_per_clip}, "example": rows * {2 * seconds_per_clip}}}
+print(json.dumps({{"rows": rows, "seconds": seconds, "versions": {{"torch": "2.0.1"}}}}))
+""")
+    script.chmod(0o755)
+    return script
+
+
 def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
+    """Every row's ratio is against the pinned reference's own audio path when --reference_python is given."""
+    pinned = _fake_reference_python(tmp_path, seconds_per_clip=0.25)  # 4 clips/s
     result = subprocess.run(
         [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=3", "--seconds=1", "--workers=1",
-         "--threads=2"],
+         "--threads=2", f"--reference_python={pinned}"],
         capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,17 +93,32 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
         (label.strip(), (float(rate), float(ratio)))
         for label, rate, ratio in re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)$", result.stdout, re.M)
     )
-    labels = ["reference per-sample audio", "our audio decode", "decoding alone", "1 process, 1 thread",
-              "1 process, 2 threads", "1 worker processes", "read path, 1 process, 1 thread",
-              "read path, 1 process, 2 thread"]  # fmt: skip
+    labels = ["its pinned venv", "reference per-sample audio (librosa, our fbank)", "our audio decode",
+              "decoding alone", "1 process, 1 thread", "1 process, 2 threads", "1 worker processes",
+              "read path, 1 process, 1 thread", "read path, 1 process, 2 thread"]  # fmt: skip
     rows = {label: next(value for key, value in table.items() if label in key) for label in labels}
-    reference = rows["reference per-sample audio"][0]
+    assert rows["its pinned venv"] == (4.0, 1.0), rows
     for label, (rate, ratio) in rows.items():
-        assert abs(rate / reference - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
+        assert abs(rate / 4.0 - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
     best_read = max(rows["read path, 1 process, 1 thread"][0], rows["read path, 1 process, 2 thread"][0])
     needed, processes = map(float, re.search(r"takes (\d+) samples/s: (\d+) read-path", result.stdout).groups())
     assert processes == math.ceil(needed / round(best_read)) or processes == math.ceil(needed / best_read)
-    assert re.search(r"whole training example .* runs at [\d.]+ examples/s; the read path is [\d.]+x", result.stdout)
+    wholes = re.findall(r"whole training example .*?; (.*?)\) runs at ([\d.]+) examples/s; the read path is ([\d.]+)x",
+                        result.stdout)  # fmt: skip
+    assert [where for where, _, _ in wholes] == ["its pinned venv", "this process, our image ops and fbank"]
+    assert float(wholes[0][1]) == 2.0 and abs(float(wholes[0][2]) - best_read / 2.0) <= 0.01 * best_read
+
+
+def test_the_feed_benchmark_refuses_a_reference_python_that_fails(tmp_path):
+    broken = _fake_reference_python(tmp_path, 0.25, fail=True)
+    for python, message in ((broken, "No module named 'torchaudio'"), (tmp_path / "absent", "cannot be run")):
+        result = subprocess.run(
+            [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=1", "--seconds=1",
+             f"--reference_python={python}"],
+            capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_the_evaluation_forward_compiles_with_the_training_sharding(tmp_path):
@@ -94,6 +131,15 @@ def test_the_evaluation_forward_compiles_with_the_training_sharding(tmp_path):
     forward = re.search(r"analytic eval FLOPs/sample\s+([\d.]+ \w+)\s+\(forward ([\d.]+ \w+) x 1 \(eval\)\)", result.stdout)
     assert forward and forward.group(1) == forward.group(2), result.stdout
     assert re.search(r"arguments \(params \+ batch\)\s+[\d.]+ GiB", result.stdout)
-    refused = subprocess.run([sys.executable, str(SCRIPT), "--model=tiny", "--program=eval", "--steps=2"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
-    assert refused.returncode != 0 and "--program=eval compiles the evaluation forward only" in refused.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--program=eval", "--steps=2"], "--program=eval compiles the evaluation forward only"),
+    (["--mesh=3x1"], "3x1"),
+    (["stray"], "unexpected arguments ['stray']"),
+])  # fmt: skip
+def test_the_benchmark_refuses_bad_flags_in_one_line(flags, message, tmp_path):
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--model=tiny", *flags], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-3000:]

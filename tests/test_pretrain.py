@@ -235,6 +235,17 @@ def test_resume_drops_the_lines_logged_after_the_restored_checkpoint(reference, 
                                rtol=1e-5)  # fmt: skip
 
 
+def test_rerunning_a_finished_run_logs_its_final_evaluation_once(reference, data_root, tmp_path):
+    """The rerun trains nothing and evaluates the final state again: metrics.jsonl keeps one line per step and one
+    final evaluation (the rerun's, equal to the first)."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    summary = run_pretrain(tiny_config(data_root), tmp_path, "8x1")
+    lines = metric_lines(tmp_path)
+    assert [m["step"] for m in lines if "eval/loss" in m] == [STEPS]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, STEPS + 1))
+    assert summary["step"] == STEPS and summary["eval/loss"] == pytest.approx(reference[1]["eval/loss"], rel=1e-6)
+
+
 def test_resume_passes_over_a_damaged_checkpoint(reference, data_root, tmp_path, capsys):
     """Bit rot in the newest checkpoint (step 8): the rerun says so, moves it aside, resumes from step 4 and ends
     where the uninterrupted run ended; the damaged state is never loaded."""
