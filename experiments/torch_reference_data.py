@@ -120,7 +120,8 @@ def main() -> None:
     transform = reference_image_transform()
     features = reference_audio(rows[0][1], extractor, augment=False)  # numba compilation, FFT plans
     assert tuple(features.shape) == (1, 1024, 128), features.shape
-    librosa.effects.time_stretch(np.zeros(16_000, np.float32), rate=0.85)
+    for dtype in (np.float32, np.float64):  # numba compiles per dtype; the noise op makes the waveform float64
+        librosa.effects.time_stretch(np.zeros(16_000, dtype), rate=0.85)
     seconds = {
         "audio": timed(lambda image, audio: reference_audio(audio, extractor, augment=False), rows),
         "example": timed(lambda image, audio: reference_example(image, audio, extractor, transform), rows),
