@@ -8,7 +8,8 @@ short flag of their own (`Shortcut`): `--mesh=8x1` is `--config.mesh=8x1`. Every
 flags (`--coordinator_address`, `--num_processes`, `--process_id`; see synergy_jax.distributed).
 
 Exit codes (docs/pretrain.md): 0 done or preempted (rerun to resume); 1 a non-finite loss stopped training; 2 a
-bad flag, config value, data, file or checkpoint, with one line naming it instead of a traceback.
+bad flag, config value, data, file or checkpoint, with one line naming it instead of a traceback; 130 stopped by
+Ctrl-C (the first one saves at the next step, like a preemption; a second one stops at once).
 """
 
 from __future__ import annotations
@@ -124,12 +125,17 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
 
 def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
     """Runs a job; SIGTERM outside the training loop exits 0 (preempted), a non-finite training state exits 1, a
-    setup error exits 2, each with a one-line message instead of a traceback. In a multi-process job any other
-    error prints its traceback and exits 1, and every failure leaves at once (`distributed.exit_now`) so the
-    other processes stop within seconds instead of waiting in a collective for this one."""
+    setup error exits 2, Ctrl-C outside the loop (or a second one inside) exits 130, each with a one-line message
+    instead of a traceback. In a multi-process job any other error prints its traceback and exits 1, and every
+    failure leaves at once (`distributed.exit_now`) so the other processes stop within seconds instead of waiting
+    in a collective for this one."""
     try:
         with distributed.sigterm_raises():
             return job(*args)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); what was finished and saved is kept: rerun the same command to continue",
+              file=sys.stderr)  # fmt: skip
+        distributed.exit_now(130, at_once=True)
     except Preempted:
         print("stopped by SIGTERM outside the training steps (preparing data, or finishing); what was finished is "
               "kept: rerun the same command to continue", file=sys.stderr)  # fmt: skip
@@ -178,6 +184,8 @@ def start(
         result = run_or_exit(_configure_and_run, config_flag.value, shortcuts, run)
         if distributed.is_main_process():
             report(result)
+        if distributed.interrupted_by_user():
+            distributed.exit_now(130)  # saved and stopped like a preemption, but the user stopped it
 
     app.run(main, flags_parser=parse_flags_or_exit)
 

@@ -130,15 +130,36 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+_interrupted_by_user = False  # a Ctrl-C stopped this process's training loop (the job then exits 130)
+
+
+def interrupted_by_user() -> bool:
+    """Whether a Ctrl-C (SIGINT) stopped the training loop: the job saved and returned like a preempted one, and
+    its command line exits 130, as an interrupted command does, instead of 0."""
+    return _interrupted_by_user
+
+
 class StopRequest:
-    """SIGTERM (preemption) -> stop at the next step boundary, agreed across processes."""
+    """SIGTERM (preemption) or a first Ctrl-C -> save and stop at the next step boundary, agreed across processes.
+
+    A second Ctrl-C interrupts at once (KeyboardInterrupt, without the save) for a user who cannot wait for it."""
 
     def __init__(self):
+        global _interrupted_by_user
+        _interrupted_by_user = False
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous_interrupt = signal.signal(signal.SIGINT, self._handle_interrupt)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+
+    def _handle_interrupt(self, signum, frame) -> None:
+        global _interrupted_by_user
+        _interrupted_by_user = self.requested = True
+        signal.signal(signal.SIGINT, self._previous_interrupt)
+        print("Ctrl-C: saving after this step, then stopping (press Ctrl-C again to stop at once, without saving)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop (a collective on multi-process runs: call on every process)."""
@@ -152,6 +173,7 @@ class StopRequest:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGINT, self._previous_interrupt)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ iterator (`next()`, `get_state()`, `set_state()`), a run record and an evaluatio
 - steps, with each step's metrics fetched while the next one runs (the host never waits for the device), and
   the input placed on the mesh `prefetch` batches ahead (`DevicePrefetch`), so a step never waits for its batch;
 - a non-finite step stops the run (`NonFiniteLossError`, exit 1) and keeps the last good checkpoint;
-- SIGTERM (preemption) or `stop_at(step)` saves and returns with `preempted=True` (exit 0; rerun to resume);
+- SIGTERM (preemption), a first Ctrl-C or `stop_at(step)` saves and returns with `preempted=True` (exit 0, 130
+  after Ctrl-C; rerun to resume);
 - metric windows averaged every `log_every` steps with throughput and MFU, to metrics.jsonl and TensorBoard;
 - evaluation every `eval_every` steps and at the end; checkpoints at the manager's cadence and at the end;
 - a progress bar, summary.json (`summarize`) and training_curves.png (`plots.training_curves`, when the loop ends).

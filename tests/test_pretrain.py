@@ -179,7 +179,12 @@ def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, e
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
 
-def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
+@pytest.mark.parametrize("signum, code, message", [
+    (signal.SIGTERM, 0, "stop requested: saved step"),
+    (signal.SIGINT, 130, "Ctrl-C: saving after this step"),
+])  # fmt: skip
+def test_sigterm_or_ctrl_c_saves_and_stops(data_root, tmp_path, signum, code, message):
+    """SIGTERM (preemption) and a first Ctrl-C both save after the step in progress and stop; Ctrl-C exits 130."""
     command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
     with job_processes([command], devices=1, cwd=tmp_path) as (process,):
@@ -188,11 +193,11 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
             assert process.poll() is None, "the job exited before it was signalled:\n" + process_output(tmp_path, 0)[-3000:]
             assert time.time() < hang_guard, "no 3 logged steps in 600 s:\n" + process_output(tmp_path, 0)[-3000:]
             time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=300)
     output = process_output(tmp_path, 0)
-    assert process.returncode == 0, output[-3000:]
-    assert "stop requested: saved step" in output
+    assert process.returncode == code, output[-3000:]
+    assert message in output and "stop requested: saved step" in output and "Traceback" not in output
     saved = checkpoint.make_manager(tmp_path, read_only=True).latest_step()
     assert saved is not None and saved >= 3
     assert max(train_losses(tmp_path)) == saved
