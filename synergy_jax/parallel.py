@@ -45,8 +45,11 @@ def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
         sizes = [int(p) for p in parts]
     except ValueError:
         sizes = []
-    if len(sizes) != 2 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    if len(sizes) != 2:
         raise ValueError(f"--mesh={spec!r} is not of the form DxM (e.g. 8x1, 4x2, -1x1 for 'all devices on data')")
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"--mesh={spec!r}: each axis is a size of at least 1, or -1 (the rest) for one axis at most "
+                         f"(e.g. {num_devices}x1, -1x1)")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:

@@ -20,7 +20,8 @@ def test_parse_mesh(spec, expected):
     assert dict(mesh.shape) == {"data": expected[0], "model": expected[1]}
 
 
-@pytest.mark.parametrize("spec, message", [("4x1", "this job has 8"), ("3x-1", "not divisible"), ("8", "DxM"), ("axb", "DxM"), ("0x8", "DxM")])
+@pytest.mark.parametrize("spec, message", [("4x1", "this job has 8"), ("3x-1", "not divisible"), ("8", "DxM"), ("axb", "DxM"), ("0x8", "at least 1"), ("-1x-1", "one axis at most"),
+                                           ("-2x4", "at least 1")])
 def test_bad_mesh_specs_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         parallel.parse_mesh(spec, 8)
