@@ -16,15 +16,18 @@ LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_
 
 
 class _Lines(io.TextIOBase):
-    """A tqdm output that turns each frame tqdm draws into a line of its own."""
+    """A tqdm output that turns each frame tqdm draws into a line of its own, except a repeat of the line before
+    (a bar that starts complete, such as a rerun that finds every row done, draws the same frame twice)."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> int:
         for frame in text.replace("\r", "\n").split("\n"):
-            if frame.strip():
-                self.stream.write(frame.rstrip() + "\n")
+            if frame.strip() and frame.rstrip() != self.last:
+                self.last = frame.rstrip()
+                self.stream.write(self.last + "\n")
         self.stream.flush()
         return len(text)
 

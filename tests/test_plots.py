@@ -92,3 +92,14 @@ def test_progress_off_a_terminal_is_a_few_whole_lines():
     assert "\r" not in stream.getvalue() and lines[-1] == ""
     assert lines[0].startswith("train: 0/5000 step [") and lines[-2].startswith("train: 5000/5000 step [")
     assert "loss=5.1" in lines[-2] and len(lines) - 1 <= 3
+
+
+def test_progress_that_starts_complete_is_one_line():
+    """A rerun that finds every row done draws the same frame at the start and at the end: it is written once."""
+    import io
+
+    from synergy_jax import progress
+
+    stream = io.StringIO()
+    progress.bar(total=60, initial=60, desc="precompute test", unit="row", stream=stream).close()
+    assert stream.getvalue().count("\n") == 1 and stream.getvalue().startswith("precompute test: 60/60 row ["), stream.getvalue()
