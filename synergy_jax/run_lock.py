@@ -61,10 +61,10 @@ class RunLock:
         self.workdir = Path(workdir)
         self.path = self.workdir / LOCK_FILE
         self.file = None
-        self.created = False
+        self.created: list[Path] = []  # the folders `acquire` made, the run folder first, then its new parents
 
     def acquire(self) -> None:
-        self.created = not self.workdir.exists()
+        self.created = [p for p in (self.workdir, *self.workdir.absolute().parents) if not p.exists()]
         self.workdir.mkdir(parents=True, exist_ok=True)
         file = open(self.path, "a+")
         try:
@@ -111,9 +111,12 @@ class RunLock:
         self.file.close()
         self.file = None
         if self.created and [p.name for p in self.workdir.iterdir()] == [LOCK_FILE]:
-            # A job that failed before writing anything leaves no empty run folder behind.
+            # A job that failed before writing anything leaves no empty run folder (or parents it made) behind.
             self.path.unlink()
-            self.workdir.rmdir()
+            for folder in self.created:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -159,6 +159,11 @@ def test_a_job_that_fails_early_leaves_no_folder(tmp_path):
         with run_lock.writing(tmp_path / "new"):
             1 / 0
     assert not (tmp_path / "new").exists()
+    (tmp_path / "out" / "kept").mkdir(parents=True)  # a parent with other content stays
+    with pytest.raises(ZeroDivisionError):
+        with run_lock.writing(tmp_path / "out" / "runs" / "demo" / "run"):
+            1 / 0
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "out"]
 
 
 # ------------------------------------------------------------------------------------------ config ranges
