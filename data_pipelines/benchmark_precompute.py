@@ -49,7 +49,7 @@ from PIL import Image  # noqa: E402
 from data_pipelines import audio_io, augment  # noqa: E402
 from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
-from synergy_jax import audio, errors  # noqa: E402
+from synergy_jax import audio, cli, errors  # noqa: E402
 
 PINNED_REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference_data.py"
 
@@ -182,24 +182,33 @@ def feed_needed(mfu: float, chip_tflops: float, chips: int) -> float:
     return mfu * chip_tflops * 1e12 * chips / per_sample
 
 
-def time_pinned_reference(python: str, subset: Path) -> dict:
+def time_pinned_reference(python: str, subset: Path, count: int) -> dict:
     """Seconds of the reference's own audio path and whole example over the subset's rows, timed by
-    experiments/torch_reference_data.py under `python` (a venv with the reference's pinned packages)."""
+    experiments/torch_reference_data.py under `python` (a venv with the reference's pinned packages); `count`:
+    the subset's rows, which it must have timed."""
     command = [python, str(PINNED_REFERENCE_SCRIPT), f"--manifest={subset}"]
+    rerun = f"run `{python} {PINNED_REFERENCE_SCRIPT} --manifest=<a manifest CSV>` to see its output"
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as error:
         raise errors.SetupError(f"--reference_python={python} cannot be run ({error}); give the python of a venv "
                                 f"made as experiments/torch_reference_data.py's docstring says") from error
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
+    if result.returncode != 0:
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
         raise errors.SetupError(f"the reference's input path failed under --reference_python={python} (exit "
-                                f"{result.returncode}): {result.stderr.strip()[-1500:]}")
-    timed = json.loads(lines[-1])
-    print(f"the reference's own input path ({', '.join(f'{k} {v}' for k, v in timed['versions'].items())}): "
-          f"audio {_rate(timed['rows'], timed['seconds']['audio'])}; "
-          f"whole example {_rate(timed['rows'], timed['seconds']['example'])}")
-    return timed["seconds"]
+                                f"{result.returncode}: {last.strip()}); {rerun}")
+    try:
+        timed = json.loads(result.stdout.strip().splitlines()[-1])
+        seconds, rows = timed["seconds"], timed["rows"]
+        audio_seconds, example_seconds = float(seconds["audio"]), float(seconds["example"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise errors.SetupError(f"--reference_python={python} did not print the timings' JSON; {rerun}") from None
+    if rows != count:
+        raise errors.SetupError(f"the reference's input path timed {rows} rows of {count}; {rerun}")
+    versions = ", ".join(f"{name} {version}" for name, version in timed.get("versions", {}).items())
+    print(f"the reference's own input path ({versions}): audio {_rate(rows, audio_seconds)}; "
+          f"whole example {_rate(rows, example_seconds)}")
+    return {"audio": audio_seconds, "example": example_seconds}
 
 
 def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[int, float],
@@ -242,7 +251,7 @@ def benchmark(options) -> None:
         manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
                                               "caption": r.caption} for r in rows])  # fmt: skip
         print(f"{len(rows)} clips from {manifest}")
-        pinned = time_pinned_reference(options.reference_python, subset) if options.reference_python else None
+        pinned = time_pinned_reference(options.reference_python, subset, len(rows)) if options.reference_python else None
         seconds = time_per_clip_paths(rows)
         timings = time_precompute(subset, rows, work, options.workers, options.threads)
         reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
@@ -254,16 +263,12 @@ def benchmark(options) -> None:
 def main(argv) -> None:
     from absl import flags
 
-    from synergy_jax import cli
-
     cli.refuse_positional(argv)
-    cli.run_or_exit(benchmark, flags.FLAGS)
+    cli.exit_on_setup_error(benchmark, flags.FLAGS)
 
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    from synergy_jax import cli
 
     flags.DEFINE_string("manifest", None, "Benchmark on this manifest's files instead of generated clips.")
     flags.DEFINE_integer("limit", 0, "Use at most this many rows (0: all).")

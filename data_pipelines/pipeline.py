@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from data_pipelines import augment, precompute, records
-from synergy_jax import audio, parallel, text
+from synergy_jax import audio, distributed, parallel, text
 from synergy_jax.errors import CheckpointError
 
 HOST_ONLY_FIELDS = ("row_id",)
@@ -193,7 +193,8 @@ def build_dataset(config: PipelineConfig, tokenizer=None) -> grain.IterDataset:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain 0.2.18 reads absl flags in its workers (google/grain#1355)
         dataset = dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=config.prefetch)
+            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=config.prefetch),
+            worker_init_fn=distributed.ignore_interrupts,  # a Ctrl-C is the training loop's to handle
         )
     return dataset
 

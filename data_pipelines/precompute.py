@@ -42,7 +42,7 @@ from PIL import Image
 
 from data_pipelines import audio_io, records
 from data_pipelines.manifest import ManifestError, Row, RowProblem, read_manifest, skipped_summary
-from synergy_jax import audio
+from synergy_jax import audio, distributed
 from synergy_jax.errors import SetupError
 
 SHARD_SUFFIX = ".array_record"
@@ -270,7 +270,8 @@ def _results(rows: list[Row], config: PrecomputeConfig, workers: int, threads: i
         yield from _threaded_map(work, rows, threads)
         return
     with _single_threaded_children():
-        pool = multiprocessing.get_context("spawn").Pool(workers)  # spawn: the parent may hold jax threads
+        # spawn: the parent may hold jax threads; a Ctrl-C is the parent's to handle (it stops the pool)
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=distributed.ignore_interrupts)
     with pool:
         yield from pool.imap(work, rows, chunksize=2)
 

@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
     """A bad flag value (a mesh that does not fit, a batch the mesh cannot split, a topology name) exits 2 in one
     line, as the jobs do."""
     cli.refuse_positional(argv)
-    cli.run_or_exit(benchmark)
+    cli.exit_on_setup_error(benchmark)
 
 
 def benchmark() -> None:

@@ -17,7 +17,7 @@ manifest it runs, on one thread, what the reference's pre-training `Dataset` com
             flip, ColorJitter at p 0.5, ToTensor, Normalize), and the audio path with `audio_augment` (noise,
             shift, time stretch, polarity; shuffled with Python's random, each at p 0.2) before the extractor.
 The caption's tokenisation is left out (the RoBERTa vocabulary is on the hub), so `example` is a lower bound.
-Prints one JSON object: seconds over all rows for each path, and the row count.
+Prints one JSON object: the row count, seconds over all rows for each path, and the packages' versions.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ def run_or_exit(job: Callable[..., Any], *args: Any) -> Any:
     instead of a traceback. In a multi-process job any other error prints its traceback and exits 1, and every
     failure leaves at once (`distributed.exit_now`) so the other processes stop within seconds instead of waiting
     in a collective for this one."""
+    distributed.forget_interruption()
     try:
         with distributed.sigterm_raises():
             return job(*args)
@@ -184,8 +185,9 @@ def start(
         result = run_or_exit(_configure_and_run, config_flag.value, shortcuts, run)
         if distributed.is_main_process():
             report(result)
-        if distributed.interrupted_by_user():
-            distributed.exit_now(130)  # saved and stopped like a preemption, but the user stopped it
+        if distributed.interrupted_by_user():  # agreed by every process: all leave through the shutdown barrier
+            sys.stdout.flush()
+            sys.exit(130)  # saved and stopped like a preemption, but the user stopped it
 
     app.run(main, flags_parser=parse_flags_or_exit)
 
@@ -225,6 +227,16 @@ def _configure_and_run(config: ml_collections.ConfigDict, shortcuts: Sequence[Sh
     f = flags.FLAGS
     distributed.initialize(distributed.distributed_arguments(f.coordinator_address, f.num_processes, f.process_id))
     return run(config)
+
+
+def exit_on_setup_error(tool: Callable[..., Any], *args: Any) -> Any:
+    """For the tools that are not resumable jobs (the benchmarks): a bad flag value, file or environment exits 2 in
+    one line; signals keep their usual meaning (nothing is saved, so there is nothing to resume)."""
+    try:
+        return tool(*args)
+    except SETUP_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def refuse_positional(argv: Sequence[str]) -> None:

@@ -130,48 +130,70 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-_interrupted_by_user = False  # a Ctrl-C stopped this process's training loop (the job then exits 130)
+_interrupted_by_user = False  # a Ctrl-C stopped this job's training loop (its command line then exits 130)
+CTRL_C_MESSAGE = b"Ctrl-C: saving after this step, then stopping (press Ctrl-C again to stop at once, unsaved)\n"
 
 
 def interrupted_by_user() -> bool:
-    """Whether a Ctrl-C (SIGINT) stopped the training loop: the job saved and returned like a preempted one, and
-    its command line exits 130, as an interrupted command does, instead of 0."""
+    """Whether a Ctrl-C (on any process) stopped this job's training loop: it saved and stopped like a preempted
+    one, and the command line exits 130, as an interrupted command does, instead of 0."""
     return _interrupted_by_user
 
 
-class StopRequest:
-    """SIGTERM (preemption) or a first Ctrl-C -> save and stop at the next step boundary, agreed across processes.
+def forget_interruption() -> None:
+    """A new job starts: no Ctrl-C has stopped it (jobs run one after another in a notebook's process)."""
+    global _interrupted_by_user
+    _interrupted_by_user = False
 
-    A second Ctrl-C interrupts at once (KeyboardInterrupt, without the save) for a user who cannot wait for it."""
+
+def ignore_interrupts(*unused: object) -> None:
+    """In a worker process (Grain's, precompute's): Ctrl-C at a terminal reaches the whole process group, and the
+    parent decides what it means (save and stop), so a worker ignores it instead of dying with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _install(signum: int, handler):
+    """`signal.signal`, returning a previous handler that can be put back (None, one set from C, cannot)."""
+    previous = signal.signal(signum, handler)
+    return signal.SIG_DFL if previous is None else previous
+
+
+class StopRequest:
+    """SIGTERM (preemption) or a first Ctrl-C during the training steps -> save and stop at the next step boundary
+    (agreed across processes, where only log boundaries are checked). A second Ctrl-C interrupts at once
+    (KeyboardInterrupt, without the save). A process that ignores Ctrl-C (a background job) keeps ignoring it."""
 
     def __init__(self):
-        global _interrupted_by_user
-        _interrupted_by_user = False
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._previous_interrupt = signal.signal(signal.SIGINT, self._handle_interrupt)
+        self.requested = self.interrupted = False
+        self._previous = _install(signal.SIGTERM, self._handle)
+        self._previous_interrupt = signal.getsignal(signal.SIGINT)
+        if self._previous_interrupt is not signal.SIG_IGN:
+            self._previous_interrupt = _install(signal.SIGINT, self._handle_interrupt)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def _handle_interrupt(self, signum, frame) -> None:
-        global _interrupted_by_user
-        _interrupted_by_user = self.requested = True
+        self.requested = self.interrupted = True
         signal.signal(signal.SIGINT, self._previous_interrupt)
-        print("Ctrl-C: saving after this step, then stopping (press Ctrl-C again to stop at once, without saving)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        os.write(2, CTRL_C_MESSAGE)  # not print(): the handler may run in the middle of a write to sys.stderr
 
     def agreed(self) -> bool:
-        """Whether any process was asked to stop (a collective on multi-process runs: call on every process)."""
+        """Whether any process was asked to stop (a collective on multi-process runs: call on every process). A
+        Ctrl-C on any process marks the job interrupted on all of them, so all exit 130 together."""
+        global _interrupted_by_user
         import jax
         import numpy as np
         from jax.experimental import multihost_utils
 
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
+        flags = np.asarray([self.requested, self.interrupted])
+        if jax.process_count() > 1:
+            flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+        _interrupted_by_user = _interrupted_by_user or bool(flags[1])
+        return bool(flags[0])
 
     def restore(self) -> None:
+        """The previous handlers: from here a Ctrl-C interrupts at once, as outside the loop."""
         signal.signal(signal.SIGTERM, self._previous)
         signal.signal(signal.SIGINT, self._previous_interrupt)
 

@@ -93,13 +93,21 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         path = self.workdir / "metrics.jsonl"
+        kept = []
         if path.is_file():
             kept = [line for line in path.read_text().split("\n")[:-1] if _kept(line, step, evaluates_step)]
             partial = path.with_suffix(".jsonl.tmp")
             partial.write_text("".join(line + "\n" for line in kept))
             partial.replace(path)
         self.jsonl = open(path, "a")
-        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1 if step else None)
+        # TensorBoard purges from a step on: from `step` itself when its evaluation is logged again, and then the
+        # kept lines of `step` (its train window) are written back.
+        purge = step if evaluates_step else step + 1
+        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge if step else None)
+        for line in kept if evaluates_step else []:
+            row = json.loads(line)
+            if row["step"] == step:
+                self._scalars(step, {k: v for k, v in row.items() if k != "step"})
 
     def write(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
@@ -108,6 +116,9 @@ class MetricWriter:
             self.start(0)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
+        self._scalars(step, metrics)
+
+    def _scalars(self, step: int, metrics: Metrics) -> None:
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, step)
@@ -356,6 +367,7 @@ class _Run:
             if self.manager.should_save(self.step) and self.step != config.total_steps:
                 self.window.settle()
                 self.save(force=False)
+        self.stop.restore()  # the steps are over: a Ctrl-C from here (final save, evaluation) interrupts at once
         self.window.settle()
         if not preempted:
             if self.manager.latest_step() != self.step:
@@ -392,8 +404,8 @@ class _Run:
 
 
 def _stop_requested(config: LoopConfig, step: int, stop: StopRequest, stop_at: Callable[[int], bool] | None) -> bool:
-    """A test's `stop_at`, or SIGTERM on any process (agreed at log boundaries only on multi-process runs: it is a
-    collective, and every process reaches the same boundaries)."""
+    """A test's `stop_at`, or SIGTERM or a first Ctrl-C on any process (agreed at log boundaries only on
+    multi-process runs: it is a collective, and every process reaches the same boundaries)."""
     if stop_at is not None and stop_at(step):
         return True
     boundary = step % config.log_every == 0 or step == config.total_steps

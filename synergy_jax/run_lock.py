@@ -114,9 +114,10 @@ class RunLock:
             # A job that failed before writing anything leaves no empty run folder (or parents it made) behind.
             self.path.unlink()
             for folder in self.created:
-                if any(folder.iterdir()):
+                try:
+                    folder.rmdir()  # refused while the folder holds anything (another job's folder, say)
+                except OSError:
                     break
-                folder.rmdir()
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -96,15 +96,17 @@ def subprocess_env(devices: int) -> dict:
 
 
 @contextlib.contextmanager
-def job_processes(commands: list[list[str]], devices: int, cwd: Path):
+def job_processes(commands: list[list[str]], devices: int, cwd: Path, own_group: bool = False):
     """Starts one job process per command, output to `<cwd>/process_<i>.log` (no pipe to fill up); on exit kills any
-    still running, so a failing test never leaves a training process (or its peer in a collective) behind."""
+    still running, so a failing test never leaves a training process (or its peer in a collective) behind.
+    `own_group`: each in a process group of its own, as a terminal's foreground job (`os.killpg` signals it)."""
     logs = [open(cwd / f"process_{i}.log", "w") for i in range(len(commands))]
     processes = []
     try:
         for command, log in zip(commands, logs):
             processes.append(subprocess.Popen(command, env=subprocess_env(devices), stdout=log,
-                                              stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
+                                              stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                              process_group=0 if own_group else None))  # fmt: skip
         yield processes
     finally:
         for process in processes:

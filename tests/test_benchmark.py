@@ -62,14 +62,17 @@ def test_the_cpu_bound_times_every_matmul_of_the_train_step(tmp_path):
     assert "1.5x its throughput is 0.67 s per step" in result.stdout
 
 
-def _fake_reference_python(folder: Path, seconds_per_clip: float, fail: bool = False) -> Path:
+def _fake_reference_python(folder: Path, seconds_per_clip: float, fail: str = "") -> Path:
     """Stands in for the pinned reference venv's python: prints torch_reference_data.py's JSON for the manifest
-    it is given, at `seconds_per_clip` for the audio path and twice that for the whole example (or fails)."""
-    script = folder / "python"
+    it is given, at `seconds_per_clip` for the audio path and twice that for the whole example; or fails with a
+    traceback (`fail="raise"`) or prints something else (`fail="garbage"`)."""
+    script = folder / f"python{fail}"
     script.write_text(f"""#!{sys.executable}
 import csv, json, sys
-if {fail}:
-    sys.exit("ModuleNotFoundError: No module named 'torchaudio'")
+if "{fail}" == "raise":
+    raise ModuleNotFoundError("No module named 'torchaudio'")
+if "{fail}" == "garbage":
+    sys.exit(print("Loading the feature extractor..."))
 manifest = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--manifest="))
 assert sys.argv[1].endswith("torch_reference_data.py"), sys.argv
 rows = len(list(csv.DictReader(open(manifest))))
@@ -110,8 +113,10 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
 
 
 def test_the_feed_benchmark_refuses_a_reference_python_that_fails(tmp_path):
-    broken = _fake_reference_python(tmp_path, 0.25, fail=True)
-    for python, message in ((broken, "No module named 'torchaudio'"), (tmp_path / "absent", "cannot be run")):
+    cases = ((_fake_reference_python(tmp_path, 0.25, fail="raise"), "ModuleNotFoundError: No module named 'torchaudio'"),
+             (_fake_reference_python(tmp_path, 0.25, fail="garbage"), "did not print the timings' JSON"),
+             (tmp_path / "absent", "cannot be run"))  # fmt: skip
+    for python, message in cases:
         result = subprocess.run(
             [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=1", "--seconds=1",
              f"--reference_python={python}"],

@@ -184,16 +184,18 @@ def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, e
     (signal.SIGINT, 130, "Ctrl-C: saving after this step"),
 ])  # fmt: skip
 def test_sigterm_or_ctrl_c_saves_and_stops(data_root, tmp_path, signum, code, message):
-    """SIGTERM (preemption) and a first Ctrl-C both save after the step in progress and stop; Ctrl-C exits 130."""
-    command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1",
+    """SIGTERM (preemption) and a first Ctrl-C both save after the step in progress and stop; Ctrl-C exits 130.
+    The Ctrl-C reaches the job's whole process group, as at a terminal, Grain's input worker included."""
+    workers = ["--config.data.workers=1"] if signum == signal.SIGINT else []
+    command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1", *workers,
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
-    with job_processes([command], devices=1, cwd=tmp_path) as (process,):
+    with job_processes([command], devices=1, cwd=tmp_path, own_group=True) as (process,):
         hang_guard = time.time() + 600  # not a speed limit: only stops a hung job from hanging the suite
         while len(train_losses(tmp_path)) < 3:
             assert process.poll() is None, "the job exited before it was signalled:\n" + process_output(tmp_path, 0)[-3000:]
             assert time.time() < hang_guard, "no 3 logged steps in 600 s:\n" + process_output(tmp_path, 0)[-3000:]
             time.sleep(0.5)
-        process.send_signal(signum)
+        os.killpg(process.pid, signum)
         process.wait(timeout=300)
     output = process_output(tmp_path, 0)
     assert process.returncode == code, output[-3000:]
@@ -249,6 +251,27 @@ def test_rerunning_a_finished_run_logs_its_final_evaluation_once(reference, data
     assert [m["step"] for m in lines if "eval/loss" in m] == [STEPS]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, STEPS + 1))
     assert summary["step"] == STEPS and summary["eval/loss"] == pytest.approx(reference[1]["eval/loss"], rel=1e-6)
+    # TensorBoard: the rerun's event file purges from the final step on and writes that step's train window and
+    # evaluation once each.
+    rerun = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    events = tensorboard_events(rerun)
+    assert any(e.session_log.status == e.session_log.START and e.step == STEPS for e in events)  # the purge
+    tags = [(e.step, v.tag) for e in events for v in e.summary.value]
+    assert tags.count((STEPS, "loss")) == 1 and tags.count((STEPS, "eval/loss")) == 1 and {s for s, _ in tags} == {STEPS}
+
+
+def tensorboard_events(path: Path) -> list:
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, the data's CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, events, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        events.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
+        at += 12 + length + 4
+    return events
 
 
 def test_resume_passes_over_a_damaged_checkpoint(reference, data_root, tmp_path, capsys):

@@ -228,7 +228,11 @@ def test_bad_batch_size_exits_2_before_anything_is_written(tmp_path, value):
     assert not workdir.exists()  # no demo data generated, no folder
 
 
-def test_sigterm_while_preparing_data_exits_0_with_a_message(tmp_path):
+@pytest.mark.parametrize("signum, code, message", [
+    (signal.SIGTERM, 0, "stopped by SIGTERM outside the training steps"),
+    (signal.SIGINT, 130, "interrupted (Ctrl-C); what was finished and saved is kept"),
+])  # fmt: skip
+def test_a_signal_while_preparing_data_exits_with_a_message(tmp_path, signum, code, message):
     workdir = tmp_path / "run"
     job = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pretrain.py"), f"--workdir={workdir}",
                             "--config.progress=False"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -236,10 +240,10 @@ def test_sigterm_while_preparing_data_exits_0_with_a_message(tmp_path):
     hang_guard = time.time() + 300  # not a speed limit: only stops a hung job from hanging the suite
     while not (workdir / "writer.lock").is_file() and job.poll() is None and time.time() < hang_guard:
         time.sleep(0.01)
-    job.send_signal(signal.SIGTERM)  # the demo data is being generated (it takes seconds; training minutes)
+    job.send_signal(signum)  # the demo data is being generated (it takes seconds; training minutes)
     _, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0, stderr[-3000:]
-    assert "stopped by SIGTERM outside the training steps" in stderr and "Traceback" not in stderr
+    assert job.returncode == code, stderr[-3000:]
+    assert message in stderr and "Traceback" not in stderr
     assert (workdir / "writer.lock").read_text() == ""  # released
 
 
