@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -106,7 +107,8 @@ def job_processes(commands: list[list[str]], devices: int, cwd: Path, own_group:
         for command, log in zip(commands, logs):
             processes.append(subprocess.Popen(command, env=subprocess_env(devices), stdout=log,
                                               stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                                              process_group=0 if own_group else None))  # fmt: skip
+                                              process_group=0 if own_group else None,
+                                              preexec_fn=default_interrupts if own_group else None))  # fmt: skip
         yield processes
     finally:
         for process in processes:
@@ -115,6 +117,12 @@ def job_processes(commands: list[list[str]], devices: int, cwd: Path, own_group:
             process.wait()
         for log in logs:
             log.close()
+
+
+def default_interrupts() -> None:
+    """In a child before exec: Ctrl-C at its default, as in a terminal's job. A suite started in the background
+    (`.ci/run &`) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt nor takes it over."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def process_output(cwd: Path, index: int) -> str:

@@ -20,7 +20,7 @@ from experiments.configs import finetune as finetune_configs
 from experiments.configs import mmr as mmr_configs
 from experiments.configs import pretrain as pretrain_configs
 from experiments.configs import zero_shot as zero_shot_configs
-from helpers import ROOT, bit_rot, largest_state_file, subprocess_env, write_pretrain_run
+from helpers import ROOT, bit_rot, default_interrupts, largest_state_file, subprocess_env, write_pretrain_run
 from synergy_jax import checkpoint, cli, parallel, run_lock
 from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.record import DataSource
@@ -236,7 +236,7 @@ def test_a_signal_while_preparing_data_exits_with_a_message(tmp_path, signum, co
     workdir = tmp_path / "run"
     job = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "pretrain.py"), f"--workdir={workdir}",
                             "--config.progress=False"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=tmp_path, env=subprocess_env(1))  # fmt: skip
+                           cwd=tmp_path, env=subprocess_env(1), preexec_fn=default_interrupts)  # fmt: skip
     hang_guard = time.time() + 300  # not a speed limit: only stops a hung job from hanging the suite
     while not (workdir / "writer.lock").is_file() and job.poll() is None and time.time() < hang_guard:
         time.sleep(0.01)
