@@ -56,9 +56,8 @@ def pipeline_config(config: ml_collections.ConfigDict, data: RunData, train_spli
 # ================================================================================================ model
 
 
-def build_model_config(
-    config: ml_collections.ConfigDict, data: RunData, tokenizer, saved: RunRecord | None
-) -> tuple[SynergyConfig, dict[str, Any] | None]:
+def build_model_config(config: ml_collections.ConfigDict, data: RunData, tokenizer,
+                       saved: RunRecord | None) -> tuple[SynergyConfig, dict[str, Any] | None]:
     """(model config, pretrained tower params or None): the resumed run's (no weights loaded), hub/folder towers
     for init=hub, presets for init=scratch."""
     m = config.model
@@ -158,10 +157,8 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     if not (config.epochs or config.total_steps):
         raise SetupError("--config.epochs and --config.total_steps are both 0: set one of them")
     cli.check_runtime(mesh, config.model.dtype, config.sharding)
-    warmup, schedule = config.optimizer.warmup_steps, config.optimizer.schedule
-    if config.total_steps and schedule in ("warmup_cosine", "linear") and config.total_steps <= warmup:
-        raise SetupError(f"--config.total_steps={config.total_steps} must exceed --config.optimizer.warmup_steps="
-                         f"{warmup} for the {schedule!r} schedule")  # fmt: skip
+    if config.total_steps:
+        train.check_schedule_length(config.total_steps, config.optimizer, "--config.total_steps", "--config.optimizer.")
     if unknown := set(config.evals) - set(EVALUATORS):
         raise SetupError(f"--config.evals: unknown evaluator(s) {sorted(unknown)}; known: {list(EVALUATORS)}")
 

@@ -90,6 +90,15 @@ def resolve_optimizer(
     return optimizer
 
 
+def check_schedule_length(total_steps: int, config: ml_collections.ConfigDict, flag: str = "optimizer.total_steps",
+                          prefix: str = "optimizer.") -> None:
+    """A warm-up schedule (warmup_cosine, linear) needs more steps than its warm-up; `flag` and `prefix` name the
+    fields as the caller's command line spells them."""
+    if config.schedule in ("warmup_cosine", "linear") and total_steps <= config.warmup_steps:
+        raise ValueError(f"{flag}={total_steps} must exceed {prefix}warmup_steps={config.warmup_steps} for the "
+                         f"{config.schedule!r} schedule")  # fmt: skip
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     lr, end = config.learning_rate, config.learning_rate * config.final_learning_rate_ratio
     if config.schedule == "constant":
@@ -100,8 +109,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     if config.schedule not in ("warmup_cosine", "linear"):
         raise ValueError(f"unknown optimizer.schedule {config.schedule!r}; use 'constant', 'warmup_cosine', "
                          "'linear' or 'step'")  # fmt: skip
-    if config.total_steps <= config.warmup_steps:
-        raise ValueError(f"optimizer.schedule={config.schedule!r} needs optimizer.total_steps > optimizer.warmup_steps")
+    check_schedule_length(config.total_steps, config)
     if config.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, config.warmup_steps, config.total_steps, end)
     decay = optax.linear_schedule(lr, end, config.total_steps - config.warmup_steps)
