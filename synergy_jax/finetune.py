@@ -71,7 +71,7 @@ def make_predict(model, params_shardings, mesh) -> Callable:
         return {"logits": model.apply({"params": params}, batch, deterministic=True).astype(jnp.float32)}
 
     batch = parallel.batch_sharding(mesh)
-    return jax.jit(parallel.on_mesh(predict, mesh), in_shardings=(params_shardings, batch), out_shardings=batch)
+    return parallel.jit_on_mesh(predict, mesh, in_shardings=(params_shardings, batch), out_shardings=batch)
 
 
 # ------------------------------------------------------------------------------------------------ selection

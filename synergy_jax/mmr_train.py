@@ -178,6 +178,6 @@ def make_eval_step(
         return {"predicted": predicted, "target": target, "mask": mask, "nll": jnp.sum(nll * mask, 1),
                 "correct": jnp.sum(correct * mask, 1), "nll_all": jnp.sum(nll, 1), "correct_all": jnp.sum(correct, 1)}  # fmt: skip
 
-    return jax.jit(parallel.on_mesh(evaluate, mesh),
-                   in_shardings=(parallel.replicated(mesh), encoder_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.batch_sharding(mesh))  # fmt: skip
+    by_batch = parallel.batch_sharding(mesh)
+    return parallel.jit_on_mesh(evaluate, mesh, in_shardings=(parallel.replicated(mesh), encoder_shardings, by_batch),
+                                out_shardings=by_batch)  # fmt: skip

@@ -155,6 +155,22 @@ def on_mesh(function: Callable, mesh: Mesh | None) -> Callable:
     return traced_on_mesh
 
 
+# XLA:CPU's YNNPACK fusions (on by default since jax 0.10) run this project's steps slower than XLA's own dot and
+# loop emitters: the 4-layer side-by-side step of docs/performance.md takes 13-15 % longer on one core with them.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(mesh: Mesh) -> dict[str, str] | None:
+    """XLA options for a program compiled for `mesh`'s devices: `CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
+def jit_on_mesh(function: Callable, mesh: Mesh, **jit_kwargs: Any) -> Callable:
+    """`jax.jit` of `function` traced under `mesh` (`on_mesh`) and compiled with its platform's options: how the
+    jobs' steps and per-mesh forwards are jitted."""
+    return jax.jit(on_mesh(function, mesh), compiler_options=compiler_options(mesh), **jit_kwargs)
+
+
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh a tree of arrays is laid out on (its first leaf with a NamedSharding), or None."""
     for leaf in jax.tree.leaves(tree):

@@ -289,8 +289,8 @@ def make_step(
 
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     in_shardings = (shardings, batch_sharding) + (() if frozen_shardings is None else (frozen_shardings,))
-    return jax.jit(parallel.on_mesh(step, mesh), in_shardings=in_shardings, out_shardings=(shardings, replicated),
-                   donate_argnums=(0,))  # fmt: skip
+    return parallel.jit_on_mesh(step, mesh, in_shardings=in_shardings, out_shardings=(shardings, replicated),
+                                donate_argnums=(0,))  # fmt: skip
 
 
 def contrastive_loss(model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh) -> LossFn:

@@ -206,3 +206,30 @@ def test_batch_must_split_over_data_axis_and_microbatches():
     train.check_batch(16, mesh, 2)
     with pytest.raises(ValueError, match="divisible by data-axis size 4 x accumulation steps 3"):
         train.check_batch(16, mesh, 3)
+
+
+def test_cpu_steps_are_compiled_without_ynnpack_fusions():
+    """XLA:CPU's YNNPACK fusions slow the step down (parallel.CPU_COMPILER_OPTIONS): the jobs' CPU steps have none,
+    while the same program jitted without the options has them."""
+    mesh = parallel.make_mesh("1x1", jax.devices()[:1])
+    config = tiny_config()
+    _, _, state, step = setup_run(mesh, config)
+    batch = random_batch(config, 16)
+    assert "__ynn_fusion" not in step.lower(state, batch).compile().as_text()
+    plain = jax.jit(lambda a, b: jnp.exp(a @ b))
+    ones = jnp.ones((64, 64))
+    assert "__ynn_fusion" in plain.lower(ones, ones).compile().as_text()
+
+
+def test_compiler_options_are_the_cpu_ones_only_on_cpu():
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class Mesh:
+        def __init__(self, platform):
+            self.devices = np.array([Device(platform)])
+
+    assert parallel.compiler_options(Mesh("cpu")) == parallel.CPU_COMPILER_OPTIONS
+    assert parallel.compiler_options(Mesh("tpu")) is None
+    assert parallel.compiler_options(Mesh("gpu")) is None
