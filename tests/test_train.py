@@ -210,7 +210,7 @@ def test_batch_must_split_over_data_axis_and_microbatches():
 
 def test_cpu_steps_are_compiled_without_ynnpack_fusions():
     """XLA:CPU's YNNPACK fusions slow the step down (parallel.CPU_COMPILER_OPTIONS): the jobs' CPU steps have none,
-    while the same program jitted without the options has them."""
+    while a plain jit of a matmul still has them (jax's default; once it is not, the option can go)."""
     mesh = parallel.make_mesh("1x1", jax.devices()[:1])
     config = tiny_config()
     _, _, state, step = setup_run(mesh, config)
