@@ -37,7 +37,7 @@ def resolve(implementation: str, dtype, length: int) -> str:
         raise ValueError(f"unknown attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    backend = _platform()
+    backend = traced_platform()
     if backend == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     if backend == "tpu":
@@ -46,7 +46,7 @@ def resolve(implementation: str, dtype, length: int) -> str:
     return "heads_first" if length >= HEADS_FIRST_MIN_LENGTH else "xla"
 
 
-def _platform() -> str:
+def traced_platform() -> str:
     """The platform the code being traced will run on: the mesh context's, else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else mesh.abstract_device  # None for a mesh built from shapes and names alone
@@ -111,7 +111,7 @@ def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
     """Pallas splash attention over (batch, heads, padded length, head_dim), scaled queries, one shard."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    kernel = _make_kernel(q.shape[1], q.shape[2], _platform() != "tpu")
+    kernel = _make_kernel(q.shape[1], q.shape[2], traced_platform() != "tpu")
     return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=q_segments, kv=kv_segments))
 
 

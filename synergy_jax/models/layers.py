@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from synergy_jax.models.attention import dot_product_attention
+from synergy_jax.models.matmul import dense_dot_general
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -121,6 +122,7 @@ class MultiHeadAttention(nn.Module):
                 features=(self.num_heads, head_dim),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
+                dot_general=dense_dot_general,
                 kernel_init=logical(kernel_init, ("embed", "heads", "kv")),
                 bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
                 name=name,
@@ -135,6 +137,7 @@ class MultiHeadAttention(nn.Module):
             axis=(-2, -1),
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            dot_general=dense_dot_general,
             kernel_init=logical(out_init, ("heads", "kv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="out",
@@ -165,6 +168,7 @@ class Mlp(nn.Module):
             self.mlp_dim,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            dot_general=dense_dot_general,
             kernel_init=logical(kernel_init, ("embed", "mlp")),
             bias_init=logical(bias_init, ("mlp",)),
             name="fc1",
@@ -175,6 +179,7 @@ class Mlp(nn.Module):
             hidden,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            dot_general=dense_dot_general,
             kernel_init=logical(kernel_init, ("mlp", "embed")),
             bias_init=logical(bias_init, ("embed",)),
             name="fc2",
