@@ -1,7 +1,8 @@
-"""The dense layers' matmul (`synergy_jax.models.matmul`): on CPU its flattened form with a custom gradient equals
+"""The matmuls of `synergy_jax.models.matmul`. Dense layers: on CPU the flattened form with a custom gradient equals
 `jax.lax.dot_general` in value and in both gradients for every dense layout the towers use, sharded or not; its
 compiled gradient has no transposed copy of an activation-sized array, and computes a tall weight's gradient as
-(out, in); other contractions and other platforms are left to `jax.lax.dot_general`."""
+(out, in); other contractions and other platforms are left to `jax.lax.dot_general`. Attention's batched matmuls:
+equal to einsum in value and gradients, float32 accumulation of bfloat16, gradients with the short side as rows."""
 
 import re
 
@@ -63,23 +64,39 @@ def test_bfloat16_gradients_keep_their_dtypes():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.05, atol=0.5)
 
 
+def compiled_gradient(function, *operands) -> str:
+    """The optimised HLO of the gradient of `function` (a loss), compiled as the jobs compile on CPU."""
+    grad = jax.jit(jax.grad(function, tuple(range(len(operands)))))
+    return grad.lower(*operands).compile(parallel.CPU_COMPILER_OPTIONS).as_text()
+
+
+def activation_moves(hlo: str) -> list[str]:
+    """Copies and transposes of arrays with a tokens axis (LENGTH or BATCH x LENGTH long)."""
+    tokens = rf"f32\[[^\]]*\b({LENGTH}|{BATCH * LENGTH})\b[^\]]*\]"
+    moves = rf"%\S*(copy|transpose)\S* = {tokens}|= {tokens}\S* (copy|transpose)\("
+    return [line for line in hlo.splitlines() if re.search(moves, line)]
+
+
+def products_in_memory_order(hlo: str) -> list[tuple[int, ...]]:
+    """Every dot's output shape as laid out in memory (major to minor)."""
+    shapes = []
+    for dims, layout in re.findall(r"= f32\[([\d,]+)\]\{([\d,]+)\} dot\(", hlo):
+        dims, minor_to_major = [int(d) for d in dims.split(",")], [int(d) for d in layout.split(",")]
+        shapes.append(tuple(dims[axis] for axis in reversed(minor_to_major)))
+    return shapes
+
+
 @pytest.mark.parametrize("layout", ["wide", "tall"])
 def test_gradient_program_has_no_transposed_activation_copy(layout):
     """Autodiff's own gradient transposes the (batch, length, out) output gradient in memory; ours contracts the
-    flattened tokens in place. The weight gradient's dot has the kernel's shorter side as rows: a tall kernel's is
-    computed as (out, in) and transposed back."""
+    flattened tokens in place. The weight gradient's dot has the kernel's shorter side as rows in memory: a tall
+    kernel's is computed as (out, in) and transposed back."""
     x, w, dims = operands(layout)
-    options = parallel.CPU_COMPILER_OPTIONS  # as the jobs compile: XLA's own dot emitter
-    hlo = jax.jit(jax.grad(loss(matmul.dense_dot_general, dims), (0, 1))).lower(x, w).compile(options).as_text()
-    moves = [line for line in hlo.splitlines() if re.search(r"= f32\[[^\]]*\b(50|100)\b[^\]]*\]\S* (copy|transpose)\(",
-                                                              line)]  # fmt: skip
-    assert not moves, moves
-    autodiff = jax.jit(jax.grad(loss(jax.lax.dot_general, dims), (0, 1))).lower(x, w).compile(options).as_text()
-    assert re.search(r"= f32\[[^\]]*\b50\b[^\]]*\]\S* (copy|transpose|fusion)\(", autodiff), "the check can't fail"
-    kernel_dims = {tuple(w.shape), tuple(w.shape[::-1])}
-    dots = [(int(a), int(b), layout) for a, b, layout in re.findall(r"= f32\[(\d+),(\d+)\]\{(\d,\d)\} dot\(", hlo)]
-    weight_dot = [(a if layout == "1,0" else b) for a, b, layout in dots if (a, b) in kernel_dims]
-    assert weight_dot == [min(w.shape)], dots  # its rows in memory: the kernel's shorter side
+    hlo = compiled_gradient(loss(matmul.dense_dot_general, dims), x, w)
+    assert not activation_moves(hlo), activation_moves(hlo)
+    assert activation_moves(compiled_gradient(loss(jax.lax.dot_general, dims), x, w)), "autodiff's has one"
+    weight_products = [shape for shape in products_in_memory_order(hlo) if sorted(shape) == sorted(w.shape)]
+    assert weight_products == [tuple(sorted(w.shape))], products_in_memory_order(hlo)
 
 
 def test_sharded_dense_layer_matches_one_device():
@@ -106,19 +123,59 @@ def test_other_contractions_and_platforms_use_dot_general(monkeypatch):
     assert not custom(lambda x, w: matmul.dense_dot_general(x, w, batched), x, jnp.ones((BATCH, 24, 3)))
     monkeypatch.setattr(matmul, "traced_platform", lambda: "tpu")
     assert not custom(lambda x, w: matmul.dense_dot_general(x, w, dims), x, w)
+    assert not custom(lambda x, w: matmul.batch_matmul(x, w, transpose_b=True), x, x)
 
 
-def test_every_block_projection_uses_it(monkeypatch):
+def test_every_block_uses_the_matmuls(monkeypatch):
     """The six dense layers of every transformer block (q, k, v, attention out, fc1, fc2) of all three towers go
-    through the matmul; the projections and heads outside the blocks keep flax's default."""
+    through the dense matmul, and `heads_first` attention's two products through the batched one; the projections
+    and heads outside the blocks keep flax's default."""
     from synergy_jax.models.synergy import SynergyCLIP, example_batch
     from synthetic import tiny_config
 
-    config = tiny_config(layers=2, dropout=False)
+    config = tiny_config(layers=2, dropout=False).with_runtime("float32", False, "heads_first")
     batch = example_batch(config, 2)
-    calls, flat_dense = [], matmul._flat_dense
-    monkeypatch.setattr(matmul, "_flat_dense", lambda *args: calls.append(args[1].shape) or flat_dense(*args))
+    calls = {"_flat_dense": 0, "_batch_matmul": 0}
+    for name in calls:
+        original = getattr(matmul, name)
+        monkeypatch.setattr(matmul, name, lambda *args, name=name, original=original: calls.__setitem__(
+            name, calls[name] + 1) or original(*args))  # fmt: skip
     model = SynergyCLIP(config)
     model.apply(model.init(jax.random.PRNGKey(0), batch), batch)
     blocks = sum(getattr(config, tower).num_hidden_layers for tower in ("vision", "text", "audio"))
-    assert len(calls) == 2 * 6 * blocks  # init and apply
+    assert calls == {"_flat_dense": 2 * 6 * blocks, "_batch_matmul": 2 * 2 * blocks}  # init and apply
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_batch_matmul_equals_einsum_in_value_and_gradients(transpose_b):
+    """Attention's products: q k^T (transpose_b) and p v, over (batch, heads, rows, columns)."""
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 8)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 8) if transpose_b else (BATCH, 3, 8, 12)), jnp.float32)
+    plain = lambda a, b: jnp.einsum("bnqd,bnkd->bnqk" if transpose_b else "bnqk,bnkd->bnqd", a, b)  # noqa: E731
+    ours = lambda a, b: matmul.batch_matmul(a, b, transpose_b)  # noqa: E731
+    np.testing.assert_allclose(ours(a, b), plain(a, b), rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(jax.grad(lambda a, b: jnp.sum(jnp.sin(ours(a, b))), (0, 1))(a, b),
+                            jax.grad(lambda a, b: jnp.sum(jnp.sin(plain(a, b))), (0, 1))(a, b)):  # fmt: skip
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_batch_matmul_computes_its_gradients_with_the_short_side_as_rows():
+    """dK = dS^T q (LENGTH x 8) is computed as q^T dS (8 x LENGTH) and transposed back; dQ = dS k keeps its form."""
+    rng = np.random.default_rng(2)
+    q, k = (jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 8)), jnp.float32) for _ in range(2))
+    hlo = compiled_gradient(lambda q, k: jnp.sum(jnp.sin(matmul.batch_matmul(q, k, transpose_b=True))), q, k)
+    gradient_products = [shape[-2:] for shape in products_in_memory_order(hlo) if sorted(shape[-2:]) == [8, LENGTH]]
+    assert sorted(gradient_products) == [(8, LENGTH), (LENGTH, 8)], products_in_memory_order(hlo)
+
+
+def test_batch_matmul_in_bfloat16_accumulates_in_float32():
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 8)), jnp.bfloat16) for _ in range(2))
+    out = matmul.batch_matmul(a, b, transpose_b=True, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    expected = jnp.einsum("bnqd,bnkd->bnqk", a, b, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(matmul.batch_matmul(a, b, True, jnp.float32))), (0, 1))(a, b)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]

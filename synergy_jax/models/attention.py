@@ -4,8 +4,8 @@ All take `(batch, length, heads, head_dim)` query/key/value and an optional bool
 `(batch, heads, query, key)`, and compute softmax(q k^T / sqrt(d)) v with the softmax in float32.
 
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's own fusion; the reference path.
-- `heads_first`: the same math as einsums over `(batch, heads, length, head_dim)`. XLA:CPU runs long sequences
-  faster this way (docs/performance.md).
+- `heads_first`: the same math as batched matmuls over `(batch, heads, length, head_dim)` (`matmul.batch_matmul`).
+  XLA:CPU runs long sequences faster this way (docs/performance.md).
 - `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only,
   bfloat16 / float16.
 - `splash`: Pallas' TPU splash-attention kernel (flash attention in blocks of 128, padding handled as segment
@@ -24,6 +24,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from synergy_jax.models import matmul
+from synergy_jax.models.platform import traced_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "heads_first", "cudnn", "splash")
 SPLASH_BLOCK = 128
@@ -46,13 +49,6 @@ def resolve(implementation: str, dtype, length: int) -> str:
     return "heads_first" if length >= HEADS_FIRST_MIN_LENGTH else "xla"
 
 
-def traced_platform() -> str:
-    """The platform the code being traced will run on: the mesh context's, else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device  # None for a mesh built from shapes and names alone
-    return jax.default_backend() if device is None else device.platform
-
-
 def dot_product_attention(query, key, value, mask, implementation: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(d), masked) v by the chosen implementation (see the module docstring)."""
     chosen = resolve(implementation, query.dtype, query.shape[1])
@@ -64,15 +60,15 @@ def dot_product_attention(query, key, value, mask, implementation: str = "auto")
 
 
 def _heads_first(query, key, value, mask) -> jax.Array:
-    """Heads-first einsums with the softmax's division deferred to the output (one divide per output element
-    instead of per probability), the scale applied to the queries, and the max shift outside the gradient (softmax
-    does not depend on it)."""
+    """Heads-first batched matmuls (`matmul.batch_matmul`, with XLA:CPU-friendly gradients) with the softmax's
+    division deferred to the output (one divide per output element instead of per probability), the scale applied
+    to the queries, and the max shift outside the gradient (softmax does not depend on it)."""
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (query * query.shape[-1] ** -0.5, key, value))
-    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
+    logits = matmul.batch_matmul(q, k, transpose_b=True, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
+    out = matmul.batch_matmul(weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
     return (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype).transpose(0, 2, 1, 3)
 
 

@@ -1,12 +1,13 @@
-"""The dense layers' matmul (`dense_dot_general`, passed to flax's Dense / DenseGeneral), with a weight gradient
-XLA:CPU runs fast.
+"""Matmuls with gradients XLA:CPU runs fast: the dense layers' (`dense_dot_general`, passed to flax's Dense and
+DenseGeneral) and attention's (`batch_matmul`).
 
-Autodiff of `x @ W` over a (batch, length, in) activation gives XLA a three-dimensional contraction for the weight
-gradient, which XLA:CPU lays out with a transposed copy of the output gradient and runs at 45-60 GFLOP/s. On CPU the
-layers here compute with the activation flattened to (tokens, in) and a custom gradient: dx = g W^T, and dW as the
-two-dimensional product in the orientation Eigen runs faster (its output's rows no more than its columns, transposed
-back afterwards when W is taller than wide). The same products and sums; docs/performance.md has the timings.
-Elsewhere (TPU, GPU) it is `jax.lax.dot_general`, whose layouts those compilers choose well.
+A gradient of the form x^T y, contracting the rows (tokens) of x and y, is where autodiff's own formulation is slow
+on XLA:CPU: for a (batch, length, in) activation XLA transposes the whole output gradient in memory first, and Eigen
+runs a product whose output has more rows than columns at half the rate of the transposed one (45-60 against 80-95
+GFLOP/s at the shapes of docs/performance.md). On CPU these matmuls flatten dense activations to (tokens, features)
+and carry a custom gradient that computes every such product in the faster orientation (`_contract_rows`: the
+shorter side as rows, transposed back afterwards). The same products and sums, so the same values up to float
+rounding. Elsewhere (TPU, GPU) they are `jax.lax.dot_general`, whose layouts those compilers choose well.
 """
 
 from __future__ import annotations
@@ -15,8 +16,29 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 
-from synergy_jax.models.attention import traced_platform
+from synergy_jax.models.platform import traced_platform
+
+
+def _contract_rows(x, y, precision):
+    """x^T y over axis -2 of both (leading axes are batch), in the orientation Eigen runs faster: its output's rows
+    the shorter side. The barrier keeps XLA from folding the transpose back into the product."""
+    batch = tuple(range(x.ndim - 2))
+    if x.shape[-1] <= y.shape[-1]:
+        return jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)), precision=precision)
+    flipped = jax.lax.dot_general(y, x, (((y.ndim - 2,), (x.ndim - 2,)), (batch, batch)), precision=precision)
+    return jnp.swapaxes(jax.lax.optimization_barrier(flipped), -1, -2)
+
+
+def _product(a, b, contract: tuple[int, int], precision, preferred_element_type):
+    """a and b contracted on axes contract[0] / contract[1], leading axes batch (as many as a has beyond two)."""
+    batch = tuple(range(a.ndim - 2))
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), (batch, batch)), precision=precision,
+                               preferred_element_type=preferred_element_type)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- dense layers
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -37,11 +59,6 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return _flat_dense(lhs, rhs, contracted, precision, preferred_element_type)
 
 
-def _matmul(a, b, precision, preferred_element_type, contract=((1,), (0,))):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=preferred_element_type)  # fmt: skip
-
-
 def _flatten(lhs, rhs, contracted: int):
     inner = math.prod(rhs.shape[:contracted])
     return lhs.reshape(-1, inner), rhs.reshape(inner, -1)
@@ -50,7 +67,7 @@ def _flatten(lhs, rhs, contracted: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _flat_dense(lhs, rhs, contracted, precision, preferred_element_type):
     x, w = _flatten(lhs, rhs, contracted)
-    out = _matmul(x, w, precision, preferred_element_type)
+    out = _product(x, w, (1, 0), precision, preferred_element_type)
     return out.reshape(lhs.shape[: lhs.ndim - contracted] + rhs.shape[contracted:])
 
 
@@ -62,12 +79,44 @@ def _flat_dense_backward(contracted, precision, preferred_element_type, residual
     lhs, rhs = residuals
     x, w = _flatten(lhs, rhs, contracted)
     g = grad.reshape(x.shape[0], w.shape[1])
-    grad_lhs = _matmul(g, w, precision, None, contract=((1,), (1,))).astype(lhs.dtype)
-    if w.shape[0] > w.shape[1]:  # a tall W: Eigen's faster orientation is g^T x, transposed back
-        grad_rhs = jax.lax.optimization_barrier(_matmul(g, x, precision, None, contract=((0,), (0,)))).T
-    else:
-        grad_rhs = _matmul(x, g, precision, None, contract=((0,), (0,)))
-    return grad_lhs.reshape(lhs.shape), grad_rhs.astype(rhs.dtype).reshape(rhs.shape)
+    grad_lhs = _product(g, w, (1, 1), precision, None)
+    grad_rhs = _contract_rows(x, g, precision)
+    return grad_lhs.astype(lhs.dtype).reshape(lhs.shape), grad_rhs.astype(rhs.dtype).reshape(rhs.shape)
 
 
 _flat_dense.defvjp(_flat_dense_forward, _flat_dense_backward)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def batch_matmul(a, b, transpose_b: bool = False, preferred_element_type=None):
+    """a @ b, or a @ b^T with `transpose_b`, over (..., rows, columns) operands with the same leading batch axes:
+    attention's q k^T and p v. On CPU with the custom gradient of the module docstring."""
+    if traced_platform() != "cpu":
+        return _product(a, b, (a.ndim - 1, b.ndim - (1 if transpose_b else 2)), None, preferred_element_type)
+    return _batch_matmul(a, b, transpose_b, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _batch_matmul(a, b, transpose_b, preferred_element_type):
+    return _product(a, b, (a.ndim - 1, b.ndim - (1 if transpose_b else 2)), None, preferred_element_type)
+
+
+def _batch_matmul_forward(a, b, transpose_b, preferred_element_type):
+    return _batch_matmul(a, b, transpose_b, preferred_element_type), (a, b)
+
+
+def _batch_matmul_backward(transpose_b, preferred_element_type, residuals, grad):
+    a, b = residuals
+    last = a.ndim - 1
+    if transpose_b:  # out = a b^T: da = g b, db = g^T a
+        grad_a = _product(grad, b.astype(grad.dtype), (last, last - 1), None, None)
+        grad_b = _contract_rows(grad, a.astype(grad.dtype), None)
+    else:  # out = a b: da = g b^T, db = a^T g
+        grad_a = _product(grad, b.astype(grad.dtype), (last, last), None, None)
+        grad_b = _contract_rows(a.astype(grad.dtype), grad, None)
+    return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+_batch_matmul.defvjp(_batch_matmul_forward, _batch_matmul_backward)
