@@ -24,14 +24,13 @@ from synergy_jax.models.platform import traced_platform
 def _contract_rows(x, y, precision):
     """x^T y over axis -2 of both (leading axes are batch), in the orientation Eigen runs faster: its output's rows
     the shorter side. The barrier keeps XLA from folding the transpose back into the product."""
-    batch = tuple(range(x.ndim - 2))
+    rows = x.ndim - 2
     if x.shape[-1] <= y.shape[-1]:
-        return jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)), precision=precision)
-    flipped = jax.lax.dot_general(y, x, (((y.ndim - 2,), (x.ndim - 2,)), (batch, batch)), precision=precision)
-    return jnp.swapaxes(jax.lax.optimization_barrier(flipped), -1, -2)
+        return _product(x, y, (rows, rows), precision)
+    return jnp.swapaxes(jax.lax.optimization_barrier(_product(y, x, (rows, rows), precision)), -1, -2)
 
 
-def _product(a, b, contract: tuple[int, int], precision, preferred_element_type):
+def _product(a, b, contract: tuple[int, int], precision, preferred_element_type=None):
     """a and b contracted on axes contract[0] / contract[1], leading axes batch (as many as a has beyond two)."""
     batch = tuple(range(a.ndim - 2))
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), (batch, batch)), precision=precision,
@@ -79,7 +78,7 @@ def _flat_dense_backward(contracted, precision, preferred_element_type, residual
     lhs, rhs = residuals
     x, w = _flatten(lhs, rhs, contracted)
     g = grad.reshape(x.shape[0], w.shape[1])
-    grad_lhs = _product(g, w, (1, 1), precision, None)
+    grad_lhs = _product(g, w, (1, 1), precision)
     grad_rhs = _contract_rows(x, g, precision)
     return grad_lhs.astype(lhs.dtype).reshape(lhs.shape), grad_rhs.astype(rhs.dtype).reshape(rhs.shape)
 
@@ -94,13 +93,15 @@ def batch_matmul(a, b, transpose_b: bool = False, preferred_element_type=None):
     """a @ b, or a @ b^T with `transpose_b`, over (..., rows, columns) operands with the same leading batch axes:
     attention's q k^T and p v. On CPU with the custom gradient of the module docstring."""
     if traced_platform() != "cpu":
-        return _product(a, b, (a.ndim - 1, b.ndim - (1 if transpose_b else 2)), None, preferred_element_type)
+        return _plain_batch_matmul(a, b, transpose_b, preferred_element_type)
     return _batch_matmul(a, b, transpose_b, preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _batch_matmul(a, b, transpose_b, preferred_element_type):
+def _plain_batch_matmul(a, b, transpose_b, preferred_element_type):
     return _product(a, b, (a.ndim - 1, b.ndim - (1 if transpose_b else 2)), None, preferred_element_type)
+
+
+_batch_matmul = jax.custom_vjp(_plain_batch_matmul, nondiff_argnums=(2, 3))
 
 
 def _batch_matmul_forward(a, b, transpose_b, preferred_element_type):
@@ -111,10 +112,10 @@ def _batch_matmul_backward(transpose_b, preferred_element_type, residuals, grad)
     a, b = residuals
     last = a.ndim - 1
     if transpose_b:  # out = a b^T: da = g b, db = g^T a
-        grad_a = _product(grad, b.astype(grad.dtype), (last, last - 1), None, None)
+        grad_a = _product(grad, b.astype(grad.dtype), (last, last - 1), None)
         grad_b = _contract_rows(grad, a.astype(grad.dtype), None)
     else:  # out = a b: da = g b^T, db = a^T g
-        grad_a = _product(grad, b.astype(grad.dtype), (last, last), None, None)
+        grad_a = _product(grad, b.astype(grad.dtype), (last, last), None)
         grad_b = _contract_rows(a.astype(grad.dtype), grad, None)
     return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
