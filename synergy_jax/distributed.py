@@ -203,14 +203,27 @@ def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises `Preempted` in the block (the training loop's StopRequest takes over while it runs), so a job
     stopped while it prepares data exits 0 with a message instead of dying silently with 143. The data a job
     prepares (demo data, precomputed shards) is written under temporary names and renamed when complete, so what was
-    finished is kept and a rerun continues from it."""
+    finished is kept and a rerun continues from it. A signal that lands where Python cannot propagate an exception
+    (a garbage-collection callback such as XLA's, a __del__) is not lost: its exception is dropped without the
+    "Exception ignored" traceback, and the block raises `Preempted` when it ends."""
     from synergy_jax.errors import Preempted
 
+    requested = []
+
     def handle(signum, frame) -> None:
+        requested.append(signum)
         raise Preempted("stopped by SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    def drop_swallowed_stop(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Preempted):
+            previous_hook(unraisable)
+
+    previous, previous_hook = signal.signal(signal.SIGTERM, handle), sys.unraisablehook
+    sys.unraisablehook = drop_swallowed_stop
     try:
         yield
+        if requested:
+            raise Preempted("stopped by SIGTERM")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook

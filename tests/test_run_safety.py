@@ -255,3 +255,22 @@ def test_a_consumer_of_a_run_with_no_sound_checkpoint_exits_2(run_dir, tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: Checkpoint {run_dir / 'checkpoints' / '3'} is damaged: state/" in result.stderr
     assert "No checkpoint of" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_block(capsys):
+    """A SIGTERM whose exception lands in a __del__ (as one did in XLA's gc callback: Python prints "Exception
+    ignored" and carries on) still stops the job: the block raises Preempted when it ends, with no traceback."""
+    from synergy_jax import distributed
+    from synergy_jax.errors import Preempted
+
+    class SignalsOnCollection:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__, where its exception cannot propagate
+
+    finished = False
+    with pytest.raises(Preempted, match="stopped by SIGTERM"):
+        with distributed.sigterm_raises():
+            SignalsOnCollection()  # collected at once
+            finished = True
+    assert finished and "Exception ignored" not in capsys.readouterr().err
