@@ -64,7 +64,7 @@ fake_cpu_devices(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from synergy_jax import cli, errors, flops, losses, parallel, train  # noqa: E402
+from synergy_jax import cli, errors, flops, host_memory, losses, parallel, train  # noqa: E402
 from synergy_jax.evaluators import embed  # noqa: E402
 from synergy_jax.models import synergy  # noqa: E402
 
@@ -129,6 +129,7 @@ def benchmark() -> None:
     print(f"model={FLAGS.model} mesh={dict(mesh.shape)} rules={FLAGS.rules} dtype={FLAGS.dtype} remat={FLAGS.remat} "
           f"global_batch={global_batch} (={FLAGS.batch_per_device}/device x {mesh.shape['data']} x accum {FLAGS.accum}) "
           f"devices={mesh.size} x {device.device_kind}")  # fmt: skip
+    print(f"host malloc: {host_memory.describe()}")
 
     shardings = train.state_shardings(model, tx, mesh, FLAGS.rules, example)
     state_shapes = train.abstract_train_state(model, tx, example, shardings)
@@ -198,4 +199,5 @@ def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, fl
 
 
 if __name__ == "__main__":
+    host_memory.use_huge_pages()
     app.run(main, flags_parser=cli.parse_flags_or_exit)

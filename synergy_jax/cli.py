@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
-from synergy_jax import distributed
+from synergy_jax import distributed, host_memory
 from synergy_jax.errors import NonFiniteLossError, Preempted, SetupError
 
 # A bad flag, config value, manifest, precompute output or checkpoint (the project's errors for these subclass
@@ -166,9 +166,11 @@ def start(
     default_config: str = "",
 ) -> None:
     """The `__main__` of a job: defines the flags, parses them (a bad one exits 2), starts the processes, runs
-    `run(config)` under the exit codes and `report(result)` on process 0."""
+    `run(config)` under the exit codes and `report(result)` on process 0. First of all it restarts the process
+    with malloc on transparent huge pages where that helps (`host_memory`)."""
     from absl import app
 
+    host_memory.use_huge_pages()
     default = f"{config_file}:{default_config}" if default_config else str(config_file)
     try:
         config_flag = _define_flags(default, shortcuts)

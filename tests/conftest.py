@@ -20,6 +20,12 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = str(CACHE_DIR)
 
 import jax  # noqa: E402
 
+from synergy_jax import host_memory  # noqa: E402
+
+# The jobs restart themselves with malloc on huge pages (synergy_jax/host_memory.py) unless the tunable is set:
+# set here, the job subprocesses skip the restart (tests/test_host_memory.py exercises the restart).
+os.environ.update(host_memory.environment_with_huge_pages(os.environ) or {})
+
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
