@@ -2,6 +2,8 @@
 splash (Pallas' TPU kernel, in interpret mode here) with padding, gradients and a mesh; the knob reaches every
 block; unknown names and cuDNN off GPU are refused. cuDNN itself needs a GPU and is not run here."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,26 @@ def test_heads_first_equals_xla_in_value_and_gradient():
     loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
     for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("heads_first"), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 64, 96, 200])
+def test_row_max_is_the_max_of_the_row(length):
+    """Folded 32 columns at a time on CPU, with and without a remainder: the same values, -inf included."""
+    logits = jnp.asarray(np.random.default_rng(length).standard_normal((2, 3, 5, length)), jnp.float32)
+    logits = logits.at[0, 0, 0].set(-jnp.inf).at[0, 1, 2, length - 1].set(9.0).at[1, 2, 3, 7].set(-jnp.inf)
+    np.testing.assert_array_equal(np.asarray(attention._row_max(logits)), np.asarray(logits.max(-1, keepdims=True)))
+
+
+def test_cpu_heads_first_takes_the_logits_max_without_a_windowed_reduction():
+    """XLA:CPU rewrites a long max into a slow reduce-window (see `_row_max`); the step's programs have none."""
+    q, k, v, mask = inputs(length=200)
+    compiled = jax.jit(lambda *a: attention.dot_product_attention(*a, "heads_first"),
+                       compiler_options=parallel.CPU_COMPILER_OPTIONS).lower(q, k, v, mask).compile()  # fmt: skip
+    text = compiled.as_text()
+    regions = re.findall(r"reduce-window\(.*to_apply=%([\w.\-]+)", text)
+    assert regions, "the softmax's sum is still a windowed reduction: the check would see a max one"
+    bodies = {name: re.search(rf"^%{re.escape(name)} .*?^}}", text, re.M | re.S).group(0) for name in regions}
+    assert not [name for name, body in bodies.items() if "maximum(" in body], bodies
 
 
 def test_splash_gradients_and_a_sharded_batch():

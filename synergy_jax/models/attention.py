@@ -67,9 +67,27 @@ def _heads_first(query, key, value, mask) -> jax.Array:
     logits = matmul.batch_matmul(q, k, transpose_b=True, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    weights = jnp.exp(logits - jax.lax.stop_gradient(_row_max(logits)))
     out = matmul.batch_matmul(weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
     return (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype).transpose(0, 2, 1, 3)
+
+
+ROW_MAX_WIDTH = 32  # XLA:CPU's tree-reduction rewriter leaves reductions over at most 32 elements alone
+
+
+def _row_max(logits) -> jax.Array:
+    """The max over the last axis, keepdims. XLA:CPU rewrites a long row reduction into a windowed tree reduction
+    that runs at 2 GB/s (43 ms for (8, 4, 852, 852) logits on one core); on CPU the rows are folded 32 columns at a
+    time with elementwise maxima (one fused pass) and only the last 32 are reduced: 13 ms, the same value (max is
+    exact in any order). A row holding a NaN gets NaN here; its softmax is NaN either way."""
+    width = ROW_MAX_WIDTH
+    if traced_platform() != "cpu" or logits.shape[-1] < 2 * width:
+        return logits.max(axis=-1, keepdims=True)
+    whole = logits.shape[-1] // width * width
+    folded = functools.reduce(jnp.maximum, (logits[..., i : i + width] for i in range(0, whole, width)))
+    row_max = folded.max(axis=-1, keepdims=True)
+    rest = logits[..., whole:]
+    return jnp.maximum(row_max, rest.max(axis=-1, keepdims=True)) if rest.shape[-1] else row_max
 
 
 def _key_padding(mask, batch: int, length: int) -> jax.Array:
