@@ -1,13 +1,12 @@
 """XLA:CPU's step buffers on transparent huge pages, for the jobs' processes.
 
-XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc serves allocations of
-more than 32 MiB (and any large one made from a worker thread) with a fresh mmap and unmaps it on free, so every
-step touches its temporaries (about 1.2 GB at the CPU benchmark's towers: the (8, 4, 852, 852) attention logits and
-their gradients, the MLP activations, the text embedding's gradient) through new 4 KiB pages: about 300,000 page
-faults a step, each a kernel entry that zeroes a page. glibc 2.35+ has a tunable, `glibc.malloc.hugetlb=1`, with
-which malloc asks for transparent huge pages on the memory it maps (`madvise(MADV_HUGEPAGE)`), so the same bytes
-come in 2 MiB pages: a fault per 512 of the small ones. Measured on the CPU benchmark's step (docs/performance.md):
-258,000 page faults in 9 steps instead of 3,040,000, and the step 15-25 % faster on one core, 8 % on two.
+XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc serves large allocations
+(over 32 MiB, and large ones in worker threads' arenas) with a fresh mmap and unmaps it on free, so every step
+touches its temporaries (the attention logits and their gradients, the MLP activations, the embedding gradient)
+through new 4 KiB pages, each a page fault in which the kernel zeroes the page. glibc 2.35+ has a tunable,
+`glibc.malloc.hugetlb=1`, with which malloc asks for transparent huge pages on the memory it maps
+(`madvise(MADV_HUGEPAGE)`): the same bytes come in 2 MiB pages, a fault per 512 of the small ones. The page faults
+and the step times with and without are in docs/performance.md.
 
 glibc reads tunables once, when the process starts, so `use_huge_pages` re-executes the process with the tunable
 added to `GLIBC_TUNABLES` (the same command line, the same process id). It does nothing where it has no effect

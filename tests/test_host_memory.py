@@ -30,7 +30,8 @@ for _ in range(10):
     libc.free(buffer)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
-                  "module": __spec__.name if __spec__ else None, "faults": faults}))
+                  "module": __spec__.name if __spec__ else None, "faults": faults,
+                  "described": host_memory.describe()}))
 """
 
 
@@ -64,9 +65,11 @@ def test_a_job_restarts_once_as_the_same_command_and_process(tmp_path):
     assert lines == ["started", "started"]  # the code before the restart ran twice, the rest once
     assert report["pid"] == pid
     assert report["tunables"] == "glibc.malloc.hugetlb=1"
+    assert report["described"].startswith("transparent huge pages")
     assert report["argv"] == ["first", "--second=2"] and report["module"] == "probe"  # `python -m probe ...` again
     lines, report, _ = _run_probe(tmp_path, SYNERGY_JAX_HUGE_PAGES="0")
     assert lines == ["started"] and report["tunables"] is None
+    assert report["described"].startswith("4 KiB pages")
 
 
 @pytest.mark.skipif(not host_memory.glibc_supports_tunable() or not THP_SETTING.exists()

@@ -77,9 +77,9 @@ ROW_MAX_WIDTH = 32  # XLA:CPU's tree-reduction rewriter leaves reductions over a
 
 def _row_max(logits) -> jax.Array:
     """The max over the last axis, keepdims. XLA:CPU rewrites a long row reduction into a windowed tree reduction
-    that runs at 2 GB/s (43 ms for (8, 4, 852, 852) logits on one core); on CPU the rows are folded 32 columns at a
-    time with elementwise maxima (one fused pass) and only the last 32 are reduced: 13 ms, the same value (max is
-    exact in any order). A row holding a NaN gets NaN here; its softmax is NaN either way."""
+    that runs far below memory speed; on CPU the rows are folded 32 columns at a time with elementwise maxima (one
+    fused pass) and only the last 32 are reduced (three times faster at AST's lengths: docs/performance.md). The
+    same value: max is exact in any order. A row holding a NaN gets NaN here; its softmax is NaN either way."""
     width = ROW_MAX_WIDTH
     if traced_platform() != "cpu" or logits.shape[-1] < 2 * width:
         return logits.max(axis=-1, keepdims=True)
