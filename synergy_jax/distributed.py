@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Iterator, Mapping
 
 
@@ -198,14 +199,23 @@ class StopRequest:
         signal.signal(signal.SIGINT, self._previous_interrupt)
 
 
+def _send_again_soon(signum: int) -> None:
+    """Sends `signum` to this process from another thread 10 ms from now. Sent at once, its handler would run before
+    this hook or the finalizer around it returns, and its exception would be swallowed there again."""
+    timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises `Preempted` in the block (the training loop's StopRequest takes over while it runs), so a job
     stopped while it prepares data exits 0 with a message instead of dying silently with 143. The data a job
     prepares (demo data, precomputed shards) is written under temporary names and renamed when complete, so what was
-    finished is kept and a rerun continues from it. A signal that lands where Python cannot propagate an exception
-    (a garbage-collection callback such as XLA's, a __del__) is not lost: its exception is dropped without the
-    "Exception ignored" traceback, and the block raises `Preempted` when it ends."""
+    finished is kept and a rerun continues from it. A stop that lands where Python cannot propagate an exception (a
+    garbage-collection callback such as XLA's, a __del__), SIGTERM's or a Ctrl-C's, is not lost: its exception is
+    dropped without the "Exception ignored" traceback and the signal is sent again, so it stops the job at the next
+    line of ordinary code; should that fail too, the block raises `Preempted` when it ends."""
     from synergy_jax.errors import Preempted
 
     requested = []
@@ -214,12 +224,17 @@ def sigterm_raises() -> Iterator[None]:
         requested.append(signum)
         raise Preempted("stopped by SIGTERM")
 
-    def drop_swallowed_stop(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, Preempted):
+    def resend_swallowed_stop(unraisable) -> None:
+        ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if isinstance(unraisable.exc_value, Preempted):
+            _send_again_soon(signal.SIGTERM)
+        elif isinstance(unraisable.exc_value, KeyboardInterrupt) and ctrl_c:
+            _send_again_soon(signal.SIGINT)
+        else:
             previous_hook(unraisable)
 
     previous, previous_hook = signal.signal(signal.SIGTERM, handle), sys.unraisablehook
-    sys.unraisablehook = drop_swallowed_stop
+    sys.unraisablehook = resend_swallowed_stop
     try:
         yield
         if requested:

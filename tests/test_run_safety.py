@@ -257,20 +257,27 @@ def test_a_consumer_of_a_run_with_no_sound_checkpoint_exits_2(run_dir, tmp_path)
     assert "No checkpoint of" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_block(capsys):
-    """A SIGTERM whose exception lands in a __del__ (as one did in XLA's gc callback: Python prints "Exception
-    ignored" and carries on) still stops the job: the block raises Preempted when it ends, with no traceback."""
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, "Preempted"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_stop_swallowed_by_a_finalizer_still_stops_the_job_at_once(capsys, signum, stop):
+    """A SIGTERM or Ctrl-C whose exception lands in a __del__ (as one did in XLA's gc callback: Python prints
+    "Exception ignored" and carries on) still stops the job, at the next lines of ordinary code, with no traceback."""
     from synergy_jax import distributed
     from synergy_jax.errors import Preempted
 
     class SignalsOnCollection:
         def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(0.05)  # the handler runs here, inside __del__, where its exception cannot propagate
 
-    finished = False
-    with pytest.raises(Preempted, match="stopped by SIGTERM"):
-        with distributed.sigterm_raises():
-            SignalsOnCollection()  # collected at once
-            finished = True
-    assert finished and "Exception ignored" not in capsys.readouterr().err
+    previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers may ignore it
+    reached_the_end = False
+    try:
+        with pytest.raises(Preempted if stop == "Preempted" else KeyboardInterrupt):
+            with distributed.sigterm_raises():
+                SignalsOnCollection()  # collected at once
+                for _ in range(100):
+                    time.sleep(0.01)  # the job's work goes on: the stop must come here, not when the block ends
+                reached_the_end = True
+    finally:
+        signal.signal(signal.SIGINT, previous_interrupt)
+    assert not reached_the_end and "Exception ignored" not in capsys.readouterr().err
