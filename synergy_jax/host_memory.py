@@ -39,20 +39,28 @@ def glibc_supports_tunable() -> bool:
         return False
 
 
+def _tunables(environment: Mapping[str, str]) -> list[str]:
+    """The entries of `GLIBC_TUNABLES` ('name=value:name=value'), as written."""
+    return [entry for entry in environment.get("GLIBC_TUNABLES", "").split(":") if entry]
+
+
+def _tunable_value(environment: Mapping[str, str]) -> str | None:
+    """The value `GLIBC_TUNABLES` gives the huge-page tunable, or None where it does not name it."""
+    values = [value for name, _, value in (entry.partition("=") for entry in _tunables(environment)) if name == TUNABLE]
+    return values[0] if values else None
+
+
 def environment_with_huge_pages(environment: Mapping[str, str]) -> dict[str, str] | None:
     """`environment` with the tunable added to `GLIBC_TUNABLES` (kept beside any others there), or None when the
     process needs no change: opted out, or the tunable is already set (by us or by the user, to any value)."""
-    if environment.get(OPT_OUT, "1") == "0":
+    if environment.get(OPT_OUT, "1") == "0" or _tunable_value(environment) is not None:
         return None
-    tunables = [entry for entry in environment.get("GLIBC_TUNABLES", "").split(":") if entry]
-    if any(entry.split("=", 1)[0] == TUNABLE for entry in tunables):
-        return None
-    return {**environment, "GLIBC_TUNABLES": ":".join([*tunables, f"{TUNABLE}=1"])}
+    return {**environment, "GLIBC_TUNABLES": ":".join([*_tunables(environment), f"{TUNABLE}=1"])}
 
 
 def describe() -> str:
     """How this process's malloc maps large buffers, for benchmark reports."""
-    on = glibc_supports_tunable() and f"{TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    on = glibc_supports_tunable() and _tunable_value(os.environ) == "1"
     return f"transparent huge pages ({TUNABLE}=1)" if on else f"4 KiB pages ({TUNABLE} not set)"
 
 
