@@ -1,9 +1,11 @@
 """The matmuls of `synergy_jax.models.matmul`. Dense layers: on CPU the flattened form with a custom gradient equals
-`jax.lax.dot_general` in value and in both gradients for every dense layout the towers use, sharded or not; its
-compiled gradient has no transposed copy of an activation-sized array, and computes a tall weight's gradient as
-(out, in); other contractions and other platforms are left to `jax.lax.dot_general`. Attention's batched matmuls:
+`jax.lax.dot_general` plus the bias in value and in all three gradients for every dense layout the towers use,
+sharded or not; its compiled gradient has no transposed copy of an activation-sized array, computes a tall weight's
+gradient as (out, in) and the bias gradient as a product, not a windowed reduction; `layers.Dense` has flax's
+parameters and initialisation; other platforms are left to `jax.lax.dot_general`. Attention's batched matmuls:
 equal to einsum in value and gradients, float32 accumulation of bfloat16, gradients with the short side as rows."""
 
+import math
 import re
 
 import flax.linen as nn
@@ -15,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from synergy_jax import parallel
-from synergy_jax.models import matmul
+from synergy_jax.models import layers, matmul
 
 BATCH, LENGTH = 2, 50  # 100 tokens: no weight or feature dimension below has that size or 50
 
@@ -30,35 +32,50 @@ LAYOUTS = {
 
 
 def operands(layout: str, dtype=jnp.float32):
+    """x, kernel and bias of a dense layer of `layout`, and its number of contracted axes."""
     features, kernel_shape, contracted = LAYOUTS[layout]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, *features)), dtype)
     w = jnp.asarray(rng.standard_normal(kernel_shape), dtype)
+    b = jnp.asarray(rng.standard_normal(kernel_shape[contracted:]), dtype)
+    return x, w, b, contracted
+
+
+def plain_dense(x, w, b, contracted):
+    """The dense layer as autodiff sees flax's: dot_general, then the bias added."""
     dims = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
-    return x, w, dims
+    return jax.lax.dot_general(x, w, dims) + b
 
 
-def loss(dot_general, dims):
+def loss(dense, contracted):
     """A loss whose output gradient is not uniform, so that a transposed gradient would show."""
-    return lambda x, w: jnp.sum(jnp.sin(dot_general(x, w, dims)))
+    return lambda x, w, b: jnp.sum(jnp.sin(dense(x, w, b, contracted)))
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_equals_dot_general_in_value_and_gradients(layout):
-    x, w, dims = operands(layout)
-    np.testing.assert_allclose(matmul.dense_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims), rtol=1e-5,
+    x, w, b, contracted = operands(layout)
+    np.testing.assert_allclose(matmul.dense(x, w, b, contracted), plain_dense(x, w, b, contracted), rtol=1e-5,
                                atol=1e-5)  # fmt: skip
-    ours = jax.grad(loss(matmul.dense_dot_general, dims), (0, 1))(x, w)
-    plain = jax.grad(loss(jax.lax.dot_general, dims), (0, 1))(x, w)
+    ours = jax.grad(loss(matmul.dense, contracted), (0, 1, 2))(x, w, b)
+    plain = jax.grad(loss(plain_dense, contracted), (0, 1, 2))(x, w, b)
     for a, b in zip(ours, plain):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_without_bias_equals_dot_general():
+    x, w, _, contracted = operands("qkv")
+    no_bias = lambda x, w: jnp.sum(jnp.sin(matmul.dense(x, w, None, contracted)))  # noqa: E731
+    plain = lambda x, w: jnp.sum(jnp.sin(plain_dense(x, w, 0.0, contracted)))  # noqa: E731
+    for a, b in zip(jax.grad(no_bias, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_bfloat16_gradients_keep_their_dtypes():
-    x, w, dims = operands("tall", jnp.bfloat16)
-    ours = jax.grad(loss(matmul.dense_dot_general, dims), (0, 1))(x, w)
-    plain = jax.grad(loss(jax.lax.dot_general, dims), (0, 1))(x, w)
+    x, w, b, contracted = operands("tall", jnp.bfloat16)
+    ours = jax.grad(loss(matmul.dense, contracted), (0, 1, 2))(x, w, b)
+    plain = jax.grad(loss(plain_dense, contracted), (0, 1, 2))(x, w, b)
     for a, b in zip(ours, plain):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.05, atol=0.5)
@@ -86,24 +103,62 @@ def products_in_memory_order(hlo: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def token_reductions(hlo: str) -> list[str]:
+    """Reductions (windowed or not) whose operand has a tokens axis: autodiff's sum for a bias gradient."""
+    tokens = rf"f32\[[^\]]*\b({LENGTH}|{BATCH * LENGTH})\b[^\]]*\]"
+    shapes = dict(re.findall(r"%(\S+) = (\S+) ", hlo))
+    found = []
+    for line in hlo.splitlines():
+        call = re.search(r"= \S+ (?:reduce|reduce-window)\(%([^,)]+)", line)
+        if call and re.match(tokens, shapes.get(call.group(1), "")):
+            found.append(line)
+    return found
+
+
 @pytest.mark.parametrize("layout", ["wide", "tall"])
 def test_gradient_program_has_no_transposed_activation_copy(layout):
     """Autodiff's own gradient transposes the (batch, length, out) output gradient in memory; ours contracts the
     flattened tokens in place. The weight gradient's dot has the kernel's shorter side as rows in memory: a tall
     kernel's is computed as (out, in) and transposed back."""
-    x, w, dims = operands(layout)
-    hlo = compiled_gradient(loss(matmul.dense_dot_general, dims), x, w)
+    x, w, b, contracted = operands(layout)
+    hlo = compiled_gradient(loss(matmul.dense, contracted), x, w, b)
     assert not activation_moves(hlo), activation_moves(hlo)
-    assert activation_moves(compiled_gradient(loss(jax.lax.dot_general, dims), x, w)), "autodiff's has one"
+    assert activation_moves(compiled_gradient(loss(plain_dense, contracted), x, w, b)), "autodiff's has one"
     weight_products = [shape for shape in products_in_memory_order(hlo) if sorted(shape) == sorted(w.shape)]
     assert weight_products == [tuple(sorted(w.shape))], products_in_memory_order(hlo)
+
+
+@pytest.mark.parametrize("layout", ["wide", "qkv", "attention_out"])
+def test_bias_gradient_is_a_product_not_a_reduction_over_tokens(layout):
+    """Autodiff sums the output gradient over the tokens, which XLA:CPU runs as a windowed tree reduction; ours is
+    ones^T g, a dot with the bias's shape."""
+    x, w, b, contracted = operands(layout)
+    hlo = compiled_gradient(loss(matmul.dense, contracted), x, w, b)
+    assert not token_reductions(hlo), token_reductions(hlo)
+    assert token_reductions(compiled_gradient(loss(plain_dense, contracted), x, w, b)), "autodiff's has one"
+    bias_products = [shape for shape in products_in_memory_order(hlo) if math.prod(shape) == b.size]
+    assert bias_products, products_in_memory_order(hlo)
+
+
+def test_dense_layer_has_flax_parameters_and_values():
+    """`layers.Dense` initialises as flax's Dense / DenseGeneral for the same key (kernels drawn flat, then
+    reshaped), with the same parameter tree, and computes the same output."""
+    x, _, _, _ = operands("attention_out")
+    kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.normal(0.3)  # lecun: fan-in from shape
+    ours = layers.Dense((4, 5), kernel_init=kernel_init, bias_init=bias_init, contracted=2)
+    theirs = nn.DenseGeneral((4, 5), axis=(-2, -1), kernel_init=kernel_init, bias_init=bias_init)
+    ours_params, their_params = ours.init(jax.random.PRNGKey(1), x), theirs.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(ours_params) == jax.tree.structure(their_params)
+    for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(ours.apply(ours_params, x), theirs.apply(their_params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_dense_layer_matches_one_device():
     """A Dense layer with the matmul, batch on 'data' and the kernel's output on 'model' of a 2x2 mesh, gives one
     device's values and gradients."""
-    x, w, _ = operands("wide")
-    layer = nn.Dense(40, dot_general=matmul.dense_dot_general)
+    x, _, _, _ = operands("wide")
+    layer = layers.Dense(40, kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.normal(1.0))
     params = layer.init(jax.random.PRNGKey(0), x)
     grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))
     expected = grad(params, x)
@@ -115,14 +170,12 @@ def test_sharded_dense_layer_matches_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_other_contractions_and_platforms_use_dot_general(monkeypatch):
-    x, w, dims = operands("wide")
+def test_other_platforms_use_dot_general(monkeypatch):
+    x, w, b, contracted = operands("wide")
     custom = lambda f, *a: "custom_vjp_call" in str(jax.make_jaxpr(f)(*a))  # noqa: E731
-    assert custom(lambda x, w: matmul.dense_dot_general(x, w, dims), x, w)
-    batched = (((2,), (1,)), ((0,), (0,)))
-    assert not custom(lambda x, w: matmul.dense_dot_general(x, w, batched), x, jnp.ones((BATCH, 24, 3)))
+    assert custom(lambda x, w, b: matmul.dense(x, w, b, contracted), x, w, b)
     monkeypatch.setattr(matmul, "traced_platform", lambda: "tpu")
-    assert not custom(lambda x, w: matmul.dense_dot_general(x, w, dims), x, w)
+    assert not custom(lambda x, w, b: matmul.dense(x, w, b, contracted), x, w, b)
     assert not custom(lambda x, w: matmul.batch_matmul(x, w, transpose_b=True), x, x)
 
 

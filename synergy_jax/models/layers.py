@@ -12,11 +12,12 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 
 from synergy_jax.models.attention import dot_product_attention
-from synergy_jax.models.matmul import dense_dot_general
+from synergy_jax.models import matmul
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -55,6 +56,41 @@ def torch_kernel_init() -> Initializer:
 def torch_bias_init(fan_in: int) -> Initializer:
     """torch Linear/Conv default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+def _flat_init(init: Initializer, flat_shape: tuple[int, ...]) -> Initializer:
+    """`init` drawn at `flat_shape` and reshaped to the parameter's shape, as flax's DenseGeneral initialises: the
+    same values as flax's Dense and DenseGeneral for the same key."""
+
+    def initialize(rng: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32):
+        value = init(rng, flat_shape, dtype)
+        if isinstance(value, meta.AxisMetadata):
+            return meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+        return jnp.reshape(value, shape)
+
+    return initialize
+
+
+class Dense(nn.Module):
+    """A dense layer over the input's trailing `contracted` axes: flax's Dense / DenseGeneral parameters (`kernel`
+    shaped inputs + features, `bias` shaped features, float32) and initialisation, computed by `matmul.dense`,
+    whose gradients XLA:CPU runs fast."""
+
+    features: int | tuple[int, ...]
+    kernel_init: Initializer
+    bias_init: Initializer
+    contracted: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        inputs = x.shape[x.ndim - self.contracted :]
+        kernel_flat = (math.prod(inputs), math.prod(features))
+        kernel = self.param("kernel", _flat_init(self.kernel_init, kernel_flat), inputs + features, jnp.float32)
+        bias = self.param("bias", _flat_init(self.bias_init, (math.prod(features),)), features, jnp.float32)
+        x, kernel, bias = (jnp.asarray(array, self.dtype) for array in (x, kernel, bias))
+        return matmul.dense(x, kernel, bias, self.contracted)
 
 
 def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -118,13 +154,11 @@ class MultiHeadAttention(nn.Module):
             kernel_init = out_init = nn.initializers.normal(self.init_std)
 
         def project(name: str) -> jax.Array:
-            return nn.DenseGeneral(
+            return Dense(
                 features=(self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                dot_general=dense_dot_general,
                 kernel_init=logical(kernel_init, ("embed", "heads", "kv")),
                 bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+                dtype=self.dtype,
                 name=name,
             )(x)
 
@@ -132,14 +166,12 @@ class MultiHeadAttention(nn.Module):
         use_dropout = not deterministic and self.dropout_rate > 0.0
         dropout_rng = self.make_rng("dropout") if use_dropout else None
         out = attention(query, key, value, mask, self.dropout_rate, dropout_rng, self.implementation)
-        return nn.DenseGeneral(
+        return Dense(
             features=hidden,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            dot_general=dense_dot_general,
             kernel_init=logical(out_init, ("heads", "kv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
+            contracted=2,
+            dtype=self.dtype,
             name="out",
         )(out)
 
@@ -164,24 +196,20 @@ class Mlp(nn.Module):
             return nn.initializers.normal(self.init_std), nn.initializers.zeros
 
         kernel_init, bias_init = inits(hidden)
-        x = nn.Dense(
+        x = Dense(
             self.mlp_dim,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            dot_general=dense_dot_general,
             kernel_init=logical(kernel_init, ("embed", "mlp")),
             bias_init=logical(bias_init, ("mlp",)),
+            dtype=self.dtype,
             name="fc1",
         )(x)
         x = nn.Dropout(self.dropout_rate, deterministic=deterministic)(ACTIVATIONS[self.activation](x))
         kernel_init, bias_init = inits(self.mlp_dim)
-        return nn.Dense(
+        return Dense(
             hidden,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            dot_general=dense_dot_general,
             kernel_init=logical(kernel_init, ("mlp", "embed")),
             bias_init=logical(bias_init, ("embed",)),
+            dtype=self.dtype,
             name="fc2",
         )(x)
 

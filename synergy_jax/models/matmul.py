@@ -1,5 +1,5 @@
-"""Matmuls with gradients XLA:CPU runs fast: the dense layers' (`dense_dot_general`, passed to flax's Dense and
-DenseGeneral) and attention's (`batch_matmul`).
+"""Matmuls with gradients XLA:CPU runs fast: the dense layers' (`dense`, which `layers.Dense` calls) and
+attention's (`batch_matmul`).
 
 A gradient of the form x^T y, contracting the rows (tokens) of x and y, is where autodiff's own formulation is slow
 on XLA:CPU: for a (batch, length, in) activation XLA transposes the whole output gradient in memory first, and Eigen
@@ -40,47 +40,48 @@ def _product(a, b, contract: tuple[int, int], precision, preferred_element_type=
 # ----------------------------------------------------------------------------------------------- dense layers
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`jax.lax.dot_general` as flax's dense layers call it; on CPU, the flattened form with a custom gradient
-    (module docstring) when the contraction is a dense layer's: the trailing dims of `lhs` against the leading
-    dims of `rhs`, in order, with no batch dims."""
-    (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
-    contracted = len(lhs_contracting)
-    dense_layout = (
-        not lhs_batch
-        and not rhs_batch
-        and tuple(lhs_contracting) == tuple(range(lhs.ndim - contracted, lhs.ndim))
-        and tuple(rhs_contracting) == tuple(range(contracted))
-    )
-    if kwargs or not dense_layout or traced_platform() != "cpu":
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type, **kwargs)  # fmt: skip
-    return _flat_dense(lhs, rhs, contracted, precision, preferred_element_type)
+def dense(x, kernel, bias=None, contracted: int = 1, precision=None):
+    """x's trailing `contracted` axes against `kernel`'s leading ones, plus `bias` (shaped as the kernel's other
+    axes; None for none): a dense layer. On CPU, the flattened form with the custom gradient of the module
+    docstring, whose bias gradient is a product with a ones vector: as the sum over tokens autodiff writes,
+    XLA:CPU runs it as a windowed tree reduction, several times slower."""
+    if traced_platform() != "cpu":
+        dims = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
+        out = jax.lax.dot_general(x, kernel, dims, precision=precision)
+        return out if bias is None else out + bias
+    return _flat_dense(x, kernel, bias, contracted, precision)
 
 
-def _flatten(lhs, rhs, contracted: int):
-    inner = math.prod(rhs.shape[:contracted])
-    return lhs.reshape(-1, inner), rhs.reshape(inner, -1)
+def _flatten(x, kernel, contracted: int):
+    inner = math.prod(kernel.shape[:contracted])
+    return x.reshape(-1, inner), kernel.reshape(inner, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _flat_dense(lhs, rhs, contracted, precision, preferred_element_type):
-    x, w = _flatten(lhs, rhs, contracted)
-    out = _product(x, w, (1, 0), precision, preferred_element_type)
-    return out.reshape(lhs.shape[: lhs.ndim - contracted] + rhs.shape[contracted:])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flat_dense(x, kernel, bias, contracted, precision):
+    rows, w = _flatten(x, kernel, contracted)
+    out = _product(rows, w, (1, 0), precision)
+    if bias is not None:
+        out = out + bias.reshape(1, -1)
+    return out.reshape(x.shape[: x.ndim - contracted] + kernel.shape[contracted:])
 
 
-def _flat_dense_forward(lhs, rhs, contracted, precision, preferred_element_type):
-    return _flat_dense(lhs, rhs, contracted, precision, preferred_element_type), (lhs, rhs)
+def _flat_dense_forward(x, kernel, bias, contracted, precision):
+    return _flat_dense(x, kernel, bias, contracted, precision), (x, kernel, bias)
 
 
-def _flat_dense_backward(contracted, precision, preferred_element_type, residuals, grad):
-    lhs, rhs = residuals
-    x, w = _flatten(lhs, rhs, contracted)
-    g = grad.reshape(x.shape[0], w.shape[1])
-    grad_lhs = _product(g, w, (1, 1), precision)
-    grad_rhs = _contract_rows(x, g, precision)
-    return grad_lhs.astype(lhs.dtype).reshape(lhs.shape), grad_rhs.astype(rhs.dtype).reshape(rhs.shape)
+def _flat_dense_backward(contracted, precision, residuals, grad):
+    x, kernel, bias = residuals
+    rows, w = _flatten(x, kernel, contracted)
+    g = grad.reshape(rows.shape[0], w.shape[1])
+    grad_x = _product(g, w, (1, 1), precision)
+    grad_kernel = _contract_rows(rows, g, precision)
+    grad_bias = None
+    if bias is not None:  # ones^T g: a matrix-vector product, not a reduction
+        ones = jnp.ones((g.shape[0],), g.dtype)
+        grad_bias = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        grad_bias = grad_bias.astype(bias.dtype).reshape(bias.shape)
+    return grad_x.astype(x.dtype).reshape(x.shape), grad_kernel.astype(kernel.dtype).reshape(kernel.shape), grad_bias
 
 
 _flat_dense.defvjp(_flat_dense_forward, _flat_dense_backward)
