@@ -137,7 +137,8 @@ def benchmark() -> None:
                                                sharding=parallel.batch_sharding(mesh)) for name, x in example.items()}  # fmt: skip
     start = time.perf_counter()
     if FLAGS.program == "eval":
-        lower_eval = parallel.on_mesh(lambda params, batch: embed._embed_all.lower(model, params, batch), mesh)
+        program = embed.all_modalities_program(parallel.platform_of(mesh))
+        lower_eval = parallel.on_mesh(lambda params, batch: program.lower(model, params, batch), mesh)
         compiled = lower_eval(state_shapes.params, batch_shapes).compile()
         flops_per_sample = config.forward_flops(FLAGS.text_length)
     else:

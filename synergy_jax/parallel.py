@@ -18,6 +18,7 @@ mesh axis is used at most once per parameter. Under `tp` a matrix whose rule-nam
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -160,9 +161,23 @@ def on_mesh(function: Callable, mesh: Mesh | None) -> Callable:
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def compiler_options(mesh: Mesh) -> dict[str, str] | None:
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform of `mesh`'s devices; JAX's default backend for None."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def compiler_options(mesh: Mesh | None) -> dict[str, str] | None:
     """XLA options for a program compiled for `mesh`'s devices: `CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
-    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+    return dict(CPU_COMPILER_OPTIONS) if platform_of(mesh) == "cpu" else None
+
+
+@functools.cache
+def shared_jit(function: Callable, platform: str, static_argnames: tuple[str, ...] = ()) -> Callable:
+    """One `jax.jit` of a module-level `function` per platform for the whole process, compiled with that
+    platform's options: for the forwards the evaluators call again and again, whose compiled programs jax.jit's
+    cache then shares across calls (a new `jit_on_mesh` per call would trace and compile each time)."""
+    options = dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+    return jax.jit(function, static_argnames=static_argnames, compiler_options=options)
 
 
 def jit_on_mesh(function: Callable, mesh: Mesh, **jit_kwargs: Any) -> Callable:

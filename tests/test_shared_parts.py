@@ -187,3 +187,20 @@ def test_evaluation_forwards_are_traced_on_the_parameters_mesh(monkeypatch):
     embed.embed_all_modalities(model, params, placed)
     embed.modality_embedder(model, params, "audio")(placed)
     assert seen and all(shape == {"data": 4, "model": 2} for shape in seen)
+
+
+def test_evaluation_forwards_are_compiled_with_the_cpu_options():
+    """The embedders' CPU programs, like the steps', are compiled without XLA:CPU's YNNPACK fusions
+    (parallel.CPU_COMPILER_OPTIONS: the forward of the side-by-side towers runs 1.3x faster without), by one jit
+    per platform that every call shares."""
+    config = tiny_config()
+    model = SynergyCLIP(config)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(config, 4).items()}
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    program = embed.all_modalities_program("cpu")
+    assert program is embed.all_modalities_program("cpu")
+    assert "__ynn_fusion" not in program.lower(model, params, batch).compile().as_text()
+    one = parallel.shared_jit(embed._embed_one, "cpu", ("model", "modality"))
+    assert "__ynn_fusion" not in one.lower(model, params, batch, "audio").compile().as_text()
+    plain = jax.jit(embed._embed_one, static_argnames=("model", "modality"))
+    assert "__ynn_fusion" in plain.lower(model, params, batch, "audio").compile().as_text(), "jax's default has them"

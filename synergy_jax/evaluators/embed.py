@@ -10,7 +10,6 @@ number of processes.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -130,16 +129,21 @@ def batch_count(count: int, batch_size: int) -> int:
 def embed_all_modalities(model: SynergyCLIP, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Normalised image, text and audio embeddings of a tri-modal batch (deterministic), batch-sharded; traced on
     the parameters' mesh (`parallel.on_mesh`)."""
-    return parallel.on_mesh(_embed_all, parallel.mesh_of(params))(model, params, batch)
+    mesh = parallel.mesh_of(params)
+    return parallel.on_mesh(all_modalities_program(parallel.platform_of(mesh)), mesh)(model, params, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+def all_modalities_program(platform: str) -> Callable:
+    """The jitted `(model, params, batch) -> embeddings` of `embed_all_modalities`, compiled with `platform`'s
+    options (without them XLA:CPU's forward of the side-by-side towers runs 1.3x longer, docs/performance.md)."""
+    return parallel.shared_jit(_embed_all, platform, ("model",))
+
+
 def _embed_all(model: SynergyCLIP, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     embeddings, _ = model.apply({"params": params}, batch, deterministic=True)
     return embeddings
 
 
-@functools.partial(jax.jit, static_argnames=("model", "modality"))
 def _embed_one(model: SynergyCLIP, params, batch: dict[str, jax.Array], modality: str) -> jax.Array:
     method = {"image": SynergyCLIP.embed_image, "audio": SynergyCLIP.embed_audio, "text": SynergyCLIP.embed_text}
     inputs = (batch[field] for field in INPUT_FIELDS[modality])
@@ -149,7 +153,9 @@ def _embed_one(model: SynergyCLIP, params, batch: dict[str, jax.Array], modality
 def modality_embedder(model: SynergyCLIP, params, modality: str) -> Callable[[dict[str, jax.Array]], dict]:
     """`batch -> {modality: normalised embeddings}` through one tower and its projection (one compiled program per
     model config, modality and shapes, shared by every call in the process), traced on the parameters' mesh."""
-    embed_one = parallel.on_mesh(_embed_one, parallel.mesh_of(params))
+    mesh = parallel.mesh_of(params)
+    program = parallel.shared_jit(_embed_one, parallel.platform_of(mesh), ("model", "modality"))
+    embed_one = parallel.on_mesh(program, mesh)
     return lambda batch: {modality: embed_one(model, params, batch, modality)}
 
 
