@@ -43,8 +43,8 @@ def _product(a, b, contract: tuple[int, int], precision, preferred_element_type=
 def dense(x, kernel, bias=None, contracted: int = 1, precision=None):
     """x's trailing `contracted` axes against `kernel`'s leading ones, plus `bias` (shaped as the kernel's other
     axes; None for none): a dense layer. On CPU, the flattened form with the custom gradient of the module
-    docstring, whose bias gradient is a product with a ones vector: as the sum over tokens autodiff writes,
-    XLA:CPU runs it as a windowed tree reduction, several times slower."""
+    docstring, whose bias gradient is ones^T g, a matrix-vector product: autodiff's sum over the tokens runs on
+    XLA:CPU as a windowed tree reduction, several times slower."""
     if traced_platform() != "cpu":
         dims = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
         out = jax.lax.dot_general(x, kernel, dims, precision=precision)
