@@ -166,9 +166,13 @@ def platform_of(mesh: Mesh | None) -> str:
     return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
+def _platform_options(platform: str) -> dict[str, str] | None:
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def compiler_options(mesh: Mesh | None) -> dict[str, str] | None:
     """XLA options for a program compiled for `mesh`'s devices: `CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
-    return dict(CPU_COMPILER_OPTIONS) if platform_of(mesh) == "cpu" else None
+    return _platform_options(platform_of(mesh))
 
 
 @functools.cache
@@ -176,8 +180,7 @@ def shared_jit(function: Callable, platform: str, static_argnames: tuple[str, ..
     """One `jax.jit` of a module-level `function` per platform for the whole process, compiled with that
     platform's options: for the forwards the evaluators call again and again, whose compiled programs jax.jit's
     cache then shares across calls (a new `jit_on_mesh` per call would trace and compile each time)."""
-    options = dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
-    return jax.jit(function, static_argnames=static_argnames, compiler_options=options)
+    return jax.jit(function, static_argnames=static_argnames, compiler_options=_platform_options(platform))
 
 
 def jit_on_mesh(function: Callable, mesh: Mesh, **jit_kwargs: Any) -> Callable:

@@ -200,7 +200,7 @@ def test_evaluation_forwards_are_compiled_with_the_cpu_options():
     program = embed.all_modalities_program("cpu")
     assert program is embed.all_modalities_program("cpu")
     assert "__ynn_fusion" not in program.lower(model, params, batch).compile().as_text()
-    one = parallel.shared_jit(embed._embed_one, "cpu", ("model", "modality"))
+    one = embed.one_modality_program("cpu")
     assert "__ynn_fusion" not in one.lower(model, params, batch, "audio").compile().as_text()
     plain = jax.jit(embed._embed_one, static_argnames=("model", "modality"))
     assert "__ynn_fusion" in plain.lower(model, params, batch, "audio").compile().as_text(), "jax's default has them"

@@ -129,8 +129,7 @@ def batch_count(count: int, batch_size: int) -> int:
 def embed_all_modalities(model: SynergyCLIP, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Normalised image, text and audio embeddings of a tri-modal batch (deterministic), batch-sharded; traced on
     the parameters' mesh (`parallel.on_mesh`)."""
-    mesh = parallel.mesh_of(params)
-    return parallel.on_mesh(all_modalities_program(parallel.platform_of(mesh)), mesh)(model, params, batch)
+    return _on_params_mesh(all_modalities_program, params)(model, params, batch)
 
 
 def all_modalities_program(platform: str) -> Callable:
@@ -153,10 +152,19 @@ def _embed_one(model: SynergyCLIP, params, batch: dict[str, jax.Array], modality
 def modality_embedder(model: SynergyCLIP, params, modality: str) -> Callable[[dict[str, jax.Array]], dict]:
     """`batch -> {modality: normalised embeddings}` through one tower and its projection (one compiled program per
     model config, modality and shapes, shared by every call in the process), traced on the parameters' mesh."""
-    mesh = parallel.mesh_of(params)
-    program = parallel.shared_jit(_embed_one, parallel.platform_of(mesh), ("model", "modality"))
-    embed_one = parallel.on_mesh(program, mesh)
+    embed_one = _on_params_mesh(one_modality_program, params)
     return lambda batch: {modality: embed_one(model, params, batch, modality)}
+
+
+def one_modality_program(platform: str) -> Callable:
+    """The jitted `(model, params, batch, modality) -> embeddings` of `modality_embedder` for `platform`."""
+    return parallel.shared_jit(_embed_one, platform, ("model", "modality"))
+
+
+def _on_params_mesh(program_for: Callable[[str], Callable], params) -> Callable:
+    """`program_for(platform)` for the platform of the parameters' mesh, traced on that mesh."""
+    mesh = parallel.mesh_of(params)
+    return parallel.on_mesh(program_for(parallel.platform_of(mesh)), mesh)
 
 
 def prompt_embedder(
