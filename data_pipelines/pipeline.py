@@ -15,6 +15,12 @@ A host batch is a dict of numpy arrays, the layout the model consumes:
     valid           bool    (B,)           False on eval padding; all True in training
     row_id          int64   (B,)           manifest row (-1 on padding)
     label_id        int32   (B,)           index into `label_names` when given (-1: padding or unknown label)
+Training batches with `augment_on="device"` carry the raw record instead, augmented inside the train step by
+`synergy_jax.device_augment.augment_batch` (about 6 ms of a host core per example less, docs/performance.md):
+    image           uint8   (B, S, S, 3)   resized, not augmented
+    audio           float16 (B, frames, mel_bins)   the stored features
+    audio_frames    int32   (B,)           real (not padding) frames
+    augment_seed    uint32  (B, 2)         drawn from the element's Grain generator
 `global_batch(batch, mesh)` turns one into global `jax.Array`s sharded over the mesh's 'data' axis.
 
 Iterators are Grain DatasetIterators: `get_state()` / `set_state()` resume exactly (saved with checkpoints).
@@ -52,6 +58,7 @@ class PipelineConfig:
     augment_audio: bool = True  # train only (unless reference_eval_augmentation)
     audio_augment_p: float = augment.AUDIO_P
     reference_eval_augmentation: bool = False  # the reference augmented val/test too (docs/reference.md bug 21, 27)
+    augment_on: str = "host"  # or "device": augmenting examples carry raw fields for synergy_jax.device_augment
     label_names: tuple[str, ...] | None = None
     workers: int = 0  # Grain worker processes; 0 = threads in this process
     read_threads: int = 2  # threads computing batches (per worker process when workers > 0)
@@ -64,10 +71,18 @@ class PipelineConfig:
             raise ValueError(f"text_mode must be one of {text.TEXT_MODES}, got {self.text_mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
+        if self.augment_on == "device" and not (self.augment_image and self.augment_audio):
+            raise ValueError("augment_on='device' augments both images and audio; to switch one off, augment on "
+                             "the host (augment_on='host')")  # fmt: skip
 
     @property
     def augments(self) -> bool:
         return self.train or self.reference_eval_augmentation
+
+
+AUGMENT_ON = ("host", "device")
 
 
 class ExampleTransform:
@@ -86,6 +101,17 @@ class ExampleTransform:
             rng = np.random.default_rng([self.config.seed, fields["row_id"]])
         augments = self.config.augments
         image = records.image_of(fields)
+        words = text.example_text(self.config.text_mode, fields["label"], fields["caption"], rng)
+        tokens = text.tokenize(self.tokenizer, words, self.config.max_length)
+        common = {
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+            "valid": np.bool_(valid),
+            "row_id": np.int64(fields["row_id"] if valid else -1),
+            "label_id": np.int32(self.label_index.get(fields["label"], -1) if valid else -1),
+        }
+        if augments and self.config.augment_on == "device":
+            return {**common, **self._raw(fields, image, rng)}
         if augments and self.config.augment_image:
             image = augment.augment_image(image, self.config.image_size, rng)
         else:
@@ -95,17 +121,15 @@ class ExampleTransform:
             features = augment.augment_audio(
                 features, fields["audio_frames"], rng, self.fbank, self.config.audio_augment_p
             )
-        words = text.example_text(self.config.text_mode, fields["label"], fields["caption"], rng)
-        tokens = text.tokenize(self.tokenizer, words, self.config.max_length)
-        return {
-            "image": augment.to_normalized_array(image),
-            "audio": np.asarray(features, np.float32),
-            "input_ids": tokens["input_ids"][0],
-            "attention_mask": tokens["attention_mask"][0],
-            "valid": np.bool_(valid),
-            "row_id": np.int64(fields["row_id"] if valid else -1),
-            "label_id": np.int32(self.label_index.get(fields["label"], -1) if valid else -1),
-        }
+        return {**common, "image": augment.to_normalized_array(image), "audio": np.asarray(features, np.float32)}
+
+    def _raw(self, fields: dict, image, rng: np.random.Generator) -> dict:
+        """What `device_augment.augment_batch` augments in the step: uint8 pixels, the stored float16 features, the
+        real frame count and a seed from Grain's generator (so a resumed run draws the same augmentations)."""
+        pixels = np.asarray(augment.resize(image, self.config.image_size), np.uint8)
+        return {"image": pixels, "audio": np.asarray(fields["audio"], np.float16),
+                "audio_frames": np.int32(fields["audio_frames"]),
+                "augment_seed": rng.integers(0, 2**32, 2, dtype=np.uint32)}  # fmt: skip
 
 
 class _TrainElement:

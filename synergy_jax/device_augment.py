@@ -1,0 +1,283 @@
+"""Pre-training's augmentations as a jnp function of the batch, run inside the train step on the accelerator.
+
+The host read path (data_pipelines/augment.py) runs the reference's augmentations with PIL and numpy, about 6 ms of
+a core per example (docs/performance.md, "The feed"). With `data.augment_on = "device"` the host hands over the raw
+record instead (uint8 pixels, float16 features, the count of real audio frames and a per-example seed drawn from
+Grain's generator, so a resumed run draws the same augmentations) and this module applies the same operations, with
+the same probabilities and parameter laws, inside the jitted step:
+
+  image  RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3), torchvision's 10 tries then a centre crop), resized
+         with PIL's bilinear filter (a triangle widened by the downscale factor, weights normalised over the crop)
+         as two weight-matrix products; RandomChoice[horizontal flip p 0.5, vertical flip p 0.15]; ColorJitter
+         (0.075 each) with p 0.5, its four operations in a random order, each rounded to uint8 as PIL does
+         (brightness, contrast, saturation exactly PIL's blends; hue through a float HSV round trip instead of PIL's
+         uint8 HSV); then [0, 1] and the CLIP mean / std.
+  audio  the feature-domain noise / circular shift / time stretch of docs/reference.md R2.3, each with p 0.2 in a
+         random order, in float32 (the host works in float64); clips where none fires keep their features,
+         floored at log(eps) as the host does. Padding frames stay padding.
+
+What differs from the host path, and by how much, is measured in tests/test_device_augment.py: the crop boxes are
+the host's for the same uniforms; resizing, brightness, contrast and saturation are within one uint8 level of PIL;
+the hue shift within a few levels; the audio operations within 1e-4 of the host's float64 ones. The random streams
+differ (jax.random instead of numpy), so a run's augmentations are not the host mode's draws.
+"""
+
+from __future__ import annotations
+
+import fractions
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synergy_jax import audio
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_TRIES = 10
+HFLIP_P, VFLIP_P = 0.5, 0.15
+JITTER_P, JITTER = 0.5, 0.075
+
+AUDIO_P = 0.2
+NOISE_STD, SHIFT_FRACTION, STRETCH_RATE = 0.005, 0.1, 0.85
+STRETCH_FRACTION = fractions.Fraction(STRETCH_RATE).limit_denominator(1000)  # 17 / 20
+
+RAW_FIELDS = ("image", "audio", "audio_frames", "augment_seed")  # what the host hands over in device mode
+
+
+# ----------------------------------------------------------------------------------------------- image
+
+
+def crop_box(area_u: jax.Array, ratio_u: jax.Array, top_u: jax.Array, left_u: jax.Array, width: int, height: int):
+    """(left, top, w, h) int32 by torchvision's RandomResizedCrop.get_params from its uniforms: the first of the
+    `CROP_TRIES` (area, log-ratio) draws whose box fits, placed by `top_u` / `left_u` in [0, 1); a centre crop
+    of the clamped aspect when none fits."""
+    target_area = width * height * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * area_u)
+    log_lo, log_hi = np.log(CROP_RATIO)
+    aspect = jnp.exp(log_lo + (log_hi - log_lo) * ratio_u)
+    w = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
+    h = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = jnp.argmax(fits)
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fallback = (width, int(round(width / CROP_RATIO[0])))
+    elif in_ratio > CROP_RATIO[1]:
+        fallback = (int(round(height * CROP_RATIO[1])), height)
+    else:
+        fallback = (width, height)
+    found = fits[first]
+    w = jnp.where(found, w[first], fallback[0])
+    h = jnp.where(found, h[first], fallback[1])
+    left = jnp.where(found, jnp.floor(left_u * (width - w + 1)), (width - w) // 2).astype(jnp.int32)
+    top = jnp.where(found, jnp.floor(top_u * (height - h + 1)), (height - h) // 2).astype(jnp.int32)
+    return left, top, w, h
+
+
+def bilinear_weights(start: jax.Array, length: jax.Array, size_in: int, size_out: int) -> jax.Array:
+    """(size_out, size_in) weights of PIL's bilinear resize of input rows [start, start + length) to size_out rows:
+    a triangle filter widened by the downscale factor, normalised over the rows inside the crop."""
+    scale = length / size_out
+    support = jnp.maximum(scale, 1.0)
+    centre = (jnp.arange(size_out) + 0.5) * scale  # in crop coordinates
+    local = jnp.arange(size_in) - start
+    inside = (local >= 0) & (local < length)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs((local[None, :] + 0.5 - centre[:, None]) / support))
+    weights = jnp.where(inside[None, :], weights, 0.0)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def resized_crop(image: jax.Array, box, size: int) -> jax.Array:
+    """Crop `box` (left, top, w, h) of a float (H, W, 3) image and resize it to (size, size, 3)."""
+    left, top, w, h = box
+    rows = bilinear_weights(top, h, image.shape[0], size)
+    columns = bilinear_weights(left, w, image.shape[1], size)
+    precision = jax.lax.Precision.HIGHEST
+    horizontal = jnp.einsum("ow,hwc->hoc", columns, image, precision=precision)
+    return jnp.einsum("oh,hwc->owc", rows, horizontal, precision=precision)
+
+
+def _to_uint8_levels(image: jax.Array) -> jax.Array:
+    """PIL's float -> uint8 of its blends: truncate, clip to [0, 255]."""
+    return jnp.clip(jnp.trunc(image), 0.0, 255.0)
+
+
+def _luma(image: jax.Array) -> jax.Array:
+    """PIL's RGB -> L conversion (fixed-point ITU-R 601-2 weights, rounded), as float levels (H, W)."""
+    levels = image.astype(jnp.int32)
+    luma = (levels[..., 0] * 19595 + levels[..., 1] * 38470 + levels[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(jnp.float32)
+
+
+def _blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Array:
+    return _to_uint8_levels(degenerate + factor * (image - degenerate))
+
+
+def brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
+    return _blend(jnp.zeros_like(image), image, factor)
+
+
+def contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+    mean = jnp.floor(jnp.mean(_luma(image)) + 0.5)
+    return _blend(jnp.full_like(image, mean), image, factor)
+
+
+def saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
+    return _blend(jnp.broadcast_to(_luma(image)[..., None], image.shape), image, factor)
+
+
+def hue(image: jax.Array, shift: jax.Array) -> jax.Array:
+    """Rotate the hue by `shift` turns (float HSV; PIL quantises H, S to bytes, so they differ by a few levels)."""
+    rgb = image / 255.0
+    high, low = jnp.max(rgb, axis=-1), jnp.min(rgb, axis=-1)
+    chroma = high - low
+    safe = jnp.where(chroma > 0, chroma, 1.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    sector = jnp.where(high == r, ((g - b) / safe) % 6.0, jnp.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    turns = (sector / 6.0 + shift) % 1.0
+    # HSV -> RGB with the same value and chroma: channel n = v - c * clip(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
+    k = (jnp.array([5.0, 3.0, 1.0]) + 6.0 * turns[..., None]) % 6.0
+    out = high[..., None] - chroma[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+    return jnp.round(out * 255.0)
+
+
+def color_jitter(image: jax.Array, key: jax.Array, strength: float = JITTER) -> jax.Array:
+    """ColorJitter(strength x 4): factors first, the four operations in a random order (torchvision's order)."""
+    factor_key, hue_key, order_key = jax.random.split(key, 3)
+    factors = jax.random.uniform(factor_key, (3,), minval=1 - strength, maxval=1 + strength)
+    shift = jnp.trunc(jax.random.uniform(hue_key, (), minval=-strength, maxval=strength) * 255.0) / 255.0  # PIL's byte
+    operations = (lambda x: brightness(x, factors[0]), lambda x: contrast(x, factors[1]),
+                  lambda x: saturation(x, factors[2]), lambda x: hue(x, shift))  # fmt: skip
+    order = jax.random.permutation(order_key, 4)
+    for position in range(4):
+        image = jax.lax.switch(order[position], operations, image)
+    return image
+
+
+def augment_image(pixels: jax.Array, key: jax.Array) -> jax.Array:
+    """uint8 (S, S, 3) -> the reference's training transform, normalised float32 (S, S, 3)."""
+    size = pixels.shape[0]
+    crop_key, flip_key, jitter_key = jax.random.split(key, 3)
+    area_u, ratio_u = jax.random.uniform(crop_key, (2, CROP_TRIES))
+    top_u, left_u = jax.random.uniform(jax.random.fold_in(crop_key, 1), (2,))
+    box = crop_box(area_u, ratio_u, top_u, left_u, pixels.shape[1], pixels.shape[0])
+    image = jnp.round(resized_crop(pixels.astype(jnp.float32), box, size))
+    choose_horizontal, flip_u, jitter_u = jax.random.uniform(flip_key, (3,))
+    horizontal = (choose_horizontal < 0.5) & (flip_u < HFLIP_P)
+    vertical = (choose_horizontal >= 0.5) & (flip_u < VFLIP_P)
+    image = jnp.where(horizontal, image[:, ::-1], image)
+    image = jnp.where(vertical, image[::-1], image)
+    image = jnp.where(jitter_u < JITTER_P, color_jitter(image, jitter_key), image)
+    return normalize_image(image)
+
+
+def normalize_image(levels: jax.Array) -> jax.Array:
+    """ToTensor + Normalize(CLIP mean, std) of uint8 levels, channels last."""
+    return (levels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+# ----------------------------------------------------------------------------------------------- audio
+
+
+@functools.lru_cache(maxsize=8)
+def noise_mel_statistics(config: audio.FbankConfig, noise_std: float = NOISE_STD) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, Gamma shape) per mel bin of white noise's mel power through the exact Kaldi front-end.
+
+    With G the linear map samples -> one-sided DFT of a frame (DC removal, pre-emphasis, window, zero-padded FFT)
+    and b a mel filter, the energy is a Gaussian quadratic form: mean = s^2 sum_k b_k C_kk and
+    variance = s^4 b^T (|C|^2 + |S|^2) b with C = G G^H, S = G G^T (bins are correlated through the window).
+    The Gamma law with that mean and variance stands in for the exact distribution.
+    """
+    n = config.frame_length
+    dc_removal = np.eye(n) - np.full((n, n), 1.0 / n)
+    preemphasis = np.eye(n) - config.preemphasis * np.eye(n, k=-1)
+    preemphasis[0, 0] = 1.0 - config.preemphasis
+    frontend = audio.hann_window(n).astype(np.float64)[:, None] * (preemphasis @ dc_removal)
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(config.fft_length // 2 + 1), np.arange(n)) / config.fft_length)
+    g = dft @ frontend
+    c, s = g @ g.conj().T, g @ g.T
+    banks = audio.mel_filter_bank(config)
+    mean = noise_std**2 * banks.T @ np.real(np.diag(c))
+    variance = noise_std**4 * np.einsum("km,kl,lm->m", banks, np.abs(c) ** 2 + np.abs(s) ** 2, banks)
+    shape = np.where(mean > 0, mean**2 / np.maximum(variance, 1e-300), 1.0)
+    return mean, shape
+
+
+def add_noise(power: jax.Array, gamma: jax.Array, config: audio.FbankConfig) -> jax.Array:
+    """power + the white noise's mel power, from unit-mean Gamma draws `gamma` (frames, bins)."""
+    mean, _ = noise_mel_statistics(config)
+    return power + jnp.asarray(mean, jnp.float32) * gamma
+
+
+def shift(power: jax.Array, frames: jax.Array) -> jax.Array:
+    """Roll the first `frames` rows by round(0.1 x frames), as np.roll of the real frames."""
+    rows = jnp.arange(power.shape[0])
+    offset = jnp.round(SHIFT_FRACTION * frames).astype(jnp.int32)
+    source = jnp.where(rows < frames, (rows - offset) % jnp.maximum(frames, 1), rows)
+    return power[source]
+
+
+def stretch(power: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Resample the first `frames` rows along time by 1 / 0.85 (linear), cut to the fixed length: (power, frames).
+
+    Positions i x 0.85 = i x 17 / 20 are split into row and fraction in integers: float32 positions near row 870
+    would be off by 6e-5, which the interpolation carries into the values."""
+    numerator, denominator = STRETCH_FRACTION.numerator, STRETCH_FRACTION.denominator
+    length = jnp.minimum(jnp.round(frames / STRETCH_RATE).astype(jnp.int32), power.shape[0])
+    scaled = jnp.arange(power.shape[0]) * numerator
+    lower = scaled // denominator
+    fraction = (scaled % denominator).astype(jnp.float32) / denominator
+    last = frames - 1
+    fraction = jnp.where(lower >= last, 0.0, fraction)[:, None]
+    lower = jnp.minimum(lower, last)
+    upper = jnp.minimum(lower + 1, last)
+    return (1 - fraction) * power[lower] + fraction * power[upper], length
+
+
+def augment_features(features: jax.Array, frames: jax.Array, key: jax.Array, config: audio.FbankConfig,
+                     p: float = AUDIO_P) -> jax.Array:  # fmt: skip
+    """(max_frames, bins) stored AST features (float16) -> augmented float32 features, padding kept."""
+    features = features.astype(jnp.float32)
+    order_key, fire_key, gamma_key = jax.random.split(key, 3)
+    _, gamma_shape = noise_mel_statistics(config)
+    gamma_shape = jnp.asarray(gamma_shape, jnp.float32)
+    gamma = jax.random.gamma(gamma_key, jnp.broadcast_to(gamma_shape, features.shape)) / gamma_shape
+    fires = (jax.random.uniform(fire_key, (4,)) < p) & (frames > 0)
+    order = jax.random.permutation(order_key, 4)
+    power = jnp.exp(audio.denormalize(features, config))
+    length = frames
+    for position in range(4):  # operation 3, polarity inversion, leaves the power spectrum as it is
+        operation, fire = order[position], fires[position]
+        noisy = add_noise(power, gamma, config)
+        shifted = shift(power, length)
+        stretched, stretched_length = stretch(power, length)
+        changed = jnp.select([operation == 0, operation == 1, operation == 2], [noisy, shifted, stretched], power)
+        power = jnp.where(fire & (operation != 3), changed, power)
+        length = jnp.where(fire & (operation == 2), stretched_length, length)
+    changed_any = jnp.any(fires & (order != 3))
+    floored = audio.normalize(jnp.log(jnp.maximum(power, audio.FLOAT32_EPS)), config)
+    kept = jnp.maximum(features, np.float32(audio.normalize(np.log(audio.FLOAT32_EPS), config)))
+    out = jnp.where(changed_any, floored, kept)
+    return jnp.where(jnp.arange(features.shape[0])[:, None] < length, out, np.float32(config.padding_value))
+
+
+# ----------------------------------------------------------------------------------------------- batch
+
+
+def augment_batch(batch: dict, config: audio.FbankConfig, audio_p: float = AUDIO_P) -> dict:
+    """A raw training batch (`RAW_FIELDS`: uint8 images, float16 features, real frame counts, uint32 (2,) seeds)
+    -> the model's batch, each example augmented with its own key. Other fields pass through."""
+    keys = jax.vmap(jax.random.wrap_key_data)(batch["augment_seed"])
+    split = jax.vmap(jax.random.split)(keys)
+    image_keys, audio_keys = split[:, 0], split[:, 1]
+    augmented = {
+        "image": jax.vmap(augment_image)(batch["image"], image_keys),
+        "audio": jax.vmap(functools.partial(augment_features, config=config, p=audio_p))(
+            batch["audio"], batch["audio_frames"], audio_keys),
+    }  # fmt: skip
+    rest = {name: value for name, value in batch.items() if name not in RAW_FIELDS}
+    return jax.lax.stop_gradient({**rest, **augmented})
