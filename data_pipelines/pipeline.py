@@ -71,11 +71,8 @@ class PipelineConfig:
             raise ValueError(f"text_mode must be one of {text.TEXT_MODES}, got {self.text_mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.augment_on not in AUGMENT_ON:
-            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
-        if self.augment_on == "device" and not (self.augment_image and self.augment_audio):
-            raise ValueError("augment_on='device' augments both images and audio; to switch one off, augment on "
-                             "the host (augment_on='host')")  # fmt: skip
+        if problem := augmentation_problem(self.augment_on, self.augment_image, self.augment_audio):
+            raise ValueError(problem)
 
     @property
     def augments(self) -> bool:
@@ -83,6 +80,16 @@ class PipelineConfig:
 
 
 AUGMENT_ON = ("host", "device")
+
+
+def augmentation_problem(augment_on: str, augment_image: bool, augment_audio: bool) -> str | None:
+    """What is wrong with these augmentation settings (a message naming the fields), or None."""
+    if augment_on not in AUGMENT_ON:
+        return f"augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}"
+    if augment_on == "device" and not (augment_image and augment_audio):
+        return ("augment_on=device augments both images and audio: keep augment_image and augment_audio on, or "
+                "augment on the host (augment_on=host)")
+    return None
 
 
 class ExampleTransform:
@@ -101,17 +108,9 @@ class ExampleTransform:
             rng = np.random.default_rng([self.config.seed, fields["row_id"]])
         augments = self.config.augments
         image = records.image_of(fields)
-        words = text.example_text(self.config.text_mode, fields["label"], fields["caption"], rng)
-        tokens = text.tokenize(self.tokenizer, words, self.config.max_length)
-        common = {
-            "input_ids": tokens["input_ids"][0],
-            "attention_mask": tokens["attention_mask"][0],
-            "valid": np.bool_(valid),
-            "row_id": np.int64(fields["row_id"] if valid else -1),
-            "label_id": np.int32(self.label_index.get(fields["label"], -1) if valid else -1),
-        }
         if augments and self.config.augment_on == "device":
-            return {**common, **self._raw(fields, image, rng)}
+            raw = self._raw(fields, image, rng)
+            return {**raw, **self._text_and_ids(fields, valid, rng)}
         if augments and self.config.augment_image:
             image = augment.augment_image(image, self.config.image_size, rng)
         else:
@@ -121,7 +120,19 @@ class ExampleTransform:
             features = augment.augment_audio(
                 features, fields["audio_frames"], rng, self.fbank, self.config.audio_augment_p
             )
-        return {**common, "image": augment.to_normalized_array(image), "audio": np.asarray(features, np.float32)}
+        return {"image": augment.to_normalized_array(image), "audio": np.asarray(features, np.float32),
+                **self._text_and_ids(fields, valid, rng)}  # fmt: skip
+
+    def _text_and_ids(self, fields: dict, valid: bool, rng: np.random.Generator) -> dict:
+        words = text.example_text(self.config.text_mode, fields["label"], fields["caption"], rng)
+        tokens = text.tokenize(self.tokenizer, words, self.config.max_length)
+        return {
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+            "valid": np.bool_(valid),
+            "row_id": np.int64(fields["row_id"] if valid else -1),
+            "label_id": np.int32(self.label_index.get(fields["label"], -1) if valid else -1),
+        }
 
     def _raw(self, fields: dict, image, rng: np.random.Generator) -> dict:
         """What `device_augment.augment_batch` augments in the step: uint8 pixels, the stored float16 features, the

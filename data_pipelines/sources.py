@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from data_pipelines import demo, pipeline, precompute
-from synergy_jax import audio, distributed
+from synergy_jax import audio, device_augment, distributed
 from synergy_jax.errors import SetupError
 from synergy_jax.record import DataSource
 
@@ -82,3 +83,11 @@ def check_fits(model_config, data: RunData, tokenizer) -> None:
     if len(tokenizer) > model_config.text.vocab_size:
         raise SetupError(f"tokenizer {data.source.tokenizer} has {len(tokenizer)} tokens, more than the text tower's "
                          f"vocabulary of {model_config.text.vocab_size}")  # fmt: skip
+
+
+def device_augmentation(data: RunData, augment_on: str) -> Callable[[dict], dict] | None:
+    """The train step's augmentation of raw batches (`augment_on='device'`) for this data's front-end, else None."""
+    if augment_on != "device":
+        return None
+    fbank = audio.FbankConfig(**data.train_metadata["config"]["fbank"])
+    return functools.partial(device_augment.augment_batch, config=fbank)

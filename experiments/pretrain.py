@@ -46,9 +46,9 @@ def pipeline_config(config: ml_collections.ConfigDict, data: RunData, train_spli
     c = config.data
     split = data.source.train_split if train_split else data.source.eval_split
     return sources.pipeline_config(
-        data.source, split, train=train_split, batch_size=batch_size, seed=config.seed, augment_image=c.augment_image,
-        augment_audio=c.augment_audio, reference_eval_augmentation=c.reference_eval_augmentation,
-        label_names=tuple(data.eval_metadata["labels"]), workers=c.workers, read_threads=c.read_threads,
+        data.source, split, train=train_split, batch_size=batch_size, seed=config.seed, augment_on=c.augment_on,
+        augment_image=c.augment_image, augment_audio=c.augment_audio, label_names=tuple(data.eval_metadata["labels"]),
+        reference_eval_augmentation=c.reference_eval_augmentation, workers=c.workers, read_threads=c.read_threads,
         prefetch=c.prefetch,
     )  # fmt: skip
 
@@ -159,6 +159,9 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
     cli.check_runtime(mesh, config.model.dtype, config.sharding)
     if config.total_steps:
         train.check_schedule_length(config.total_steps, config.optimizer, "--config.total_steps", "--config.optimizer.")
+    if problem := pipeline.augmentation_problem(*(config.data[k] for k in ("augment_on", "augment_image",
+                                                                           "augment_audio"))):  # fmt: skip
+        raise SetupError(f"--config.data: {problem}")
     if unknown := set(config.evals) - set(EVALUATORS):
         raise SetupError(f"--config.evals: unknown evaluator(s) {sorted(unknown)}; known: {list(EVALUATORS)}")
 
@@ -204,8 +207,9 @@ def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: f
     pretrained = None  # the host copy of hub weights is no longer needed
     # ---- step, evals, loop
     loss_config = losses.LossConfig(**config.loss)
+    augment = sources.device_augmentation(data, config.data.augment_on)  # None: the input pipeline augments
     train_step = train.make_train_step(model, tx, loss_config, mesh, shardings, config.accum_steps,
-                                       train.learning_rate_schedule(optimizer))  # fmt: skip
+                                       train.learning_rate_schedule(optimizer), augment)  # fmt: skip
     microbatch = config.batch_size // config.accum_steps
     contrastive_batch = config.eval_contrastive_batch or loss_config.contrastive_batch(microbatch, mesh.shape["data"])
     loop_config = loop.LoopConfig(

@@ -137,7 +137,8 @@ def hue(image: jax.Array, shift: jax.Array) -> jax.Array:
     chroma = high - low
     safe = jnp.where(chroma > 0, chroma, 1.0)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    sector = jnp.where(high == r, ((g - b) / safe) % 6.0, jnp.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    sector = jnp.where(high == r, ((g - b) / safe) % 6.0,
+                       jnp.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))  # fmt: skip
     turns = (sector / 6.0 + shift) % 1.0
     # HSV -> RGB with the same value and chroma: channel n = v - c * clip(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
     k = (jnp.array([5.0, 3.0, 1.0]) + 6.0 * turns[..., None]) % 6.0

@@ -293,11 +293,15 @@ def make_step(
                                 donate_argnums=(0,))  # fmt: skip
 
 
-def contrastive_loss(model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh) -> LossFn:
-    """Pre-training's loss for `make_step`: the tri-modal InfoNCE of the model's embeddings (dropout on)."""
+def contrastive_loss(model: SynergyCLIP, loss_config: losses.LossConfig, mesh: Mesh,
+                     prepare: Callable[[Batch], Batch] | None = None) -> LossFn:  # fmt: skip
+    """Pre-training's loss for `make_step`: the tri-modal InfoNCE of the model's embeddings (dropout on).
+    `prepare` maps each (micro)batch to the model's inputs first (device_augment.augment_batch)."""
     loss_on_mesh = losses.tri_modal_loss(mesh, loss_config)
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array, mutable: dict, frozen: Any):
+        if prepare is not None:
+            batch = prepare(batch)
         embeddings, log_scales = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
         metrics = loss_on_mesh(embeddings, log_scales)
         return metrics["loss"], (metrics, mutable)
@@ -323,7 +327,9 @@ def make_train_step(
     shardings: TrainState,
     accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
+    prepare: Callable[[Batch], Batch] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Pre-training's step: `make_step` with the contrastive loss and the temperatures in the metrics."""
-    return make_step(contrastive_loss(model, loss_config, mesh), tx, shardings, mesh, accum_steps, schedule=schedule,
-                     extra_metrics=temperatures(model))  # fmt: skip
+    """Pre-training's step: `make_step` with the contrastive loss (of `prepare(batch)` when given) and the
+    temperatures in the metrics."""
+    return make_step(contrastive_loss(model, loss_config, mesh, prepare), tx, shardings, mesh, accum_steps,
+                     schedule=schedule, extra_metrics=temperatures(model))  # fmt: skip

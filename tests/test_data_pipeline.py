@@ -112,6 +112,32 @@ def test_train_batch_layout(data):
     assert -2.0 < batch["image"].mean() < 2.0 and batch["image"].min() >= -1.8 and batch["image"].max() <= 2.2
 
 
+def test_device_augmentation_batches_carry_the_raw_records(data):
+    paths, tokenizer = data
+    config = _config(paths, text_mode="prompt", augment_on="device")
+    first = _batches(config, tokenizer, 3)
+    batch = first[0]
+    shapes = {key: (value.shape, value.dtype) for key, value in batch.items()}
+    assert shapes["image"] == ((8, 32, 32, 3), np.uint8) and shapes["audio"] == ((8, 128, 32), np.float16)
+    assert shapes["audio_frames"] == ((8,), np.int32) and shapes["augment_seed"] == ((8, 2), np.uint32)
+    stored = _stored(paths, "train")
+    for i, row in enumerate(batch["row_id"]):  # the records as stored: nothing augmented on the host
+        record = stored[int(row)]
+        np.testing.assert_array_equal(batch["image"][i], np.asarray(records.image_of(record)))
+        np.testing.assert_array_equal(batch["audio"][i], record["audio"])
+        assert batch["audio_frames"][i] == record["audio_frames"]
+    assert len({tuple(seed) for b in first for seed in b["augment_seed"]}) == 24  # a seed per example
+    iterator = iter(pipeline.build_dataset(config, tokenizer))  # seeds come back with the input state
+    next(iterator)
+    _assert_same(first[1:], _batches(config, tokenizer, 2, state=iterator.get_state()))
+    host = _batches(_config(paths, text_mode="prompt"), tokenizer, 1)[0]
+    np.testing.assert_array_equal(host["row_id"], batch["row_id"])  # the shuffle is the host mode's
+    with pytest.raises(ValueError, match="augments both images and audio"):
+        _config(paths, augment_on="device", augment_audio=False)
+    with pytest.raises(ValueError, match="augment_on must be one of"):
+        _config(paths, augment_on="tpu")
+
+
 def test_training_order_is_seeded_and_restores_exactly(data):
     paths, tokenizer = data
     config = _config(paths, text_mode="prompt")

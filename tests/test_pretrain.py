@@ -119,6 +119,23 @@ def test_interrupted_run_resumes_to_the_same_losses(reference, data_root, tmp_pa
     assert second["eval/loss"] == pytest.approx(ref_summary["eval/loss"], rel=1e-4)
 
 
+def test_augmentation_on_the_device_trains_and_resumes_to_the_same_losses(reference, data_root, tmp_path):
+    """The step augments the raw records (synergy_jax/device_augment.py): other losses than the host's augmentation
+    gives, the same ones again after a preemption (the seeds come back with the input state)."""
+    device = {"data.augment_on": "device", "total_steps": 4}
+    whole = run_pretrain(tiny_config(data_root, **device), tmp_path / "whole", "8x1")
+    assert whole["step"] == 4
+    losses = train_losses(tmp_path / "whole")
+    assert all(np.isfinite(list(losses.values())))
+    host = train_losses(reference[0])
+    assert losses[1] != pytest.approx(host[1], rel=1e-4)  # step 1: same parameters, differently augmented inputs
+    first = run_pretrain(tiny_config(data_root, **device), tmp_path / "split", "8x1", stop_at=lambda step: step == 2)
+    assert first["preempted"]
+    run_pretrain(tiny_config(data_root, **device), tmp_path / "split", "8x1")
+    resumed = train_losses(tmp_path / "split")
+    np.testing.assert_allclose([resumed[s] for s in (3, 4)], [losses[s] for s in (3, 4)], rtol=1e-5)
+
+
 def test_checkpoint_restores_onto_other_meshes(reference):
     workdir, _ = reference
     mesh_8x1 = parallel.make_mesh("8x1")
@@ -171,6 +188,9 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_
         ("8x1", {"data.demo": False, "data.dir": "/nonexistent/pre"}, FileNotFoundError, "run `python -m data_pipel"),
         ("8x1", {"data.demo": False, "data.dir": "/x", "data.train_manifest": "/no/train.csv"}, FileNotFoundError,
          "train_manifest: /no/train.csv does not exist"),
+        ("8x1", {"data.augment_on": "tpu"}, ValueError, "augment_on must be one of .* got 'tpu'"),
+        ("8x1", {"data.augment_on": "device", "data.augment_image": False}, ValueError,
+         "augments both images and audio"),
     ],
 )  # fmt: skip
 def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, error, message):

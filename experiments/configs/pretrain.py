@@ -64,6 +64,7 @@ def common() -> ml_collections.ConfigDict:
     config.data.mel_bins = 128
     config.data.augment_image = True
     config.data.augment_audio = True
+    config.data.augment_on = "host"  # or "device": the train step augments (synergy_jax/device_augment.py)
     config.data.reference_eval_augmentation = False  # True: augment eval data too (the reference's bug 21/27)
     config.data.workers = 0  # Grain worker processes per host (0: threads in the trainer process)
     config.data.read_threads = 4
