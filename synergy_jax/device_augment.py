@@ -44,6 +44,7 @@ JITTER_P, JITTER = 0.5, 0.075
 
 AUDIO_P = 0.2
 NOISE_STD, SHIFT_FRACTION, STRETCH_RATE = 0.005, 0.1, 0.85
+GAMMA_TRIES = 4
 STRETCH_FRACTION = fractions.Fraction(STRETCH_RATE).limit_denominator(1000)  # 17 / 20
 
 RAW_FIELDS = ("image", "audio", "audio_frames", "augment_seed")  # what the host hands over in device mode
@@ -208,6 +209,27 @@ def noise_mel_statistics(config: audio.FbankConfig, noise_std: float = NOISE_STD
     return mean, shape
 
 
+def unit_gamma(key: jax.Array, shape: jax.Array, tries: int = GAMMA_TRIES) -> jax.Array:
+    """Gamma(shape, scale 1 / shape) draws (mean 1), one per element of `shape`, by Marsaglia and Tsang's method
+    with a fixed number of candidates: jax.random.gamma's per-element rejection loop took 1.8 s for one batch of
+    8 x 1024 x 128 on one CPU core. Shapes under 1 draw at shape + 1 and scale by U^(1 / shape). Each candidate is
+    accepted with probability over 0.95 for shape >= 1; when all `tries` fail (under 1e-5) the draw is the mean."""
+    boosted = jnp.maximum(shape, 1.0)
+    boosted = jnp.where(shape < 1.0, shape + 1.0, boosted)
+    d = boosted - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * d)
+    normal_key, uniform_key, boost_key = jax.random.split(key, 3)
+    x = jax.random.normal(normal_key, (tries, *shape.shape))
+    log_u = jnp.log(jax.random.uniform(uniform_key, (tries, *shape.shape), minval=jnp.finfo(jnp.float32).tiny))
+    v = (1.0 + c * x) ** 3
+    accepted = (v > 0) & (log_u < 0.5 * x**2 + d - d * v + d * jnp.log(jnp.where(v > 0, v, 1.0)))
+    first = jnp.argmax(accepted, axis=0)
+    draw = jnp.take_along_axis(d * v, first[None], axis=0)[0]
+    draw = jnp.where(jnp.any(accepted, axis=0), draw, boosted)
+    boost = jax.random.uniform(boost_key, shape.shape, minval=jnp.finfo(jnp.float32).tiny) ** (1.0 / shape)
+    return jnp.where(shape < 1.0, draw * boost, draw) / shape
+
+
 def add_noise(power: jax.Array, gamma: jax.Array, config: audio.FbankConfig) -> jax.Array:
     """power + the white noise's mel power, from unit-mean Gamma draws `gamma` (frames, bins)."""
     mean, _ = noise_mel_statistics(config)
@@ -246,7 +268,7 @@ def augment_features(features: jax.Array, frames: jax.Array, key: jax.Array, con
     order_key, fire_key, gamma_key = jax.random.split(key, 3)
     _, gamma_shape = noise_mel_statistics(config)
     gamma_shape = jnp.asarray(gamma_shape, jnp.float32)
-    gamma = jax.random.gamma(gamma_key, jnp.broadcast_to(gamma_shape, features.shape)) / gamma_shape
+    gamma = unit_gamma(gamma_key, jnp.broadcast_to(gamma_shape, features.shape))
     fires = (jax.random.uniform(fire_key, (4,)) < p) & (frames > 0)
     order = jax.random.permutation(order_key, 4)
     power = jnp.exp(audio.denormalize(features, config))

@@ -70,7 +70,9 @@ def test_whole_image_crop_is_the_image():
 
 @pytest.mark.parametrize("factor", [0.925, 0.97, 1.03, 1.075])
 def test_brightness_contrast_saturation_are_pils_blends(factor):
-    pixels = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)  # a red-heavy image: its luma mean is far from its RGB mean
+    pixels = np.stack([rng.integers(150, 256, (40, 40)), rng.integers(0, 120, (40, 40)), rng.integers(0, 60, (40, 40))],
+                      axis=-1).astype(np.uint8)  # fmt: skip
     image = Image.fromarray(pixels)
     x = jnp.asarray(pixels, jnp.float32)
     for ours, enhancer in ((device.brightness, ImageEnhance.Brightness), (device.contrast, ImageEnhance.Contrast),
@@ -130,6 +132,16 @@ def test_noise_adds_the_mean_noise_power_per_bin():
     np.testing.assert_allclose(device.add_noise(power, jnp.ones_like(power), FBANK)[5], mean, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [0.994, 1.0, 1.35, 3.3])
+def test_unit_gamma_draws_follow_the_gamma_law(shape):
+    draws = np.asarray(device.unit_gamma(jax.random.key(7), jnp.full((200_000,), shape, jnp.float32)))
+    exact = np.random.default_rng(0).gamma(shape, 1.0 / shape, 200_000)
+    assert (draws > 0).all()
+    assert abs(draws.mean() - 1.0) < 0.01 and abs(draws.var() - 1.0 / shape) < 0.03
+    quantiles = [0.01, 0.1, 0.5, 0.9, 0.99]
+    np.testing.assert_allclose(np.quantile(draws, quantiles), np.quantile(exact, quantiles), rtol=0.03, atol=2e-4)
+
+
 def _features_with(operations: list[int], features, frames):
     """Device features with exactly `operations` firing in that order (the key's own draws patched)."""
     fires = np.zeros(4, bool)
@@ -148,7 +160,9 @@ class _patched_draws:
     def __enter__(self):
         self.permutation, self.uniform = jax.random.permutation, jax.random.uniform
         jax.random.permutation = lambda key, n: jnp.asarray(self.order)
-        jax.random.uniform = lambda key, shape: jnp.where(jnp.asarray(self.fires), 0.0, 1.0)
+        uniform = self.uniform
+        jax.random.uniform = lambda key, shape, **kw: (
+            jnp.where(jnp.asarray(self.fires), 0.0, 1.0) if shape == (4,) else uniform(key, shape, **kw))
 
     def __exit__(self, *exc):
         jax.random.permutation, jax.random.uniform = self.permutation, self.uniform
@@ -194,6 +208,36 @@ def raw_batch(size: int = 4) -> dict:
         "augment_seed": rng.integers(0, 2**32, (size, 2), dtype=np.uint32),
         "input_ids": np.ones((size, 8), np.int32),
     }
+
+
+def test_train_step_augments_each_batch_on_the_mesh():
+    """`make_train_step(..., prepare=augment_batch)` on an 8-device mesh: the loss of the batch augmented first."""
+    from synthetic import random_batch, tiny_config
+
+    from synergy_jax import losses, parallel, train
+    from synergy_jax.models import synergy
+
+    config = tiny_config(dropout=False)
+    mesh = parallel.make_mesh("8x1")
+    model, tx = synergy.SynergyCLIP(config), train.make_optimizer(train.optimizer_config())
+    example = synergy.example_batch(config, 1, 8)
+    state, shardings = train.create_train_state(model, tx, mesh, "tp", example, jax.random.PRNGKey(0))
+    fbank = audio.FbankConfig(max_frames=config.audio.max_length, num_mel_bins=config.audio.num_mel_bins)
+    rng = np.random.default_rng(0)
+    text = random_batch(config, 8)
+    size = config.vision.image_size
+    raw = {"image": rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
+           "audio": rng.normal(size=(8, fbank.max_frames, fbank.num_mel_bins)).astype(np.float16),
+           "audio_frames": np.full(8, fbank.max_frames - 10, np.int32),
+           "augment_seed": rng.integers(0, 2**32, (8, 2), dtype=np.uint32),
+           "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}  # fmt: skip
+    prepare = lambda batch: device.augment_batch(batch, fbank, audio_p=0.9)  # noqa: E731
+    augmented = jax.device_get(jax.jit(prepare)(raw))
+    plain = train.make_train_step(model, tx, losses.LossConfig(), mesh, shardings)
+    expected = float(plain(jax.tree.map(jnp.copy, state), parallel.global_batch(augmented, mesh))[1]["loss"])
+    step = train.make_train_step(model, tx, losses.LossConfig(), mesh, shardings, prepare=prepare)
+    _, metrics = step(state, parallel.global_batch(raw, mesh))
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_batch_is_augmented_per_example_and_deterministic_per_seed():
