@@ -21,7 +21,8 @@ frames), it times
   precompute  once: decode, resample, fbank, float16, raw image, ArrayRecord write: one process on one thread,
               one process on --threads threads, --workers processes
   read path   every epoch: Grain train pipeline over the shards (record decode, image + feature augmentation,
-              prompt, tokenise, batch), in this process on 1 and --threads threads
+              prompt, tokenise, batch), in this process on 1 and --threads threads; and with the augmentation
+              left to the train step (`augment_on='device'`), whose cost on this machine's JAX device is printed
 and prints clips/s for each beside the reference's, then the feed a Base step needs on a v5e-8 host at 45 % MFU
 (from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one thread per process for
 every path (fair on small machines).
@@ -153,23 +154,46 @@ def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) 
     return timings
 
 
-def time_read_path(work: Path, rows, threads: int) -> float:
-    """Clips/s of the Grain training pipeline over the first precompute's shards, in this process."""
+def time_read_path(work: Path, rows, threads: int, augment_on: str = "host") -> float:
+    """Clips/s of the Grain training pipeline over the first precompute's shards, in this process; with
+    `augment_on='device'` the examples leave the host unaugmented (the train step augments them)."""
     from data_pipelines import pipeline
     from data_pipelines.demo import train_tokenizer
 
     train_tokenizer([row.caption for row in rows] * 5 + ["a video of a tone"], work / "tokenizer", vocab_size=300)
     config = pipeline.PipelineConfig(data_dir=str(work / "shards"), split="subset", batch_size=min(8, len(rows)),
                                      train=True, tokenizer=str(work / "tokenizer"), text_mode="prompt",
-                                     read_threads=threads, process_index=0, process_count=1)  # fmt: skip
+                                     read_threads=threads, process_index=0, process_count=1,
+                                     augment_on=augment_on)  # fmt: skip
     iterator = iter(pipeline.build_dataset(config))
     next(iterator)
     batches = max(4, 2 * len(rows) // config.batch_size)  # two epochs (augmentation differs each time)
     seconds = _timed(lambda: [next(iterator) for _ in range(batches)])
     rate = batches * config.batch_size / seconds
-    print(f"read path per epoch (Grain: decode + augment + tokenise), 1 process, {threads} thread(s): "
-          f"{_rate(batches * config.batch_size, seconds)}")
+    print(f"read path per epoch (Grain: decode + augment on the {augment_on} + tokenise), 1 process, {threads} "
+          f"thread(s): {_rate(batches * config.batch_size, seconds)}")
     return rate
+
+
+def time_device_augmentation(batch_size: int = 8) -> float:
+    """Seconds per example of the train step's augmentation (`device_augment.augment_batch`) on JAX's default
+    device here, at 224 px and 1024 x 128 features: what `augment_on='device'` moves onto the accelerator."""
+    import jax
+
+    from synergy_jax import device_augment, parallel
+
+    rng = np.random.default_rng(0)
+    fbank = audio.FbankConfig()
+    batch = {"image": rng.integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8),
+             "audio": rng.normal(size=(batch_size, fbank.max_frames, fbank.num_mel_bins)).astype(np.float16),
+             "audio_frames": np.full(batch_size, 998, np.int32),
+             "augment_seed": rng.integers(0, 2**32, (batch_size, 2), dtype=np.uint32)}  # fmt: skip
+    augment = parallel.shared_jit(device_augment.augment_batch, jax.default_backend(), ("config",))
+    jax.block_until_ready(augment(batch, config=fbank))
+    seconds = min(_timed(lambda: jax.block_until_ready(augment(batch, config=fbank))) for _ in range(3))
+    print(f"the step's augmentation on this machine's {jax.default_backend()}: {1e3 * seconds / batch_size:.1f} ms "
+          f"an example (batch of {batch_size})")
+    return seconds / batch_size
 
 
 def feed_needed(mfu: float, chip_tflops: float, chips: int) -> float:
@@ -211,8 +235,8 @@ def time_pinned_reference(python: str, subset: Path, count: int) -> dict:
     return {"audio": audio_seconds, "example": example_seconds}
 
 
-def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[int, float],
-           pinned: dict[str, float] | None = None) -> None:
+def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[tuple[str, int], float],
+           pinned: dict[str, float] | None = None, augmenting: float | None = None) -> None:
     """The table: every path's clips/s and its ratio to the reference's per-sample audio path, which is the
     pinned reference's own run when there is one."""
     reference = pinned["audio"] if pinned else seconds["reference"]
@@ -224,19 +248,24 @@ def report(count: int, seconds: dict[str, float], timings: dict[str, float], rea
     lines += [(f"precompute (audio + image), {label}", value) for label, value in timings.items()]
     for label, value in lines:
         print(f"{label:64s} {count / value:9.1f} {reference / value:12.2f}")
-    for threads, rate in reads.items():
-        print(f"{f'read path, 1 process, {threads} thread(s)':64s} {rate:9.1f} {rate * reference / count:12.2f}")
+    for (augment_on, threads), rate in reads.items():
+        label = f"read path, 1 process, {threads} thread(s), augmentation on the {augment_on}"
+        print(f"{label:64s} {rate:9.1f} {rate * reference / count:12.2f}")
     examples = {"its pinned venv": pinned["example"]} if pinned else {}
     examples["this process, our image ops and fbank"] = seconds["reference example"]
+    best = {on: max(rate for (mode, _), rate in reads.items() if mode == on) for on, _ in reads}
     for where, example in examples.items():
         print(f"The reference's whole training example (+ waveform augmentation, image decode + augmentation; "
               f"{where}) runs at {count / example:.1f} examples/s; the read path is "
-              f"{max(reads.values()) * example / count:.2f}x that.")
+              + ", ".join(f"{rate * example / count:.2f}x that augmenting on the {on}" for on, rate in best.items()))
     needed = feed_needed(0.45, 197.0, 8)
-    best = max(reads.values())
     print(f"A Base step at 45 % MFU on a v5e-8 host (8 x 197 bf16 TFLOP/s) takes {needed:.0f} samples/s: "
-          f"{math.ceil(needed / best)} read-path processes at {best:.0f} clips/s each "
-          f"(pipeline.PipelineConfig.workers), this machine has {os.cpu_count()} cores.")
+          + ", ".join(f"{math.ceil(needed / rate)} read-path processes at {rate:.0f} clips/s each augmenting on the "
+                      f"{on}" for on, rate in best.items())
+          + f" (pipeline.PipelineConfig.workers); this machine has {os.cpu_count()} cores.")
+    if augmenting is not None:
+        print(f"Augmenting on the device moves {1e3 * augmenting:.1f} ms an example into the step on this machine's "
+              "default JAX device (on an accelerator, unmeasured here, it runs inside the step's program).")
 
 
 def benchmark(options) -> None:
@@ -254,8 +283,9 @@ def benchmark(options) -> None:
         pinned = time_pinned_reference(options.reference_python, subset, len(rows)) if options.reference_python else None
         seconds = time_per_clip_paths(rows)
         timings = time_precompute(subset, rows, work, options.workers, options.threads)
-        reads = {threads: time_read_path(work, rows, threads) for threads in sorted({1, options.threads})}
-        report(len(rows), seconds, timings, reads, pinned)
+        reads = {(on, threads): time_read_path(work, rows, threads, on) for on in ("host", "device")
+                 for threads in sorted({1, options.threads})}  # fmt: skip
+        report(len(rows), seconds, timings, reads, pinned, time_device_augmentation())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -98,18 +98,25 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     )
     labels = ["its pinned venv", "reference per-sample audio (librosa, our fbank)", "our audio decode",
               "decoding alone", "1 process, 1 thread", "1 process, 2 threads", "1 worker processes",
-              "read path, 1 process, 1 thread", "read path, 1 process, 2 thread"]  # fmt: skip
+              *(f"read path, 1 process, {threads} thread(s), augmentation on the {on}"
+                for on in ("host", "device") for threads in (1, 2))]  # fmt: skip
     rows = {label: next(value for key, value in table.items() if label in key) for label in labels}
     assert rows["its pinned venv"] == (4.0, 1.0), rows
     for label, (rate, ratio) in rows.items():
         assert abs(rate / 4.0 - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
-    best_read = max(rows["read path, 1 process, 1 thread"][0], rows["read path, 1 process, 2 thread"][0])
-    needed, processes = map(float, re.search(r"takes (\d+) samples/s: (\d+) read-path", result.stdout).groups())
-    assert processes == math.ceil(needed / round(best_read)) or processes == math.ceil(needed / best_read)
-    wholes = re.findall(r"whole training example .*?; (.*?)\) runs at ([\d.]+) examples/s; the read path is ([\d.]+)x",
-                        result.stdout)  # fmt: skip
-    assert [where for where, _, _ in wholes] == ["its pinned venv", "this process, our image ops and fbank"]
-    assert float(wholes[0][1]) == 2.0 and abs(float(wholes[0][2]) - best_read / 2.0) <= 0.01 * best_read
+    best = {on: max(rows[f"read path, 1 process, {t} thread(s), augmentation on the {on}"][0] for t in (1, 2))
+            for on in ("host", "device")}  # fmt: skip
+    needed = float(re.search(r"takes (\d+) samples/s:", result.stdout).group(1))
+    for on, rate in best.items():
+        processes = int(re.search(rf"(\d+) read-path processes at \d+ clips/s each augmenting on the {on}",
+                                  result.stdout).group(1))  # fmt: skip
+        assert processes in (math.ceil(needed / round(rate)), math.ceil(needed / rate)), (on, processes)
+    wholes = re.findall(r"whole training example .*?; (.*?)\) runs at ([\d.]+) examples/s; the read path is ([\d.]+)x "
+                        r"that augmenting on the host, ([\d.]+)x that augmenting on the device", result.stdout)
+    assert [where for where, *_ in wholes] == ["its pinned venv", "this process, our image ops and fbank"]
+    assert float(wholes[0][1]) == 2.0 and abs(float(wholes[0][2]) - best["host"] / 2.0) <= 0.01 * best["host"]
+    assert abs(float(wholes[0][3]) - best["device"] / 2.0) <= 0.01 * best["device"]
+    assert float(re.search(r"moves ([\d.]+) ms an example into the step", result.stdout).group(1)) > 0
 
 
 def test_the_feed_benchmark_refuses_a_reference_python_that_fails(tmp_path):
