@@ -28,15 +28,17 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from synergy_jax import audio
-from synergy_jax.device_augment import (  # noqa: F401  (one home for the parameters both modes share)
+from synergy_jax.augmentation import (  # noqa: F401  (one home for the parameters both modes share)
     AUDIO_P,
     CLIP_MEAN,
     CLIP_STD,
     CROP_RATIO,
     CROP_SCALE,
+    CROP_TRIES,
     HFLIP_P,
     JITTER,
     JITTER_P,
+    NOISE_STD,
     SHIFT_FRACTION,
     STRETCH_RATE,
     VFLIP_P,
@@ -78,7 +80,7 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int) -
     """(left, top, w, h) by torchvision's RandomResizedCrop.get_params: 10 tries, then a centre crop."""
     area = width * height
     log_ratio = np.log(CROP_RATIO)
-    for _ in range(10):
+    for _ in range(CROP_TRIES):
         target_area = area * rng.uniform(*CROP_SCALE)
         aspect = np.exp(rng.uniform(*log_ratio))
         w = int(round(np.sqrt(target_area * aspect)))

@@ -21,7 +21,8 @@ frames), it times
   precompute  once: decode, resample, fbank, float16, raw image, ArrayRecord write: one process on one thread,
               one process on --threads threads, --workers processes
   read path   every epoch: Grain train pipeline over the shards (record decode, image + feature augmentation,
-              prompt, tokenise, batch), in this process on 1 and --threads threads; and with the augmentation
+              prompt, tokenise, batch), in this process on 1 and --threads threads, its shuffle spanning a
+              VGGSound-sized split of the clips repeated (see DatasetSized); and with the augmentation
               left to the train step (`augment_on='device'`), whose cost on this machine's JAX device is printed
 and prints clips/s for each beside the reference's, then the feed a Base step needs on a v5e-8 host at 45 % MFU
 (from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one thread per process for
@@ -52,6 +53,7 @@ from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
 from synergy_jax import audio, cli, errors  # noqa: E402
 
+READ_PATH_INDEX_SPACE = 200_000  # records the read path's shuffle spans (a VGGSound-sized split; see DatasetSized)
 PINNED_REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference_data.py"
 
 
@@ -157,6 +159,8 @@ def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) 
 def time_read_path(work: Path, rows, threads: int, augment_on: str = "host") -> float:
     """Clips/s of the Grain training pipeline over the first precompute's shards, in this process; with
     `augment_on='device'` the examples leave the host unaugmented (the train step augments them)."""
+    import grain  # 2 s to import: not in the precompute workers, which import this module again
+
     from data_pipelines import pipeline
     from data_pipelines.demo import train_tokenizer
 
@@ -165,14 +169,31 @@ def time_read_path(work: Path, rows, threads: int, augment_on: str = "host") -> 
                                      train=True, tokenizer=str(work / "tokenizer"), text_mode="prompt",
                                      read_threads=threads, process_index=0, process_count=1,
                                      augment_on=augment_on)  # fmt: skip
-    iterator = iter(pipeline.build_dataset(config))
+    records = grain.sources.ArrayRecordDataSource(precompute.shard_paths(config.data_dir, precompute.load_metadata(
+        config.data_dir, config.split)))  # fmt: skip
+    iterator = iter(pipeline.build_dataset(config, source=DatasetSized(records, READ_PATH_INDEX_SPACE)))
     next(iterator)
-    batches = max(4, 2 * len(rows) // config.batch_size)  # two epochs (augmentation differs each time)
+    batches = max(4, 2 * len(rows) // config.batch_size)  # as many examples as two epochs of the clips
     seconds = _timed(lambda: [next(iterator) for _ in range(batches)])
     rate = batches * config.batch_size / seconds
     print(f"read path per epoch (Grain: decode + augment on the {augment_on} + tokenise), 1 process, {threads} "
           f"thread(s): {_rate(batches * config.batch_size, seconds)}")
     return rate
+
+
+class DatasetSized:
+    """`records` seen as a dataset of `length` records (record i is records[i % len(records)]): Grain's index
+    shuffle costs about 1.2 ms an element over 24 records and 5 us over 200,000, so the read path over a
+    benchmark's few dozen clips would time that rather than what a real dataset costs."""
+
+    def __init__(self, records, length: int):
+        self.records, self.length = records, max(length, len(records))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.records[index % len(self.records)]
 
 
 def time_device_augmentation(batch_size: int = 8) -> float:
