@@ -138,6 +138,20 @@ def test_device_augmentation_batches_carry_the_raw_records(data):
         _config(paths, augment_on="tpu")
 
 
+def test_tokenised_texts_are_remembered_up_to_a_bound(data, monkeypatch):
+    paths, tokenizer = data
+    config = _config(paths, text_mode="prompt")
+    transform = pipeline.ExampleTransform(config, audio.FbankConfig(), tokenizer)
+    monkeypatch.setattr(pipeline, "TOKEN_CACHE_SIZE", 2)
+    for words in ["a bell rings", "a dog barks", "a bell rings", "rain falls", "a dog barks"]:
+        ids, mask = transform._tokenized(words)
+        expected = text.tokenize(tokenizer, words, config.max_length)
+        np.testing.assert_array_equal(ids, expected["input_ids"][0])
+        np.testing.assert_array_equal(mask, expected["attention_mask"][0])
+        assert not ids.flags.writeable and len(transform._tokens) <= 2
+    assert transform._tokenized("rain falls")[0] is transform._tokenized("rain falls")[0]
+
+
 def test_training_order_is_seeded_and_restores_exactly(data):
     paths, tokenizer = data
     config = _config(paths, text_mode="prompt")
