@@ -16,7 +16,7 @@ A host batch is a dict of numpy arrays, the layout the model consumes:
     row_id          int64   (B,)           manifest row (-1 on padding)
     label_id        int32   (B,)           index into `label_names` when given (-1: padding or unknown label)
 Training batches with `augment_on="device"` carry the raw record instead, augmented inside the train step by
-`synergy_jax.device_augment.augment_batch` (about 6 ms of a host core per example less, docs/performance.md):
+`synergy_jax.device_augment.augment_batch` (about 8 ms of a host core per example less, docs/performance.md):
     image           uint8   (B, S, S, 3)   resized, not augmented
     audio           float16 (B, frames, mel_bins)   the stored features
     audio_frames    int32   (B,)           real (not padding) frames

@@ -1,10 +1,10 @@
 """Pre-training's augmentations as a jnp function of the batch, run inside the train step on the accelerator.
 
-The host read path (data_pipelines/augment.py) runs the reference's augmentations with PIL and numpy, about 6 ms of
-a core per example (docs/performance.md, "The feed"). With `data.augment_on = "device"` the host hands over the raw
-record instead (uint8 pixels, float16 features, the count of real audio frames and a per-example seed drawn from
-Grain's generator, so a resumed run draws the same augmentations) and this module applies the same operations, with
-the same probabilities and parameter laws, inside the jitted step:
+The host read path (data_pipelines/augment.py) runs the reference's augmentations with PIL and numpy: most of the
+10 ms of a core it spends per example (docs/performance.md, "The feed"). With `data.augment_on = "device"` the host
+hands over the raw record instead (uint8 pixels, float16 features, the count of real audio frames and a
+per-example seed drawn from Grain's generator, so a resumed run draws the same augmentations) and this module
+applies the same operations, with the same probabilities and parameter laws, inside the jitted step:
 
   image  RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3), torchvision's 10 tries then a centre crop), resized
          with PIL's bilinear filter (a triangle widened by the downscale factor, weights normalised over the crop)
