@@ -203,9 +203,9 @@ def unit_gamma(key: jax.Array, shape: jax.Array, tries: int = GAMMA_TRIES) -> ja
     log_u = jnp.log(jax.random.uniform(uniform_key, (tries, *shape.shape), minval=jnp.finfo(jnp.float32).tiny))
     v = (1.0 + c * x) ** 3
     accepted = (v > 0) & (log_u < 0.5 * x**2 + d - d * v + d * jnp.log(jnp.where(v > 0, v, 1.0)))
-    first = jnp.argmax(accepted, axis=0)
-    draw = jnp.take_along_axis(d * v, first[None], axis=0)[0]
-    draw = jnp.where(jnp.any(accepted, axis=0), draw, boosted)
+    draw = boosted
+    for candidate in reversed(range(tries)):  # the first accepted candidate, elementwise (no gather)
+        draw = jnp.where(accepted[candidate], d * v[candidate], draw)
     boost = jax.random.uniform(boost_key, shape.shape, minval=jnp.finfo(jnp.float32).tiny) ** (1.0 / shape)
     return jnp.where(shape < 1.0, draw * boost, draw) / shape
 
@@ -217,28 +217,34 @@ def add_noise(power: jax.Array, gamma: jax.Array, config: audio.FbankConfig) -> 
 
 
 def shift(power: jax.Array, frames: jax.Array) -> jax.Array:
-    """Roll the first `frames` rows by round(0.1 x frames), as np.roll of the real frames."""
-    rows = jnp.arange(power.shape[0])
+    """Roll the first `frames` rows by s = round(0.1 x frames), as np.roll of the real frames: rows s.. come from a
+    roll of the whole array by s, rows ..s from a roll by s - frames (two dynamic slices, no gather, which TPUs
+    run row by row)."""
     offset = jnp.round(SHIFT_FRACTION * frames).astype(jnp.int32)
-    source = jnp.where(rows < frames, (rows - offset) % jnp.maximum(frames, 1), rows)
-    return power[source]
+    rows = jnp.arange(power.shape[0])[:, None]
+    return jnp.where(rows < offset, jnp.roll(power, offset - frames, axis=0), jnp.roll(power, offset, axis=0))
 
 
 def stretch(power: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Resample the first `frames` rows along time by 1 / 0.85 (linear), cut to the fixed length: (power, frames).
 
-    Positions i x 0.85 = i x 17 / 20 are split into row and fraction in integers: float32 positions near row 870
-    would be off by 6e-5, which the interpolation carries into the values."""
+    Output row i reads rows floor(i x 17 / 20) and the next, with fraction (i x 17 mod 20) / 20: the same 20 output
+    rows per 17 input rows, so static slices of the rows reshaped in groups of 17 (no gather) and exact fractions
+    (float32 positions near row 870 would be off by 6e-5). Rows past the last real frame read that frame."""
     numerator, denominator = STRETCH_FRACTION.numerator, STRETCH_FRACTION.denominator
-    length = jnp.minimum(jnp.round(frames / STRETCH_RATE).astype(jnp.int32), power.shape[0])
-    scaled = jnp.arange(power.shape[0]) * numerator
-    lower = scaled // denominator
-    fraction = (scaled % denominator).astype(jnp.float32) / denominator
-    last = frames - 1
-    fraction = jnp.where(lower >= last, 0.0, fraction)[:, None]
-    lower = jnp.minimum(lower, last)
-    upper = jnp.minimum(lower + 1, last)
-    return (1 - fraction) * power[lower] + fraction * power[upper], length
+    rows, bins = power.shape
+    groups = -(-rows // denominator)
+    padded = jnp.pad(power, ((0, groups * numerator + 1 - min(rows, groups * numerator + 1)), (0, 0)))
+    lower = padded[: groups * numerator].reshape(groups, numerator, bins)
+    upper = padded[1 : groups * numerator + 1].reshape(groups, numerator, bins)
+    in_group = np.arange(denominator) * numerator
+    fraction = jnp.asarray((in_group % denominator) / denominator, jnp.float32)[None, :, None]
+    pick = lambda grouped: jnp.stack([grouped[:, r] for r in in_group // denominator], axis=1)  # noqa: E731
+    stretched = ((1 - fraction) * pick(lower) + fraction * pick(upper)).reshape(-1, bins)[:rows]
+    last = jax.lax.dynamic_slice_in_dim(power, frames - 1, 1, axis=0)
+    past_last = (np.arange(rows) * numerator // denominator >= frames - 1)[:, None]
+    length = jnp.minimum(jnp.round(frames / STRETCH_RATE).astype(jnp.int32), rows)
+    return jnp.where(past_last, last, stretched), length
 
 
 def augment_features(features: jax.Array, frames: jax.Array, key: jax.Array, config: audio.FbankConfig,
