@@ -238,7 +238,9 @@ def test_a_signal_while_preparing_data_exits_with_a_message(tmp_path, signum, co
                             "--config.progress=False"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            cwd=tmp_path, env=subprocess_env(1), preexec_fn=default_interrupts)  # fmt: skip
     hang_guard = time.time() + 300  # not a speed limit: only stops a hung job from hanging the suite
-    while not (workdir / "writer.lock").is_file() and job.poll() is None and time.time() < hang_guard:
+    # wait for the demo data's folder, not just the lock: a signal between the two finds an empty run folder,
+    # which the lock's release removes with the lock file (the job wrote nothing)
+    while not (workdir / "data").is_dir() and job.poll() is None and time.time() < hang_guard:
         time.sleep(0.01)
     job.send_signal(signum)  # the demo data is being generated (it takes seconds; training minutes)
     _, stderr = job.communicate(timeout=300)
