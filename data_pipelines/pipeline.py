@@ -58,7 +58,7 @@ class PipelineConfig:
     augment_audio: bool = True  # train only (unless reference_eval_augmentation)
     audio_augment_p: float = augment.AUDIO_P
     reference_eval_augmentation: bool = False  # the reference augmented val/test too (docs/reference.md bug 21, 27)
-    augment_on: str = "host"  # or "device": augmenting examples carry raw fields for synergy_jax.device_augment
+    augment_on: str = "host"  # or "device": training examples carry raw fields for synergy_jax.device_augment
     label_names: tuple[str, ...] | None = None
     workers: int = 0  # Grain worker processes; 0 = threads in this process
     read_threads: int = 2  # threads computing batches (per worker process when workers > 0)
@@ -109,7 +109,7 @@ class ExampleTransform:
         if rng is None:  # evaluation: fixed per row, so every evaluation sees the same prompt
             rng = np.random.default_rng([self.config.seed, fields["row_id"]])
         augments = self.config.augments
-        if augments and self.config.augment_on == "device":
+        if augments and self.config.train and self.config.augment_on == "device":  # only the train step augments
             raw = self._raw(fields, rng)
             return {**raw, **self._text_and_ids(fields, valid, rng)}
         image = records.image_of(fields)

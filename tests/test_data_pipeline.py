@@ -132,6 +132,9 @@ def test_device_augmentation_batches_carry_the_raw_records(data):
     _assert_same(first[1:], _batches(config, tokenizer, 2, state=iterator.get_state()))
     host = _batches(_config(paths, text_mode="prompt"), tokenizer, 1)[0]
     np.testing.assert_array_equal(host["row_id"], batch["row_id"])  # the shuffle is the host mode's
+    (evaluated,) = _batches(_config(paths, "test", augment_on="device", reference_eval_augmentation=True), tokenizer,
+                            1)  # fmt: skip
+    assert evaluated["image"].dtype == np.float32 and "augment_seed" not in evaluated  # no train step: the host
     with pytest.raises(ValueError, match="augments both images and audio"):
         _config(paths, augment_on="device", augment_audio=False)
     with pytest.raises(ValueError, match="augment_on must be one of"):
