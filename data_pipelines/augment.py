@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from synergy_jax import audio
-from synergy_jax.augmentation import (  # noqa: F401  (one home for the parameters both modes share)
+from synergy_jax.augmentation import (
     AUDIO_P,
     CLIP_MEAN,
     CLIP_STD,
@@ -38,7 +38,6 @@ from synergy_jax.augmentation import (  # noqa: F401  (one home for the paramete
     HFLIP_P,
     JITTER,
     JITTER_P,
-    NOISE_STD,
     SHIFT_FRACTION,
     STRETCH_RATE,
     VFLIP_P,

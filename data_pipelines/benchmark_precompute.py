@@ -51,7 +51,7 @@ from PIL import Image  # noqa: E402
 from data_pipelines import audio_io, augment  # noqa: E402
 from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
-from synergy_jax import audio, cli, errors  # noqa: E402
+from synergy_jax import audio, augmentation, cli, errors  # noqa: E402
 
 READ_PATH_INDEX_SPACE = 200_000  # records the read path's shuffle spans (a VGGSound-sized split; see DatasetSized)
 PINNED_REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference_data.py"
@@ -103,12 +103,12 @@ def reference_waveform_augment(wave: np.ndarray, rng: np.random.Generator) -> np
     """The reference's `audio_augment`: noise, circular shift, time stretch, polarity, shuffled, each at p 0.2."""
     import librosa
 
-    ops = (lambda x: x + augment.NOISE_STD * rng.standard_normal(x.size).astype(np.float32),
-           lambda x: np.roll(x, int(augment.SHIFT_FRACTION * x.size)),
-           lambda x: librosa.effects.time_stretch(x, rate=augment.STRETCH_RATE),
+    ops = (lambda x: x + augmentation.NOISE_STD * rng.standard_normal(x.size).astype(np.float32),
+           lambda x: np.roll(x, int(augmentation.SHIFT_FRACTION * x.size)),
+           lambda x: librosa.effects.time_stretch(x, rate=augmentation.STRETCH_RATE),
            lambda x: -x)  # fmt: skip
     for op in rng.permutation(len(ops)):
-        if rng.random() < augment.AUDIO_P:
+        if rng.random() < augmentation.AUDIO_P:
             wave = ops[op](wave)
     return wave
 
@@ -130,7 +130,7 @@ def time_per_clip_paths(rows) -> dict[str, float]:
 
     rng = np.random.default_rng(0)
     reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
-    librosa.effects.time_stretch(np.zeros(16_000, np.float32), rate=augment.STRETCH_RATE)
+    librosa.effects.time_stretch(np.zeros(16_000, np.float32), rate=augmentation.STRETCH_RATE)
     audio.ast_features(audio_io.load_audio(rows[0].audio_path))  # first-call caches (filter bank, FFT plans)
     return {
         "reference": _timed(lambda: [reference_audio_path(row.audio_path) for row in rows]),

@@ -60,7 +60,7 @@ from PIL import Image
 
 from data_pipelines import augment
 from data_pipelines.downstream import DatasetError
-from synergy_jax import audio, parallel, text
+from synergy_jax import audio, augmentation, parallel, text
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ MODALITIES = ("image", "audio", "text")
 NORMALIZATIONS = ("clip", "reference")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
-CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # = augment.CLIP_MEAN / CLIP_STD
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # = augmentation.CLIP_MEAN / CLIP_STD
 SUBSTITUTE_TRIES = 16  # training draws at most this many replacements for an unreadable example
 
 
@@ -76,10 +76,10 @@ SUBSTITUTE_TRIES = 16  # training draws at most this many replacements for an un
 class ImagePreset:
     """One dataset's fine-tuning image transform in the reference, and its (mean, std) for train and eval."""
 
-    hflip_p: float = augment.HFLIP_P
-    vflip_p: float = augment.VFLIP_P
-    jitter: float = augment.JITTER
-    jitter_p: float = augment.JITTER_P
+    hflip_p: float = augmentation.HFLIP_P
+    vflip_p: float = augmentation.VFLIP_P
+    jitter: float = augmentation.JITTER
+    jitter_p: float = augmentation.JITTER_P
     train_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: no reference normalisation
     eval_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 

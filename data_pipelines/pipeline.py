@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from data_pipelines import augment, precompute, records
-from synergy_jax import audio, distributed, parallel, text
+from synergy_jax import audio, augmentation, distributed, parallel, text
 from synergy_jax.errors import CheckpointError
 
 HOST_ONLY_FIELDS = ("row_id",)
@@ -56,7 +56,7 @@ class PipelineConfig:
     num_epochs: int | None = None  # train: None repeats forever; eval always one pass
     augment_image: bool = True  # train only (unless reference_eval_augmentation)
     augment_audio: bool = True  # train only (unless reference_eval_augmentation)
-    audio_augment_p: float = augment.AUDIO_P
+    audio_augment_p: float = augmentation.AUDIO_P
     reference_eval_augmentation: bool = False  # the reference augmented val/test too (docs/reference.md bug 21, 27)
     augment_on: str = "host"  # or "device": training examples carry raw fields for synergy_jax.device_augment
     label_names: tuple[str, ...] | None = None

@@ -22,9 +22,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from data_pipelines import augment, pipeline, sources
+from data_pipelines import pipeline, sources
 from experiments.configs import mmr as configs
-from synergy_jax import checkpoint, cli, loop, mmr_train, parallel, run_lock, text, train
+from synergy_jax import augmentation, checkpoint, cli, loop, mmr_train, parallel, run_lock, text, train
 from synergy_jax.distributed import log
 from synergy_jax.errors import SetupError
 from synergy_jax.evaluators import reconstruction
@@ -73,7 +73,7 @@ def mmr_config(config: ml_collections.ConfigDict, synergy: SynergyConfig, max_le
 
 def step_options(config: ml_collections.ConfigDict, missing: str) -> mmr_train.StepOptions:
     return mmr_train.StepOptions(
-        missing=missing, image_mean=tuple(map(float, augment.CLIP_MEAN)), image_std=tuple(map(float, augment.CLIP_STD)),
+        missing=missing, image_mean=tuple(map(float, augmentation.CLIP_MEAN)), image_std=tuple(map(float, augmentation.CLIP_STD)),
         reference_unnormalized_images=config.reference_unnormalized_images, text_loss_on_pads=config.text_loss_on_pads,
         reference_batch_stats_at_eval=config.reference_batch_stats_at_eval, alpha=config.alpha,
     )  # fmt: skip

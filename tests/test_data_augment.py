@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import augment
-from synergy_jax import audio
+from synergy_jax import audio, augmentation
 
 SMALL = audio.FbankConfig(max_frames=256, num_mel_bins=64)
 
@@ -59,7 +59,7 @@ def test_color_jitter_and_hue():
 
 def test_normalisation_is_clip_statistics():
     image = Image.new("RGB", (2, 2), (255, 0, 128))
-    expected = (np.array([1.0, 0.0, 128 / 255]) - augment.CLIP_MEAN) / augment.CLIP_STD
+    expected = (np.array([1.0, 0.0, 128 / 255]) - augmentation.CLIP_MEAN) / augmentation.CLIP_STD
     np.testing.assert_allclose(augment.to_normalized_array(image)[1, 1], expected, rtol=1e-6)
 
 
@@ -67,7 +67,7 @@ def test_normalisation_is_clip_statistics():
 def test_normalisation_equals_torchvision_formula_bit_for_bit(width, height):
     """ToTensor then Normalize, written the obvious way, against the row-wise in-place version."""
     pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    formula = (pixels.astype(np.float32) / np.float32(255.0) - augment.CLIP_MEAN) / augment.CLIP_STD
+    formula = (pixels.astype(np.float32) / np.float32(255.0) - augmentation.CLIP_MEAN) / augmentation.CLIP_STD
     out = augment.to_normalized_array(Image.fromarray(pixels))
     assert out.dtype == np.float32 and out.shape == (height, width, 3)
     np.testing.assert_array_equal(out, formula)
@@ -129,7 +129,7 @@ def test_noise_statistics_match_real_white_noise():
     noise = (0.005 * np.random.default_rng(0).standard_normal(16000 * 20)).astype(np.float32)
     config = audio.FbankConfig(max_frames=2000, num_mel_bins=64)
     power = np.exp(audio.log_mel(noise, config).astype(np.float64))
-    mean, shape = augment.noise_mel_statistics(config)
+    mean, shape = augmentation.noise_mel_statistics(config)
     above_floor = mean > 20 * audio.FLOAT32_EPS
     ratio = power.mean(axis=0)[above_floor] / mean[above_floor]
     assert np.all(np.abs(ratio - 1) < 0.1), ratio

@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipelines import augment, demo
 from data_pipelines import finetune_input as fi
 from data_pipelines.downstream import ClassificationSet, DatasetError, ImageFiles
-from synergy_jax import audio
+from synergy_jax import audio, augmentation
 
 SIZE = 16
 FBANK = audio.FbankConfig(max_frames=48, num_mel_bins=16)
@@ -91,7 +91,7 @@ def eval_rows(examples_set, indices, cfg, tokenizer=None) -> dict[int, dict]:
     return rows
 
 
-def clean_image(examples_set, index, mean=augment.CLIP_MEAN, std=augment.CLIP_STD):
+def clean_image(examples_set, index, mean=augmentation.CLIP_MEAN, std=augmentation.CLIP_STD):
     resized = examples_set.examples[index].resize((SIZE, SIZE), Image.Resampling.BILINEAR)
     return (np.asarray(resized, np.float32) / 255 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
