@@ -122,17 +122,24 @@ def _blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Ar
     return _to_uint8_levels(degenerate + factor * (image - degenerate))
 
 
+def _degenerate(image: jax.Array, operation: jax.Array | int) -> jax.Array:
+    """The image ColorJitter's blend `operation` mixes with (PIL's ImageEnhance): black for brightness (0), the
+    rounded mean luma for contrast (1), the luma for saturation (2)."""
+    luma = _luma(image)
+    degenerate = jnp.where(operation == 0, 0.0, jnp.where(operation == 1, jnp.floor(jnp.mean(luma) + 0.5), luma))
+    return jnp.broadcast_to(degenerate[..., None], image.shape)
+
+
 def brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
-    return _blend(jnp.zeros_like(image), image, factor)
+    return _blend(_degenerate(image, 0), image, factor)
 
 
 def contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
-    mean = jnp.floor(jnp.mean(_luma(image)) + 0.5)
-    return _blend(jnp.full_like(image, mean), image, factor)
+    return _blend(_degenerate(image, 1), image, factor)
 
 
 def saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
-    return _blend(jnp.broadcast_to(_luma(image)[..., None], image.shape), image, factor)
+    return _blend(_degenerate(image, 2), image, factor)
 
 
 def hue(image: jax.Array, shift: jax.Array) -> jax.Array:
@@ -152,15 +159,26 @@ def hue(image: jax.Array, shift: jax.Array) -> jax.Array:
 
 
 def color_jitter(image: jax.Array, key: jax.Array, strength: float = JITTER) -> jax.Array:
-    """ColorJitter(strength x 4): factors first, the four operations in a random order (torchvision's order)."""
+    """ColorJitter(strength x 4): factors first, the four operations in a random order (torchvision's order).
+
+    The hue shift (the costly one) runs once, between the blends drawn before it and those drawn after: a `switch`
+    per position would, under `vmap`, compute all four operations at all four positions."""
     factor_key, hue_key, order_key = jax.random.split(key, 3)
     factors = jax.random.uniform(factor_key, (3,), minval=1 - strength, maxval=1 + strength)
     shift = jnp.trunc(jax.random.uniform(hue_key, (), minval=-strength, maxval=strength) * 255.0) / 255.0  # PIL's byte
-    operations = (lambda x: brightness(x, factors[0]), lambda x: contrast(x, factors[1]),
-                  lambda x: saturation(x, factors[2]), lambda x: hue(x, shift))  # fmt: skip
     order = jax.random.permutation(order_key, 4)
+    hue_position = jnp.argmax(order == 3)
+    before = _blends(image, order, factors, jnp.arange(4) < hue_position)
+    return _blends(hue(before, shift), order, factors, jnp.arange(4) > hue_position)
+
+
+def _blends(image: jax.Array, order: jax.Array, factors: jax.Array, active: jax.Array) -> jax.Array:
+    """The brightness / contrast / saturation blends of `order` at the `active` positions, in order (each is
+    PIL's blend with another degenerate image: black, the mean luma, the luma)."""
     for position in range(4):
-        image = jax.lax.switch(order[position], operations, image)
+        operation = order[position]
+        blended = _blend(_degenerate(image, operation), image, factors[jnp.minimum(operation, 2)])
+        image = jnp.where(active[position] & (operation != 3), blended, image)
     return image
 
 

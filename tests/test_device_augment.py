@@ -94,6 +94,20 @@ def test_hue_shift_is_close_to_pils(shift):
         np.testing.assert_allclose(ours, pixels, atol=0.5)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_color_jitter_applies_its_four_operations_once_each_in_the_drawn_order(seed):
+    pixels = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3)), jnp.float32)
+    key = jax.random.key(seed)
+    factor_key, hue_key, order_key = jax.random.split(key, 3)  # the draws color_jitter makes, in its order
+    factors = jax.random.uniform(factor_key, (3,), minval=1 - device.JITTER, maxval=1 + device.JITTER)
+    shift = jnp.trunc(jax.random.uniform(hue_key, (), minval=-device.JITTER, maxval=device.JITTER) * 255.0) / 255.0
+    expected = pixels
+    for op in np.asarray(jax.random.permutation(order_key, 4)):
+        operation = (device.brightness, device.contrast, device.saturation, device.hue)[op]
+        expected = operation(expected, shift if op == 3 else factors[op])
+    np.testing.assert_array_equal(jax.jit(device.color_jitter)(pixels, key), expected)
+
+
 def test_normalisation_equals_the_hosts():
     pixels = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     np.testing.assert_allclose(device.normalize_image(jnp.asarray(pixels)),
