@@ -35,7 +35,7 @@ import numpy as np
 
 from data_pipelines import augment, precompute, records
 from synergy_jax import audio, augmentation, distributed, parallel, text
-from synergy_jax.errors import CheckpointError
+from synergy_jax.errors import CheckpointError, SetupError
 
 HOST_ONLY_FIELDS = ("row_id",)
 
@@ -288,6 +288,32 @@ class SlicedInput:
             )
         for iterator, slice_state in zip(self.iterators, state["slices"]):
             iterator.set_state(slice_state)
+
+
+def input_slices(requested: int) -> int:
+    """The input slices a global training batch is assembled from: `requested`, or one per process when 0."""
+    import jax
+
+    return requested or jax.process_count()
+
+
+def slices_problem(slices: int, batch_size: int) -> str | None:
+    """Why `slices` input slices cannot make global batches of `batch_size` here, or None."""
+    import jax
+
+    processes = jax.process_count()
+    if slices % processes or batch_size % slices:
+        return (f"input_slices={slices} must be a multiple of the {processes} processes and divide the batch of "
+                f"{batch_size}")
+    return None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, slices: int) -> int:
+    """Global batches in an epoch: every input slice's examples in whole batches of its share."""
+    steps = (num_examples // slices) // (batch_size // slices)
+    if steps == 0:
+        raise SetupError(f"{num_examples} training examples are fewer than one batch of {batch_size}")
+    return steps
 
 
 def sliced_input(config: PipelineConfig, slices: int, tokenizer) -> SlicedInput:

@@ -37,11 +37,6 @@ EVALUATORS = ("contrastive", "retrieval", "zero_shot")
 # ================================================================================================ input
 
 
-def input_slices(config: ml_collections.ConfigDict) -> int:
-    """Input slices the global batch is assembled from (default: one per process; see pipeline.SlicedInput)."""
-    return config.data.input_slices or jax.process_count()
-
-
 def pipeline_config(config: ml_collections.ConfigDict, data: RunData, train_split: bool, batch_size: int):
     c = config.data
     split = data.source.train_split if train_split else data.source.eval_split
@@ -87,7 +82,7 @@ def run_record(config: ml_collections.ConfigDict, model_config: SynergyConfig, m
         kind="pretrain", model=model_config_to_dict(model_config), optimizer_structure=optimizer_structure(config.optimizer),
         config=json.loads(config.to_json_best_effort()), data=data.source.relative_to(workdir), seed=config.seed,
         model_spec={k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "attention")},
-        run=run_facts(mesh, input_slices=input_slices(config)),
+        run=run_facts(mesh, input_slices=pipeline.input_slices(config.data.input_slices)),
     )  # fmt: skip
 
 
@@ -125,12 +120,9 @@ def make_evaluate(config, model: SynergyCLIP, mesh, data: RunData, tokenizer, co
 
 
 def total_steps(config: ml_collections.ConfigDict, data: RunData) -> tuple[int, int]:
-    """(total steps, steps per epoch): an epoch is every input slice's examples in whole batches."""
-    slices = input_slices(config)
-    steps_per_epoch = (data.train_metadata["num_examples"] // slices) // (config.batch_size // slices)
-    if steps_per_epoch == 0:
-        raise SetupError(f"{data.train_metadata['num_examples']} training examples are fewer than one batch of "
-                         f"{config.batch_size}")  # fmt: skip
+    """(total steps, steps per epoch)."""
+    steps_per_epoch = pipeline.steps_per_epoch(data.train_metadata["num_examples"], config.batch_size,
+                                               pipeline.input_slices(config.data.input_slices))  # fmt: skip
     return (config.total_steps or config.epochs * steps_per_epoch), steps_per_epoch
 
 
@@ -149,10 +141,8 @@ def check_setup(config: ml_collections.ConfigDict, mesh) -> None:
         fitting = [k for k in range(config.accum_steps - 1, 0, -1) if batch_problem(k) is None]
         hint = f"; --config.accum_steps={fitting[0]} fits this mesh (same batch)" if fitting else ""
         raise SetupError(f"{problem}{hint}")
-    slices, processes = input_slices(config), jax.process_count()
-    if slices % processes or config.batch_size % slices:
-        raise SetupError(f"--config.data.input_slices={slices} must be a multiple of the {processes} processes and "
-                         f"divide --config.batch_size={config.batch_size}")  # fmt: skip
+    if problem := pipeline.slices_problem(pipeline.input_slices(config.data.input_slices), config.batch_size):
+        raise SetupError(f"--config.data.{problem}")
     train.check_batch(config.eval_batch_size, mesh, name="--config.eval_batch_size")
     if not (config.epochs or config.total_steps):
         raise SetupError("--config.epochs and --config.total_steps are both 0: set one of them")
@@ -188,8 +178,8 @@ def train_run(config: ml_collections.ConfigDict, mesh, workdir: Path, started: f
     data = sources.prepare(config.data, workdir, config.model.text, config.progress)
     tokenizer = text.load_tokenizer(data.source.tokenizer)
     steps, steps_per_epoch = total_steps(config, data)
-    train_iter = pipeline.sliced_input(pipeline_config(config, data, True, config.batch_size), input_slices(config),
-                                       tokenizer)  # fmt: skip
+    train_iter = pipeline.sliced_input(pipeline_config(config, data, True, config.batch_size),
+                                       pipeline.input_slices(config.data.input_slices), tokenizer)  # fmt: skip
     # ---- model, optimizer (the checkpoint on disk decides whether pretrained weights are loaded at all)
     manager = checkpoint.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                       async_save=config.async_checkpoints)  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 from data_pipelines import augment, demo, pipeline, precompute, records
 from data_pipelines.manifest import read_manifest
 from synergy_jax import audio, text
+from synergy_jax.errors import SetupError
 
 TINY = precompute.PrecomputeConfig(image_size=32, fbank=audio.FbankConfig(max_frames=128, num_mel_bins=32))
 
@@ -153,6 +154,15 @@ def test_tokenised_texts_are_remembered_up_to_a_bound(data, monkeypatch):
         np.testing.assert_array_equal(mask, expected["attention_mask"][0])
         assert not ids.flags.writeable and len(transform._tokens) <= 2
     assert transform._tokenized("rain falls")[0] is transform._tokenized("rain falls")[0]
+
+
+def test_input_slices_and_epochs():
+    assert pipeline.input_slices(0) == jax.process_count() and pipeline.input_slices(3) == 3
+    assert pipeline.slices_problem(2, 8) is None
+    assert pipeline.slices_problem(3, 8) == "input_slices=3 must be a multiple of the 1 processes and divide the batch of 8"
+    assert pipeline.steps_per_epoch(30, 8, 2) == 3  # 15 rows a slice, 4 a batch: 3 whole batches
+    with pytest.raises(SetupError, match="7 training examples are fewer than one batch of 8"):
+        pipeline.steps_per_epoch(7, 8, 1)
 
 
 def test_training_order_is_seeded_and_restores_exactly(data):

@@ -188,6 +188,7 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(reference, data_
         ("8x1", {"data.demo": False, "data.dir": "/nonexistent/pre"}, FileNotFoundError, "run `python -m data_pipel"),
         ("8x1", {"data.demo": False, "data.dir": "/x", "data.train_manifest": "/no/train.csv"}, FileNotFoundError,
          "train_manifest: /no/train.csv does not exist"),
+        ("8x1", {"data.input_slices": 3}, ValueError, "input_slices=3 must be a multiple of the 1 processes"),
         ("8x1", {"data.augment_on": "tpu"}, ValueError, "augment_on must be one of .* got 'tpu'"),
         ("8x1", {"data.augment_on": "device", "data.augment_image": False}, ValueError,
          "augments both images and audio"),
