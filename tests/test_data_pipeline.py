@@ -156,10 +156,14 @@ def test_tokenised_texts_are_remembered_up_to_a_bound(data, monkeypatch):
     assert transform._tokenized("rain falls")[0] is transform._tokenized("rain falls")[0]
 
 
-def test_input_slices_and_epochs():
+def test_input_slices_and_epochs(monkeypatch):
     assert pipeline.input_slices(0) == jax.process_count() and pipeline.input_slices(3) == 3
     assert pipeline.slices_problem(2, 8) is None
     assert pipeline.slices_problem(3, 8) == "input_slices=3 must be a multiple of the 1 processes and divide the batch of 8"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert pipeline.input_slices(0) == 2 and pipeline.slices_problem(4, 8) is None
+    assert pipeline.slices_problem(3, 12) == ("input_slices=3 must be a multiple of the 2 processes and divide the batch "
+                                             "of 12")  # fmt: skip
     assert pipeline.steps_per_epoch(30, 8, 2) == 3  # 15 rows a slice, 4 a batch: 3 whole batches
     with pytest.raises(SetupError, match="7 training examples are fewer than one batch of 8"):
         pipeline.steps_per_epoch(7, 8, 1)
