@@ -41,6 +41,7 @@ from synergy_jax.augmentation import (
     SHIFT_FRACTION,
     STRETCH_RATE,
     VFLIP_P,
+    centre_crop_box,
     noise_mel_statistics,
 )
 
@@ -86,14 +87,7 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int) -
         h = int(round(np.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        w, h = width, int(round(width / CROP_RATIO[0]))
-    elif in_ratio > CROP_RATIO[1]:
-        w, h = int(round(height * CROP_RATIO[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+    return centre_crop_box(width, height)
 
 
 def adjust_hue(image: Image.Image, hue: float) -> Image.Image:

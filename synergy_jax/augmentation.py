@@ -23,6 +23,19 @@ AUDIO_P = 0.2
 NOISE_STD, SHIFT_FRACTION, STRETCH_RATE = 0.005, 0.1, 0.85
 
 
+def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, w, h): RandomResizedCrop's box when none of its tries fits, the centre crop of the whole image
+    at its aspect clamped to `CROP_RATIO`."""
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
 @functools.lru_cache(maxsize=8)
 def noise_mel_statistics(config: audio.FbankConfig, noise_std: float = NOISE_STD) -> tuple[np.ndarray, np.ndarray]:
     """(mean, Gamma shape) per mel bin of white noise's mel power through the exact Kaldi front-end.

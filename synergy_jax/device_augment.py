@@ -31,25 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synergy_jax import audio
-from synergy_jax.augmentation import (
-    AUDIO_P,
-    CLIP_MEAN,
-    CLIP_STD,
-    CROP_RATIO,
-    CROP_SCALE,
-    CROP_TRIES,
-    HFLIP_P,
-    JITTER,
-    JITTER_P,
-    SHIFT_FRACTION,
-    STRETCH_RATE,
-    VFLIP_P,
-    noise_mel_statistics,
-)
+from synergy_jax import audio, augmentation
 
 GAMMA_TRIES = 4
-STRETCH_FRACTION = fractions.Fraction(STRETCH_RATE).limit_denominator(1000)  # 17 / 20
+STRETCH_FRACTION = fractions.Fraction(augmentation.STRETCH_RATE).limit_denominator(1000)  # 17 / 20
 
 RAW_FIELDS = ("image", "audio", "audio_frames", "augment_seed")  # what the host hands over in device mode
 
@@ -61,25 +46,20 @@ def crop_box(area_u: jax.Array, ratio_u: jax.Array, top_u: jax.Array, left_u: ja
     """(left, top, w, h) int32 by torchvision's RandomResizedCrop.get_params from its uniforms: the first of the
     `CROP_TRIES` (area, log-ratio) draws whose box fits, placed by `top_u` / `left_u` in [0, 1); a centre crop
     of the clamped aspect when none fits."""
-    target_area = width * height * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * area_u)
-    log_lo, log_hi = np.log(CROP_RATIO)
+    scale_lo, scale_hi = augmentation.CROP_SCALE
+    target_area = width * height * (scale_lo + (scale_hi - scale_lo) * area_u)
+    log_lo, log_hi = np.log(augmentation.CROP_RATIO)
     aspect = jnp.exp(log_lo + (log_hi - log_lo) * ratio_u)
     w = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
     h = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = jnp.argmax(fits)
-    in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        fallback = (width, int(round(width / CROP_RATIO[0])))
-    elif in_ratio > CROP_RATIO[1]:
-        fallback = (int(round(height * CROP_RATIO[1])), height)
-    else:
-        fallback = (width, height)
+    centre_left, centre_top, centre_w, centre_h = augmentation.centre_crop_box(width, height)
     found = fits[first]
-    w = jnp.where(found, w[first], fallback[0])
-    h = jnp.where(found, h[first], fallback[1])
-    left = jnp.where(found, jnp.floor(left_u * (width - w + 1)), (width - w) // 2).astype(jnp.int32)
-    top = jnp.where(found, jnp.floor(top_u * (height - h + 1)), (height - h) // 2).astype(jnp.int32)
+    w = jnp.where(found, w[first], centre_w)
+    h = jnp.where(found, h[first], centre_h)
+    left = jnp.where(found, jnp.floor(left_u * (width - w + 1)), centre_left).astype(jnp.int32)
+    top = jnp.where(found, jnp.floor(top_u * (height - h + 1)), centre_top).astype(jnp.int32)
     return left, top, w, h
 
 
@@ -158,7 +138,7 @@ def hue(image: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.round(out * 255.0)
 
 
-def color_jitter(image: jax.Array, key: jax.Array, strength: float = JITTER) -> jax.Array:
+def color_jitter(image: jax.Array, key: jax.Array, strength: float = augmentation.JITTER) -> jax.Array:
     """ColorJitter(strength x 4): factors first, the four operations in a random order (torchvision's order).
 
     The hue shift (the costly one) runs once, between the blends drawn before it and those drawn after: a `switch`
@@ -186,22 +166,22 @@ def augment_image(pixels: jax.Array, key: jax.Array) -> jax.Array:
     """uint8 (S, S, 3) -> the reference's training transform, normalised float32 (S, S, 3)."""
     size = pixels.shape[0]
     crop_key, flip_key, jitter_key = jax.random.split(key, 3)
-    area_u, ratio_u = jax.random.uniform(crop_key, (2, CROP_TRIES))
+    area_u, ratio_u = jax.random.uniform(crop_key, (2, augmentation.CROP_TRIES))
     top_u, left_u = jax.random.uniform(jax.random.fold_in(crop_key, 1), (2,))
     box = crop_box(area_u, ratio_u, top_u, left_u, pixels.shape[1], pixels.shape[0])
     image = jnp.round(resized_crop(pixels.astype(jnp.float32), box, size))
     choose_horizontal, flip_u, jitter_u = jax.random.uniform(flip_key, (3,))
-    horizontal = (choose_horizontal < 0.5) & (flip_u < HFLIP_P)
-    vertical = (choose_horizontal >= 0.5) & (flip_u < VFLIP_P)
+    horizontal = (choose_horizontal < 0.5) & (flip_u < augmentation.HFLIP_P)
+    vertical = (choose_horizontal >= 0.5) & (flip_u < augmentation.VFLIP_P)
     image = jnp.where(horizontal, image[:, ::-1], image)
     image = jnp.where(vertical, image[::-1], image)
-    image = jnp.where(jitter_u < JITTER_P, color_jitter(image, jitter_key), image)
+    image = jnp.where(jitter_u < augmentation.JITTER_P, color_jitter(image, jitter_key), image)
     return normalize_image(image)
 
 
 def normalize_image(levels: jax.Array) -> jax.Array:
     """ToTensor + Normalize(CLIP mean, std) of uint8 levels, channels last."""
-    return (levels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    return (levels.astype(jnp.float32) / 255.0 - augmentation.CLIP_MEAN) / augmentation.CLIP_STD
 
 
 # ----------------------------------------------------------------------------------------------- audio
@@ -230,7 +210,7 @@ def unit_gamma(key: jax.Array, shape: jax.Array, tries: int = GAMMA_TRIES) -> ja
 
 def add_noise(power: jax.Array, gamma: jax.Array, config: audio.FbankConfig) -> jax.Array:
     """power + the white noise's mel power, from unit-mean Gamma draws `gamma` (frames, bins)."""
-    mean, _ = noise_mel_statistics(config)
+    mean, _ = augmentation.noise_mel_statistics(config)
     return power + jnp.asarray(mean, jnp.float32) * gamma
 
 
@@ -238,7 +218,7 @@ def shift(power: jax.Array, frames: jax.Array) -> jax.Array:
     """Roll the first `frames` rows by s = round(0.1 x frames), as np.roll of the real frames: rows s.. come from a
     roll of the whole array by s, rows ..s from a roll by s - frames (two dynamic slices: a gather of rows by
     index costs TPUs far more, 40x in the compiled augmentation's bytes)."""
-    offset = jnp.round(SHIFT_FRACTION * frames).astype(jnp.int32)
+    offset = jnp.round(augmentation.SHIFT_FRACTION * frames).astype(jnp.int32)
     rows = jnp.arange(power.shape[0])[:, None]
     return jnp.where(rows < offset, jnp.roll(power, offset - frames, axis=0), jnp.roll(power, offset, axis=0))
 
@@ -261,7 +241,7 @@ def stretch(power: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
                            precision=jax.lax.Precision.HIGHEST).reshape(-1, bins)[:rows]  # fmt: skip
     last = jax.lax.dynamic_slice_in_dim(power, frames - 1, 1, axis=0)
     past_last = (np.arange(rows) * numerator // denominator >= frames - 1)[:, None]
-    length = jnp.minimum(jnp.round(frames / STRETCH_RATE).astype(jnp.int32), rows)
+    length = jnp.minimum(jnp.round(frames / augmentation.STRETCH_RATE).astype(jnp.int32), rows)
     return jnp.where(past_last, last, stretched), length
 
 
@@ -278,11 +258,11 @@ def _interpolation(numerator: int, denominator: int) -> np.ndarray:
 
 
 def augment_features(features: jax.Array, frames: jax.Array, key: jax.Array, config: audio.FbankConfig,
-                     p: float = AUDIO_P) -> jax.Array:  # fmt: skip
+                     p: float = augmentation.AUDIO_P) -> jax.Array:  # fmt: skip
     """(max_frames, bins) stored AST features (float16) -> augmented float32 features, padding kept."""
     features = features.astype(jnp.float32)
     order_key, fire_key, gamma_key = jax.random.split(key, 3)
-    _, gamma_shape = noise_mel_statistics(config)
+    _, gamma_shape = augmentation.noise_mel_statistics(config)
     gamma_shape = jnp.asarray(gamma_shape, jnp.float32)
     gamma = unit_gamma(gamma_key, jnp.broadcast_to(gamma_shape, features.shape))
     fires = (jax.random.uniform(fire_key, (4,)) < p) & (frames > 0)
@@ -307,7 +287,7 @@ def augment_features(features: jax.Array, frames: jax.Array, key: jax.Array, con
 # ----------------------------------------------------------------------------------------------- batch
 
 
-def augment_batch(batch: dict, config: audio.FbankConfig, audio_p: float = AUDIO_P) -> dict:
+def augment_batch(batch: dict, config: audio.FbankConfig, audio_p: float = augmentation.AUDIO_P) -> dict:
     """A raw training batch (`RAW_FIELDS`: uint8 images, float16 features, real frame counts, uint32 (2,) seeds)
     -> the model's batch, each example augmented with its own key. Other fields pass through."""
     keys = jax.vmap(jax.random.wrap_key_data)(batch["augment_seed"])

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from data_pipelines import augment as host
-from synergy_jax import audio
+from synergy_jax import audio, augmentation
 from synergy_jax import device_augment as device
 
 FBANK = audio.FbankConfig()
@@ -99,8 +99,8 @@ def test_color_jitter_applies_its_four_operations_once_each_in_the_drawn_order(s
     pixels = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3)), jnp.float32)
     key = jax.random.key(seed)
     factor_key, hue_key, order_key = jax.random.split(key, 3)  # the draws color_jitter makes, in its order
-    factors = jax.random.uniform(factor_key, (3,), minval=1 - device.JITTER, maxval=1 + device.JITTER)
-    shift = jnp.trunc(jax.random.uniform(hue_key, (), minval=-device.JITTER, maxval=device.JITTER) * 255.0) / 255.0
+    factors = jax.random.uniform(factor_key, (3,), minval=1 - augmentation.JITTER, maxval=1 + augmentation.JITTER)
+    shift = jnp.trunc(jax.random.uniform(hue_key, (), minval=-augmentation.JITTER, maxval=augmentation.JITTER) * 255.0) / 255.0
     expected = pixels
     for op in np.asarray(jax.random.permutation(order_key, 4)):
         operation = (device.brightness, device.contrast, device.saturation, device.hue)[op]
@@ -270,5 +270,5 @@ def test_batch_is_augmented_per_example_and_deterministic_per_seed():
     reseeded = augment({**batch, "augment_seed": batch["augment_seed"] + 1})
     assert np.abs(np.asarray(reseeded["image"] - out["image"])).max() > 0.1
     for i, frames in enumerate(batch["audio_frames"]):  # padding stays padding, unless a stretch lengthened it
-        tail = np.asarray(out["audio"][i, int(frames / device.STRETCH_RATE) + 2 :])
+        tail = np.asarray(out["audio"][i, int(frames / augmentation.STRETCH_RATE) + 2 :])
         np.testing.assert_array_equal(tail, np.float32(FBANK.padding_value))
