@@ -41,6 +41,7 @@ flags.DEFINE_enum("program", "train", ["train", "eval"], "What to compile: the t
                   "forward (all three embeddings, no gradient; synergy_jax/evaluators/embed.py) with the same "
                   "parameter sharding.")
 flags.DEFINE_integer("steps", 0, "Timed steps to run after compiling (0: compile only).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps before the timed ones (at least 1).")
 flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices when running on CPU.")
 flags.DEFINE_string("topology", None, "Compile only, for this TPU topology (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4), "
                     "with libtpu on PYTHONPATH; no TPU needed.")
@@ -177,12 +178,16 @@ def print_compiled(compiled, config: synergy.SynergyConfig, flops_per_sample: in
 
 
 def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, flops_per_sample: int) -> None:
-    """Runs the compiled step `--steps` times after a warm-up and prints step time, throughput and MFU."""
+    """Runs the compiled step `--steps` times after `--warmup` untimed ones and prints step time, throughput and
+    MFU. Steps are dispatched as the training loop does, without waiting in between; the warm-up covers what the
+    first steps alone pay (the allocator reaching the peak of two steps in flight: docs/performance.md)."""
     samples_per_device = global_batch / mesh.size
     device = mesh.devices.flat[0]
     state, _ = train.create_train_state(model, tx, mesh, FLAGS.rules, example, jax.random.PRNGKey(0))
     batch = jax.device_put(random_batch(config, global_batch, FLAGS.text_length), parallel.batch_sharding(mesh))
-    state, metrics = compiled(state, batch)  # warm-up (also checks the step runs)
+    warmup = max(1, FLAGS.warmup)
+    for _ in range(warmup):  # the first also checks that the step runs
+        state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
@@ -192,13 +197,13 @@ def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, fl
     per_device = samples_per_device / seconds
     peak = flops.peak_flops_per_device(device.device_kind, FLAGS.peak_tflops)
     utilisation = flops.mfu(global_batch / seconds, flops_per_sample, mesh.size, peak)
-    print(f"step time                      {seconds * 1e3:10.1f} ms  (mean of {FLAGS.steps}, after 1 warm-up)")
+    print(f"step time                      {seconds * 1e3:10.1f} ms  (mean of {FLAGS.steps}, after {warmup} warm-up)")
     print(f"throughput                     {per_device:10.1f} samples/s/device")
     print(f"achieved                       {flop_count(per_device * flops_per_sample)}/s/device")
     print(f"MFU                            {'n/a (unknown peak; pass --peak_tflops)' if utilisation is None else f'{100 * utilisation:9.1f} %'}")
-    print(f"loss after {FLAGS.steps + 1} steps            {float(metrics['loss']):10.4f}")
+    print(f"loss after {warmup + FLAGS.steps} steps            {float(metrics['loss']):10.4f}")
 
 
 if __name__ == "__main__":
-    host_memory.use_huge_pages()
+    host_memory.use_fast_malloc()
     app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -122,14 +122,15 @@ def time_steps(towers: dict, args: argparse.Namespace) -> None:
         optimizer.zero_grad()
         return float(loss.detach())
 
-    step()  # warm-up
+    for _ in range(args.warmup):
+        step()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     seconds = (time.perf_counter() - start) / args.steps
     print(f"torch {torch.__version__} transformers {transformers.__version__} threads={torch.get_num_threads()} "
           f"batch={args.batch} attention={model.audio_model.config._attn_implementation}")
-    print(f"step time   {seconds * 1e3:10.1f} ms  (mean of {args.steps}, after 1 warm-up)")
+    print(f"step time   {seconds * 1e3:10.1f} ms  (mean of {args.steps}, after {args.warmup} warm-up)")
     print(f"throughput  {args.batch / seconds:10.1f} samples/s")
     print(f"loss        {loss:10.4f}")
 
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--text_length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (as experiments/benchmark.py)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=0, help="encoder layers of every tower (0: the preset's)")
     parser.add_argument("--width", type=int, default=0, help="hidden width of every tower, MLP at 4x (0: the preset's)")

@@ -167,10 +167,10 @@ def start(
 ) -> None:
     """The `__main__` of a job: defines the flags, parses them (a bad one exits 2), starts the processes, runs
     `run(config)` under the exit codes and `report(result)` on process 0. First of all it restarts the process
-    with malloc on transparent huge pages where that helps (`host_memory`)."""
+    with a malloc that keeps XLA:CPU's step buffers (`host_memory`)."""
     from absl import app
 
-    host_memory.use_huge_pages()
+    host_memory.use_fast_malloc()
     default = f"{config_file}:{default_config}" if default_config else str(config_file)
     try:
         config_flag = _define_flags(default, shortcuts)

@@ -1,31 +1,40 @@
-"""XLA:CPU's step buffers on transparent huge pages, for the jobs' processes.
+"""A malloc that keeps XLA:CPU's step buffers between steps, for the jobs' processes.
 
-XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc serves large allocations
-(over 32 MiB, and large ones in worker threads' arenas) with a fresh mmap and unmaps it on free, so every step
-touches its temporaries (the attention logits and their gradients, the MLP activations, the embedding gradient)
-through new 4 KiB pages, each a page fault in which the kernel zeroes the page. glibc 2.35+ has a tunable,
-`glibc.malloc.hugetlb=1`, with which malloc asks for transparent huge pages on the memory it maps
-(`madvise(MADV_HUGEPAGE)`): the same bytes come in 2 MiB pages, a fault per 512 of the small ones. The page faults
-and the step times with and without are in docs/performance.md.
+XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc hands large blocks back
+to the kernel on free (it unmaps them, or trims a worker thread's arena), so every step touches its temporaries
+(the attention logits and their gradients, the MLP activations, the embedding gradient) through fresh pages, each
+a page fault in which the kernel zeroes the page. On two cores this cost the side-by-side step 0.35-1.4 s of
+system time a step (docs/performance.md, "Stop 26").
 
-glibc reads tunables once, when the process starts, so `use_huge_pages` re-executes the process with the tunable
-added to `GLIBC_TUNABLES` (the same command line, the same process id). It does nothing where it has no effect
-(not Linux or not glibc 2.35+), when the tunable is already set (so it runs once), and when
-`SYNERGY_JAX_HUGE_PAGES=0` opts out. Child processes (Grain and precompute workers) inherit the environment.
-Transparent huge pages must be enabled in the kernel ('madvise' or 'always' in
-/sys/kernel/mm/transparent_hugepage/enabled, the usual defaults); with 'never' the tunable changes nothing.
+Two remedies, in this order of preference:
+- **mimalloc** (the `cmeel-mimalloc` wheel, a requirement on Linux), preloaded with `LD_PRELOAD` and told never to
+  return freed memory (`MIMALLOC_PURGE_DELAY=-1`). After the first step nothing is faulted in again: the process
+  keeps the pages of its peak, as a caching allocator does.
+- **glibc's huge pages** (glibc 2.35+, tunable `glibc.malloc.hugetlb=1`): malloc asks for transparent huge pages
+  on what it maps, so the same bytes fault in 2 MiB at a time. It removes most of the faults on one core, few on
+  two (worker threads' arenas). Transparent huge pages must be enabled in the kernel ('madvise' or 'always' in
+  /sys/kernel/mm/transparent_hugepage/enabled, the usual defaults).
+
+Both are read once, when the process starts, so `use_fast_malloc` re-executes the process with them in its
+environment (the same command line, the same process id). It does nothing where neither applies, when the
+environment already holds the choice (so it runs once), and when `SYNERGY_JAX_MALLOC=system`. Child processes
+(Grain and precompute workers) inherit the environment.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Mapping
 
+CHOICE = "SYNERGY_JAX_MALLOC"
+CHOICES = ("mimalloc", "huge_pages", "system")  # the default is the first that applies
 TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT = "SYNERGY_JAX_HUGE_PAGES"
 MIN_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
+PURGE_DELAY = "MIMALLOC_PURGE_DELAY"  # milliseconds before mimalloc returns freed memory; -1: never
 
 
 def glibc_supports_tunable() -> bool:
@@ -39,6 +48,19 @@ def glibc_supports_tunable() -> bool:
         return False
 
 
+def mimalloc_library() -> str | None:
+    """The path of the installed mimalloc shared library on Linux, else None (other systems preload differently)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        files = importlib.metadata.distribution("cmeel-mimalloc").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [file for file in files if file.name.startswith("libmimalloc.so.")]
+    path = min(found, key=lambda file: len(file.name), default=None)  # libmimalloc.so.3, not .so.3.4
+    return str(path.locate()) if path is not None and Path(path.locate()).is_file() else None
+
+
 def _tunables(environment: Mapping[str, str]) -> list[str]:
     """The entries of `GLIBC_TUNABLES` ('name=value:name=value'), as written."""
     return [entry for entry in environment.get("GLIBC_TUNABLES", "").split(":") if entry]
@@ -50,29 +72,63 @@ def _tunable_value(environment: Mapping[str, str]) -> str | None:
     return values[0] if values else None
 
 
-def environment_with_huge_pages(environment: Mapping[str, str]) -> dict[str, str] | None:
-    """`environment` with the tunable added to `GLIBC_TUNABLES` (kept beside any others there), or None when the
-    process needs no change: opted out, or the tunable is already set (by us or by the user, to any value)."""
-    if environment.get(OPT_OUT, "1") == "0" or _tunable_value(environment) is not None:
+def _preloads_mimalloc(environment: Mapping[str, str]) -> bool:
+    """Whether `LD_PRELOAD` (colon- or space-separated, as ld.so reads it) names a mimalloc library."""
+    entries = environment.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+    return any(Path(entry).name.startswith("libmimalloc") for entry in entries if entry)
+
+
+def choice(environment: Mapping[str, str]) -> str:
+    """`SYNERGY_JAX_MALLOC` (default `mimalloc`); a ValueError naming the choices for anything else."""
+    value = environment.get(CHOICE, CHOICES[0])
+    if value not in CHOICES:
+        raise ValueError(f"{CHOICE}={value!r}: must be one of {', '.join(CHOICES)}")
+    return value
+
+
+def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str | None,
+                                 huge_pages_supported: bool = True) -> dict[str, str] | None:
+    """`environment` with the chosen malloc set up, or None when the process needs no restart: opted out, nothing
+    applies, or the environment already holds it (set by a restart or by the user; theirs is kept as written).
+    `mimalloc` is the library's path (None: not installed), and without it the choice falls back to huge pages."""
+    wanted = choice(environment)
+    if wanted == "mimalloc" and mimalloc is not None:
+        if _preloads_mimalloc(environment):
+            return None
+        preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
+        return {PURGE_DELAY: "-1", **environment, "LD_PRELOAD": preload}
+    if wanted == "system" or not huge_pages_supported or _tunable_value(environment) is not None:
         return None
     return {**environment, "GLIBC_TUNABLES": ":".join([*_tunables(environment), f"{TUNABLE}=1"])}
 
 
 def describe() -> str:
-    """How this process's malloc maps large buffers, for benchmark reports."""
-    on = glibc_supports_tunable() and _tunable_value(os.environ) == "1"
-    return f"transparent huge pages ({TUNABLE}=1)" if on else f"4 KiB pages ({TUNABLE} not set)"
+    """How this process's malloc keeps large buffers, for benchmark reports (from what is loaded, not asked for)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if "libmimalloc" in maps:
+        return f"mimalloc, preloaded ({PURGE_DELAY}={os.environ.get(PURGE_DELAY, 'its default')})"
+    if glibc_supports_tunable() and _tunable_value(os.environ) == "1":
+        return f"glibc malloc, transparent huge pages ({TUNABLE}=1)"
+    return "the system's malloc, as it comes"
 
 
-def use_huge_pages() -> None:
-    """Re-execute this process with malloc on transparent huge pages (see the module docstring); returns only when
-    no re-execution is needed or possible. Call it first in a job's `__main__`, before any work."""
-    environment = environment_with_huge_pages(os.environ)
-    if environment is None or not glibc_supports_tunable():
+def use_fast_malloc() -> None:
+    """Re-execute this process with the fast malloc (see the module docstring); returns only when no
+    re-execution is needed or possible. Call it first in a job's `__main__`, before any work. A bad
+    `SYNERGY_JAX_MALLOC` exits 2 with one line, as the jobs' other bad settings do."""
+    try:
+        environment = environment_with_fast_malloc(os.environ, mimalloc_library(), glibc_supports_tunable())
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if environment is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, list(sys.orig_argv), environment)
-    except OSError as error:  # no executable to re-run (an embedded interpreter): run on with 4 KiB pages
-        print(f"warning: could not restart with huge pages ({error}); running on without", file=sys.stderr)
+    except OSError as error:  # no executable to re-run (an embedded interpreter): run on without
+        print(f"warning: could not restart with a faster malloc ({error}); running on without", file=sys.stderr)

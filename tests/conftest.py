@@ -22,9 +22,11 @@ import jax  # noqa: E402
 
 from synergy_jax import host_memory  # noqa: E402
 
-# The jobs restart themselves with malloc on huge pages (synergy_jax/host_memory.py) unless the tunable is set:
-# set here, the job subprocesses skip the restart (tests/test_host_memory.py exercises the restart).
-os.environ.update(host_memory.environment_with_huge_pages(os.environ) or {})
+# The jobs restart themselves with a faster malloc (synergy_jax/host_memory.py) unless their environment already
+# holds it: set here, the job subprocesses start with it and skip the restart (tests/test_host_memory.py exercises
+# the restart).
+os.environ.update(host_memory.environment_with_fast_malloc(os.environ, host_memory.mimalloc_library(),
+                                                           host_memory.glibc_supports_tunable()) or {})
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))

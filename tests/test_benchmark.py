@@ -13,8 +13,8 @@ SCRIPT = Path(__file__).parents[1] / "experiments" / "benchmark.py"
 
 def test_benchmark_compiles_and_runs_the_tiny_step(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model=tiny", "--mesh=4x2", "--rules=tp", "--steps=2", "--accum=2",
-         "--batch_per_device=2"],
+        [sys.executable, str(SCRIPT), "--model=tiny", "--mesh=4x2", "--rules=tp", "--steps=2", "--warmup=2",
+         "--accum=2", "--batch_per_device=2"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -23,7 +23,8 @@ def test_benchmark_compiles_and_runs_the_tiny_step(tmp_path):
     for field in ("compile time", "analytic train FLOPs/sample", "XLA cost-analysis", "temporaries", "throughput", "MFU"):
         assert field in out, field
     assert re.search(r"throughput\s+[\d.]+ samples/s/device", out)  # printed, not judged: timing is not a test
-    assert re.search(r"loss after 3 steps\s+[\d.]+", out)
+    assert re.search(r"step time\s+[\d.]+ ms  \(mean of 2, after 2 warm-up\)", out)
+    assert re.search(r"loss after 4 steps\s+[\d.]+", out)  # the warm-up steps and the timed ones
 
 
 def test_benchmark_rejects_a_mesh_that_does_not_fit(tmp_path):

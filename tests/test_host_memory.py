@@ -1,4 +1,4 @@
-"""The jobs' restart with malloc on transparent huge pages (synergy_jax/host_memory.py)."""
+"""The jobs' restart with a malloc that keeps large buffers (synergy_jax/host_memory.py)."""
 
 import json
 import os
@@ -12,70 +12,123 @@ from synergy_jax import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MIMALLOC = host_memory.mimalloc_library()
+TUNABLE = "glibc.malloc.hugetlb=1"
 
-# Restarts itself, then maps and touches 64 MiB through malloc ten times (what XLA:CPU does with a step's
-# temporaries) and prints its process id, the tunables, its arguments and the page faults that took.
+# Restarts itself, then allocates, touches and frees 64 MiB through malloc ten times (what XLA:CPU does with a
+# step's temporaries) and prints its process id, its malloc settings, its arguments and the page faults of each
+# round.
 PROBE = """
 import ctypes, json, os, resource, sys
 from synergy_jax import host_memory
 print("started", flush=True)
-host_memory.use_huge_pages()
+host_memory.use_fast_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffer = libc.malloc(64 << 20)
     ctypes.memset(buffer, 1, 64 << 20)
     libc.free(buffer)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
+                  "preload": os.environ.get("LD_PRELOAD"), "purge": os.environ.get("MIMALLOC_PURGE_DELAY"),
+                  "mapped": "libmimalloc" in open("/proc/self/maps").read(),
                   "module": __spec__.name if __spec__ else None, "faults": faults,
                   "described": host_memory.describe()}))
 """
 
 
-def test_the_tunable_joins_the_users_own_and_is_added_once():
-    assert host_memory.environment_with_huge_pages({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    mine = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert host_memory.environment_with_huge_pages(mine)["GLIBC_TUNABLES"] == (
-        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-    # Already set, by a restart or by the user (to any value), or opted out: nothing to change, no restart.
-    assert host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
-    assert host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:x=1"}) is None
-    assert host_memory.environment_with_huge_pages({"SYNERGY_JAX_HUGE_PAGES": "0"}) is None
+def test_mimalloc_is_preloaded_before_the_users_libraries_and_only_once():
+    restart = host_memory.environment_with_fast_malloc({"A": "1"}, "/lib/libmimalloc.so.3")
+    assert restart == {"A": "1", "LD_PRELOAD": "/lib/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1"}
+    mine = {"LD_PRELOAD": "/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}  # the user's delay is kept
+    assert host_memory.environment_with_fast_malloc(mine, "/lib/libmimalloc.so.3") == {
+        "LD_PRELOAD": "/lib/libmimalloc.so.3:/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}
+    for preloaded in ("/lib/libmimalloc.so.3", "/x/libfoo.so /y/libmimalloc.so"):  # a restart's, or the user's own
+        assert host_memory.environment_with_fast_malloc({"LD_PRELOAD": preloaded}, "/lib/libmimalloc.so.3") is None
 
 
-def _run_probe(tmp_path: Path, **environment: str) -> tuple[list[str], dict, int]:
-    """The probe's lines before its report, its report, and its process id."""
+def test_huge_pages_are_the_fallback_and_join_the_users_tunables():
+    assert host_memory.environment_with_fast_malloc({"A": "1"}, None) == {"A": "1", "GLIBC_TUNABLES": TUNABLE}
+    chosen = {host_memory.CHOICE: "huge_pages", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert host_memory.environment_with_fast_malloc(chosen, "/lib/libmimalloc.so.3")["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:" + TUNABLE)
+    # Already set (to any value), not supported by this C library, or opted out: nothing to change, no restart.
+    assert host_memory.environment_with_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:x=1"}, None) is None
+    assert host_memory.environment_with_fast_malloc({}, None, huge_pages_supported=False) is None
+    assert host_memory.environment_with_fast_malloc({host_memory.CHOICE: "system"}, "/lib/libmimalloc.so.3") is None
+
+
+def test_a_bad_choice_names_the_good_ones():
+    with pytest.raises(ValueError, match="SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, huge_pages, system"):
+        host_memory.environment_with_fast_malloc({host_memory.CHOICE: "tcmalloc"}, None)
+
+
+def _run_probe(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
     (tmp_path / "probe.py").write_text(PROBE)
-    env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_memory.PURGE_DELAY, host_memory.CHOICE)}  # fmt: skip
     env.update(environment, PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "-m", "probe", "first", "--second=2"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    *lines, report = out.splitlines()
-    return lines, json.loads(report), process.pid
+    return subprocess.CompletedProcess(process.pid, process.returncode, out, err)
+
+
+def _probe_report(tmp_path: Path, **environment: str) -> tuple[list[str], dict, int]:
+    """The probe's lines before its report, its report, and its process id."""
+    result = _run_probe(tmp_path, **environment)
+    assert result.returncode == 0, result.stderr
+    *lines, report = result.stdout.splitlines()
+    return lines, json.loads(report), result.args
+
+
+@pytest.mark.skipif(MIMALLOC is None, reason="cmeel-mimalloc is a requirement on Linux x86_64 / aarch64 only")
+def test_a_job_restarts_once_as_the_same_command_and_process_with_mimalloc(tmp_path):
+    lines, report, pid = _probe_report(tmp_path)
+    assert lines == ["started", "started"]  # the code before the restart ran twice, the rest once
+    assert report["pid"] == pid
+    assert report["preload"] == MIMALLOC and report["purge"] == "-1" and report["mapped"]
+    assert report["described"] == "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=-1)"
+    assert report["argv"] == ["first", "--second=2"] and report["module"] == "probe"  # `python -m probe ...` again
+    lines, report, _ = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="system")
+    assert lines == ["started"] and report["preload"] is None and not report["mapped"]
+    assert report["described"] == "the system's malloc, as it comes"
+
+
+@pytest.mark.skipif(MIMALLOC is None, reason="cmeel-mimalloc is a requirement on Linux x86_64 / aarch64 only")
+def test_with_mimalloc_freed_buffers_are_reused_without_faulting_again(tmp_path):
+    first, *again = _probe_report(tmp_path)[1]["faults"]
+    assert 0 < first <= (64 << 20) // 4096 and sum(again) <= 8, (first, again)  # faulted in once, then kept
+    first, *again = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="system")[1]["faults"]
+    assert min(again) >= (64 << 20) // 4096  # glibc maps each 64 MiB block afresh, in 4 KiB pages
+    # a purge after every free (mimalloc's own default waits 10 ms) faults the block in again every time
+    first, *again = _probe_report(tmp_path, MIMALLOC_PURGE_DELAY="0")[1]["faults"]
+    assert min(again) >= first / 2, (first, again)
 
 
 @pytest.mark.skipif(not host_memory.glibc_supports_tunable(), reason="needs Linux with glibc 2.35+")
-def test_a_job_restarts_once_as_the_same_command_and_process(tmp_path):
-    lines, report, pid = _run_probe(tmp_path)
-    assert lines == ["started", "started"]  # the code before the restart ran twice, the rest once
-    assert report["pid"] == pid
-    assert report["tunables"] == "glibc.malloc.hugetlb=1"
-    assert report["described"].startswith("transparent huge pages")
-    assert report["argv"] == ["first", "--second=2"] and report["module"] == "probe"  # `python -m probe ...` again
-    lines, report, _ = _run_probe(tmp_path, SYNERGY_JAX_HUGE_PAGES="0")
-    assert lines == ["started"] and report["tunables"] is None
-    assert report["described"].startswith("4 KiB pages")
+def test_the_huge_page_restart_sets_the_tunable_once(tmp_path):
+    lines, report, pid = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="huge_pages")
+    assert lines == ["started", "started"] and report["pid"] == pid
+    assert report["tunables"] == TUNABLE and report["preload"] is None
+    assert report["described"] == f"glibc malloc, transparent huge pages ({TUNABLE})"
 
 
 @pytest.mark.skipif(not host_memory.glibc_supports_tunable() or not THP_SETTING.exists()
                     or "[never]" in THP_SETTING.read_text(), reason="needs glibc 2.35+ and transparent huge pages")  # fmt: skip
-def test_after_the_restart_large_buffers_fault_in_huge_pages(tmp_path):
-    huge_faults = _run_probe(tmp_path)[1]["faults"]
-    small_faults = _run_probe(tmp_path, SYNERGY_JAX_HUGE_PAGES="0")[1]["faults"]
+def test_after_the_huge_page_restart_large_buffers_fault_in_huge_pages(tmp_path):
+    huge_faults = sum(_probe_report(tmp_path, SYNERGY_JAX_MALLOC="huge_pages")[1]["faults"])
+    small_faults = sum(_probe_report(tmp_path, SYNERGY_JAX_MALLOC="system")[1]["faults"])
     assert small_faults > 100_000  # 640 MiB in 4 KiB pages
     assert huge_faults < small_faults / 4, (huge_faults, small_faults)
+
+
+def test_a_bad_choice_exits_2_in_one_line(tmp_path):
+    result = _run_probe(tmp_path, SYNERGY_JAX_MALLOC="tcmalloc")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, huge_pages, system"]
