@@ -178,30 +178,34 @@ def print_compiled(compiled, config: synergy.SynergyConfig, flops_per_sample: in
 
 
 def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, flops_per_sample: int) -> None:
-    """Runs the compiled step `--steps` times after `--warmup` untimed ones and prints step time, throughput and
-    MFU. Steps are dispatched as the training loop does, without waiting in between; the warm-up covers what the
-    first steps alone pay (the allocator reaching the peak of two steps in flight: docs/performance.md)."""
+    """Runs `--warmup` untimed steps and `--steps` timed ones, and prints the median step time (and the mean),
+    throughput and MFU. Steps are dispatched as the training loop does: the next is queued before the metrics of
+    the one before are fetched, and a step's time is the time between those fetches. The median, because an
+    early step can pay the allocator's growth to the peak of two steps in flight (docs/performance.md, stop 26)."""
     samples_per_device = global_batch / mesh.size
     device = mesh.devices.flat[0]
     state, _ = train.create_train_state(model, tx, mesh, FLAGS.rules, example, jax.random.PRNGKey(0))
     batch = jax.device_put(random_batch(config, global_batch, FLAGS.text_length), parallel.batch_sharding(mesh))
-    warmup = max(1, FLAGS.warmup)
-    for _ in range(warmup):  # the first also checks that the step runs
+    warmup, pending, fetched = max(1, FLAGS.warmup), None, []
+    for _ in range(warmup + FLAGS.steps):  # the first also checks that the step runs
         state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / FLAGS.steps
+        if pending is not None:
+            jax.block_until_ready(pending)
+            fetched.append(time.perf_counter())
+        pending = metrics
+    jax.block_until_ready(pending)
+    fetched.append(time.perf_counter())
+    each = np.diff(fetched)[-FLAGS.steps:]
+    seconds = float(np.median(each))
     per_device = samples_per_device / seconds
     peak = flops.peak_flops_per_device(device.device_kind, FLAGS.peak_tflops)
     utilisation = flops.mfu(global_batch / seconds, flops_per_sample, mesh.size, peak)
-    print(f"step time                      {seconds * 1e3:10.1f} ms  (mean of {FLAGS.steps}, after {warmup} warm-up)")
+    print(f"step time                      {seconds * 1e3:10.1f} ms  (median of {FLAGS.steps} after {warmup} warm-up; "
+          f"mean {np.mean(each) * 1e3:.1f} ms)")
     print(f"throughput                     {per_device:10.1f} samples/s/device")
     print(f"achieved                       {flop_count(per_device * flops_per_sample)}/s/device")
     print(f"MFU                            {'n/a (unknown peak; pass --peak_tflops)' if utilisation is None else f'{100 * utilisation:9.1f} %'}")
-    print(f"loss after {warmup + FLAGS.steps} steps            {float(metrics['loss']):10.4f}")
+    print(f"loss after {warmup + FLAGS.steps} steps            {float(pending['loss']):10.4f}")
 
 
 if __name__ == "__main__":

@@ -124,13 +124,16 @@ def time_steps(towers: dict, args: argparse.Namespace) -> None:
 
     for _ in range(args.warmup):
         step()
-    start = time.perf_counter()
+    each = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         loss = step()
-    seconds = (time.perf_counter() - start) / args.steps
+        each.append(time.perf_counter() - start)
+    seconds = float(np.median(each))
     print(f"torch {torch.__version__} transformers {transformers.__version__} threads={torch.get_num_threads()} "
           f"batch={args.batch} attention={model.audio_model.config._attn_implementation}")
-    print(f"step time   {seconds * 1e3:10.1f} ms  (mean of {args.steps}, after {args.warmup} warm-up)")
+    print(f"step time   {seconds * 1e3:10.1f} ms  (median of {args.steps} after {args.warmup} warm-up; "
+          f"mean {np.mean(each) * 1e3:.1f} ms)")
     print(f"throughput  {args.batch / seconds:10.1f} samples/s")
     print(f"loss        {loss:10.4f}")
 

@@ -49,7 +49,8 @@ def glibc_supports_tunable() -> bool:
 
 
 def mimalloc_library() -> str | None:
-    """The path of the installed mimalloc shared library on Linux, else None (other systems preload differently)."""
+    """The path of the installed mimalloc shared library on Linux, else None (other systems preload differently,
+    and a path with a space or colon cannot be preloaded)."""
     if sys.platform != "linux":
         return None
     try:
@@ -58,7 +59,10 @@ def mimalloc_library() -> str | None:
         return None
     found = [file for file in files if file.name.startswith("libmimalloc.so.")]
     path = min(found, key=lambda file: len(file.name), default=None)  # libmimalloc.so.3, not .so.3.4
-    return str(path.locate()) if path is not None and Path(path.locate()).is_file() else None
+    if path is None or not Path(path.locate()).is_file():
+        return None
+    located = str(path.locate())
+    return None if " " in located or ":" in located else located  # LD_PRELOAD splits at both
 
 
 def _tunables(environment: Mapping[str, str]) -> list[str]:
