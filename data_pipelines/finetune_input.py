@@ -68,7 +68,7 @@ MODALITIES = ("image", "audio", "text")
 NORMALIZATIONS = ("clip", "reference")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
-CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # = augmentation.CLIP_MEAN / CLIP_STD
+CLIP = (tuple(augmentation.CLIP_MEAN.tolist()), tuple(augmentation.CLIP_STD.tolist()))  # pre-training's own
 SUBSTITUTE_TRIES = 16  # training draws at most this many replacements for an unreadable example
 
 

@@ -73,7 +73,8 @@ def mmr_config(config: ml_collections.ConfigDict, synergy: SynergyConfig, max_le
 
 def step_options(config: ml_collections.ConfigDict, missing: str) -> mmr_train.StepOptions:
     return mmr_train.StepOptions(
-        missing=missing, image_mean=tuple(map(float, augmentation.CLIP_MEAN)), image_std=tuple(map(float, augmentation.CLIP_STD)),
+        missing=missing, image_mean=tuple(map(float, augmentation.CLIP_MEAN)),
+        image_std=tuple(map(float, augmentation.CLIP_STD)),
         reference_unnormalized_images=config.reference_unnormalized_images, text_loss_on_pads=config.text_loss_on_pads,
         reference_batch_stats_at_eval=config.reference_batch_stats_at_eval, alpha=config.alpha,
     )  # fmt: skip

@@ -58,11 +58,10 @@ def mimalloc_library() -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     found = [file for file in files if file.name.startswith("libmimalloc.so.")]
-    path = min(found, key=lambda file: len(file.name), default=None)  # libmimalloc.so.3, not .so.3.4
-    if path is None or not Path(path.locate()).is_file():
-        return None
-    located = str(path.locate())
-    return None if " " in located or ":" in located else located  # LD_PRELOAD splits at both
+    shortest = min(found, key=lambda file: len(file.name), default=None)  # libmimalloc.so.3, not .so.3.4
+    path = str(shortest.locate()) if shortest is not None else ""
+    usable = Path(path).is_file() and " " not in path and ":" not in path  # LD_PRELOAD splits at both
+    return path if usable else None
 
 
 def _tunables(environment: Mapping[str, str]) -> list[str]:
@@ -99,7 +98,7 @@ def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str |
     if wanted == "mimalloc" and mimalloc is not None:
         if _preloads_mimalloc(environment):
             return None
-        preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
+        preload = ":".join(filter(None, [environment.get("LD_PRELOAD", ""), mimalloc]))
         return {PURGE_DELAY: "-1", **environment, "LD_PRELOAD": preload}
     if wanted == "system" or not huge_pages_supported or _tunable_value(environment) is not None:
         return None
