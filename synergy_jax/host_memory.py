@@ -98,7 +98,7 @@ def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str |
     if wanted == "mimalloc" and mimalloc is not None:
         if _preloads_mimalloc(environment):
             return None
-        preload = ":".join(filter(None, [environment.get("LD_PRELOAD", ""), mimalloc]))
+        preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
         return {PURGE_DELAY: "-1", **environment, "LD_PRELOAD": preload}
     if wanted == "system" or not huge_pages_supported or _tunable_value(environment) is not None:
         return None
