@@ -146,15 +146,18 @@ def test_mixdown_is_numpy_mean_to_the_bit(channels):
     np.testing.assert_array_equal(mono, samples.mean(axis=1, dtype=np.float32))
 
 
-def test_sparse_mel_projection_equals_the_dense_filter_bank():
-    config = audio.FbankConfig()
-    power = np.random.default_rng(0).exponential(size=(50, config.fft_length // 2 + 1))
-    sparse = (audio.sparse_mel_filter_bank(config) @ power.T).T
-    np.testing.assert_allclose(sparse, power @ audio.mel_filter_bank(config), rtol=1e-12)
+@pytest.mark.parametrize("config", [audio.FbankConfig(), audio.FbankConfig(num_mel_bins=64, fft_length=1024)])
+def test_banded_mel_filters_are_the_dense_filter_bank(config):
+    starts, stops, weights = audio.banded_mel_filter_bank(config)
+    dense = np.zeros((config.num_mel_bins, config.fft_length // 2 + 1))
+    for m, (start, stop) in enumerate(zip(starts, stops)):
+        dense[m, start:stop] = weights[m, : stop - start]
+        assert not weights[m, stop - start :].any()
+    np.testing.assert_array_equal(dense, audio.mel_filter_bank(config).T)
 
 
-def _whole_clip_log_mel(waveform, config):
-    """The front-end's float64 steps over all frames at once: what blocking the frames must reproduce."""
+def _numpy_log_mel(waveform, config):
+    """The front-end's float64 steps as plain numpy over all frames at once, with the dense filter bank."""
     count = int(audio.num_frames(waveform.size, config))
     frames = np.lib.stride_tricks.sliding_window_view(waveform, config.frame_length)[:: config.hop_length][:count]
     frames = frames - frames.mean(axis=1, keepdims=True, dtype=np.float64)
@@ -165,15 +168,24 @@ def _whole_clip_log_mel(waveform, config):
     emphasised *= audio.hann_window(config.frame_length)
     spectrum = np.fft.rfft(emphasised, n=config.fft_length, axis=1)
     power = np.square(spectrum.real) + np.square(spectrum.imag)
-    energies = (audio.sparse_mel_filter_bank(config) @ power.T).T
-    return np.log(np.maximum(energies, audio.FLOAT32_EPS)).astype(np.float32)
+    return np.log(np.maximum(power @ audio.mel_filter_bank(config), audio.FLOAT32_EPS)).astype(np.float32)
 
 
-@pytest.mark.parametrize("frames", [1, audio.FRAME_BLOCK - 1, audio.FRAME_BLOCK, 3 * audio.FRAME_BLOCK + 5, 1024])
-def test_frames_in_blocks_equal_the_whole_clip_to_the_bit(frames):
+@pytest.mark.parametrize("frames", [1, 2, 63, 1024, 1030])
+@pytest.mark.parametrize("offset", [0.0, 0.5])  # a DC offset: what the per-frame mean removal is for
+def test_compiled_log_mel_equals_the_numpy_steps(frames, offset):
     config = audio.FbankConfig()
     samples = config.frame_length + (frames - 1) * config.hop_length + 100  # + a partial frame that is dropped
-    wave = 0.2 * np.random.default_rng(frames).standard_normal(samples).astype(np.float32)
-    features = audio.log_mel(wave, config)
-    assert features.shape == (frames, config.num_mel_bins) and features.dtype == np.float32
-    np.testing.assert_array_equal(features, _whole_clip_log_mel(wave, config))
+    wave = offset + 0.2 * np.random.default_rng(frames).standard_normal(samples).astype(np.float32)
+    features = audio.log_mel(wave.astype(np.float32), config)
+    assert features.shape == (min(frames, config.max_frames), config.num_mel_bins) and features.dtype == np.float32
+    expected = _numpy_log_mel(wave.astype(np.float32), config)[: config.max_frames]
+    np.testing.assert_allclose(features, expected, rtol=0, atol=2e-6)  # float64 sums in another order, then float32
+
+
+def test_the_compiled_kernels_release_the_gil():
+    """Threads computing different clips' features run side by side only if every kernel drops the GIL."""
+    from synergy_jax import fbank_kernels
+
+    for kernel in (fbank_kernels.emphasised_frames, fbank_kernels.mel_energies):
+        assert kernel.targetoptions.get("nogil") is True, kernel
