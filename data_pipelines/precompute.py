@@ -85,8 +85,8 @@ def load_image(path: str, size: int) -> Image.Image:
     """RGB image resized to size x size as torchvision's Resize((size, size)) on a PIL image (bilinear)."""
     with Image.open(path) as image:
         image.load()  # decode fully now: a truncated file raises here, not later in a training worker
-        image = image.convert("RGB")
-    return image.resize((size, size), Image.Resampling.BILINEAR)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
+        return rgb.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def encode_image(image: Image.Image, image_format: str, jpeg_quality: int) -> bytes | np.ndarray:
