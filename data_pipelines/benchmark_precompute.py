@@ -26,7 +26,8 @@ frames), it times
               left to the train step (`augment_on='device'`), whose cost on this machine's JAX device is printed
 and prints clips/s for each beside the reference's, then the feed a Base step needs on a v5e-8 host at 45 % MFU
 (from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one thread per process for
-every path (fair on small machines).
+every path (fair on small machines). This process restarts once with precompute's malloc (glibc keeping freed
+memory, `host_memory`); the pinned reference runs without it, as its users start it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from PIL import Image  # noqa: E402
 from data_pipelines import audio_io, augment  # noqa: E402
 from data_pipelines import manifest as manifest_lib  # noqa: E402
 from data_pipelines import precompute  # noqa: E402
-from synergy_jax import audio, augmentation, cli, errors  # noqa: E402
+from synergy_jax import audio, augmentation, cli, errors, host_memory  # noqa: E402
 
 READ_PATH_INDEX_SPACE = 200_000  # records the read path's shuffle spans (a VGGSound-sized split; see DatasetSized)
 PINNED_REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference_data.py"
@@ -68,12 +69,27 @@ def make_clips(folder: Path, count: int, seconds: float, rate: int) -> Path:
             [tone + 0.05 * rng.standard_normal(t.size), tone * 0.5 + 0.05 * rng.standard_normal(t.size)], 1
         )
         soundfile.write(folder / f"{i}.wav", stereo.astype(np.float32), rate, subtype="PCM_16")
-        frame = np.clip(rng.normal(128, 40, (360, 640, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(frame).save(folder / f"{i}.jpg", quality=90)
+        Image.fromarray(video_frame(rng)).save(folder / f"{i}.jpg", quality=90)
         rows.append({"img_path": f"{i}.jpg", "wav_path": f"{i}.wav", "label": "tone, beep", "caption": "A tone."})
     path = folder / "bench.csv"
     manifest_lib.write_manifest(path, rows)
     return path
+
+
+def video_frame(rng: np.random.Generator, height: int = 360, width: int = 640) -> np.ndarray:
+    """A (height, width, 3) uint8 frame with a video frame's detail: a smooth random scene (a few gradients and
+    waves per channel) plus sensor noise of 6 levels. Its JPEG at quality 90 takes about 2.5 bits a pixel, as natural
+    frames do (70 KB here); white noise took 5.6 (160 KB) and twice the decoding time of a real frame."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = []
+    for _ in range(3):
+        scene = rng.uniform(60, 190) + rng.uniform(-60, 60) * x + rng.uniform(-60, 60) * y
+        for _ in range(4):
+            frequency, phase = rng.uniform(2, 40, 2), rng.uniform(0, 2 * np.pi)
+            scene = scene + rng.uniform(5, 30) * np.sin(2 * np.pi * (frequency[0] * x + frequency[1] * y) + phase)
+        channels.append(scene)
+    frame = np.stack(channels, axis=-1) + rng.normal(0, 6, (height, width, 3))
+    return np.clip(frame, 0, 255).astype(np.uint8)
 
 
 def reference_audio_path(path: str) -> np.ndarray:
@@ -141,9 +157,10 @@ def time_per_clip_paths(rows) -> dict[str, float]:
     }
 
 
-def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) -> dict[str, float]:
+def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int, compression: str = "none"
+                    ) -> dict[str, float]:  # fmt: skip
     """Seconds to precompute the subset: one process on one thread, one process on `threads` threads, and
-    `workers` processes (start-up included)."""
+    `workers` processes (start-up included), writing `compression` shards."""
     timings = {}
     precompute.process_row(rows[0], precompute.PrecomputeConfig())  # warm the first-call caches
     for label, options in (("1 process, 1 thread", dict(workers=0, threads=1)),
@@ -151,7 +168,7 @@ def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int) 
                            (f"{workers} worker processes (+ start-up)", dict(workers=workers))):  # fmt: skip
         out = work / ("shards" if not timings else f"out-{len(timings)}")  # the first is what the read path reads
         timings[label] = _timed(precompute.precompute, subset, out, precompute.PrecomputeConfig(), **options,
-                                progress=False)  # fmt: skip
+                                progress=False, compression=compression)  # fmt: skip
         print(f"precompute once (audio + image + write), {label}: {_rate(len(rows), timings[label])}")
     return timings
 
@@ -234,7 +251,8 @@ def time_pinned_reference(python: str, subset: Path, count: int) -> dict:
     command = [python, str(PINNED_REFERENCE_SCRIPT), f"--manifest={subset}"]
     rerun = f"run `{python} {PINNED_REFERENCE_SCRIPT} --manifest=<a manifest CSV>` to see its output"
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                env=host_memory.as_shipped(os.environ))  # fmt: skip
     except OSError as error:
         raise errors.SetupError(f"--reference_python={python} cannot be run ({error}); give the python of a venv "
                                 f"made as experiments/torch_reference_data.py's docstring says") from error
@@ -300,10 +318,11 @@ def benchmark(options) -> None:
         subset = work / "subset.csv"
         manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
                                               "caption": r.caption} for r in rows])  # fmt: skip
-        print(f"{len(rows)} clips from {manifest}")
+        print(f"{len(rows)} clips from {manifest}; this process's malloc: {host_memory.describe()}; shards: "
+              f"{options.compression}")
         pinned = time_pinned_reference(options.reference_python, subset, len(rows)) if options.reference_python else None
         seconds = time_per_clip_paths(rows)
-        timings = time_precompute(subset, rows, work, options.workers, options.threads)
+        timings = time_precompute(subset, rows, work, options.workers, options.threads, options.compression)
         reads = {(on, threads): time_read_path(work, rows, threads, on) for on in ("host", "device")
                  for threads in sorted({1, options.threads})}  # fmt: skip
         report(len(rows), seconds, timings, reads, pinned, time_device_augmentation())
@@ -321,6 +340,8 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
+    host_memory.use_fast_malloc(default="glibc_keep")  # precompute's own (data_pipelines/precompute.py)
+
     flags.DEFINE_string("manifest", None, "Benchmark on this manifest's files instead of generated clips.")
     flags.DEFINE_integer("limit", 0, "Use at most this many rows (0: all).")
     flags.DEFINE_integer("clips", 48, "Generated clips.")
@@ -328,6 +349,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("rate", 44_100, "Generated clips' sample rate.")
     flags.DEFINE_integer("workers", 2, "Precompute worker processes.")
     flags.DEFINE_integer("threads", 2, "Threads of one precompute process, and Grain read threads.")
+    flags.DEFINE_enum("compression", "none", list(precompute.WRITER_OPTIONS), "Precompute's shard compression.")
     flags.DEFINE_string("reference_python", None, "Python of a venv with the reference's pinned packages: time its "
                         "own input path (experiments/torch_reference_data.py) and use it as the yardstick.")
     app.run(main, flags_parser=cli.parse_flags_or_exit)

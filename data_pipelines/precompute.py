@@ -18,6 +18,9 @@ Resumable: a shard is written under a temporary name and renamed when complete, 
 same way; a rerun keeps every shard whose sidecar matches the current inputs and settings (fingerprint) and
 redoes the rest, so an interrupted run never leaves a half-written shard that is taken as good.
 One run per output split at a time.
+
+Speed: on one machine, `--workers` processes; the CLI restarts itself once with glibc's malloc told to keep freed
+memory (`synergy_jax.host_memory`, `glibc_keep`), and shards are uncompressed unless `--compression=zstd`.
 """
 
 from __future__ import annotations
@@ -42,15 +45,17 @@ from PIL import Image
 
 from data_pipelines import audio_io, records
 from data_pipelines.manifest import ManifestError, Row, RowProblem, read_manifest, skipped_summary
-from synergy_jax import audio, distributed
+from synergy_jax import audio, distributed, host_memory
 from synergy_jax.errors import SetupError
 
 SHARD_SUFFIX = ".array_record"
 SIDECAR_SUFFIX = ".json"
 IMAGE_FORMATS = ("png", "jpeg", "raw")
-# group 1: cheap random access for shuffling; zstd level 1 is as small as the default level 3 on our records at a
-# third of the write time and 3/4 of the read time (docs/performance.md)
-WRITER_OPTIONS = "group_size:1,zstd:1"
+# ArrayRecord writer options by --compression. Group 1: cheap random access for shuffling. zstd level 1 is as
+# small as the default level 3 on our records at a third of the write time; it saves 13-18 % of the bytes and
+# costs 0.5 ms a record to write, under the GIL (it serialises precompute's threads), and 0.45 ms to read
+# (docs/performance.md, "Stop 28").
+WRITER_OPTIONS = {"none": "group_size:1,uncompressed", "zstd": "group_size:1,zstd:1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,12 +200,13 @@ def _remove_leftovers(out: Path, split: str, keep: set[Path]) -> None:
             path.unlink()
 
 
-def write_shard(shard: Path, rows: list[Row], results, fingerprint: str, on_row=lambda skipped: None) -> dict:
+def write_shard(shard: Path, rows: list[Row], results, fingerprint: str, on_row=lambda skipped: None,
+                compression: str = "none") -> dict:
     """Consume one result per row, write the complete shard under a temporary name, then rename; sidecar last."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     temporary = shard.with_name(f"{shard.name}.tmp-{os.getpid()}")
-    writer = ArrayRecordWriter(str(temporary), WRITER_OPTIONS)
+    writer = ArrayRecordWriter(str(temporary), WRITER_OPTIONS[compression])
     written, skipped = [], []
     try:
         for row in rows:
@@ -285,11 +291,16 @@ def precompute(
     workers: int = 0,
     threads: int = 1,
     progress: bool = True,
+    compression: str = "none",
 ) -> dict:
     """Precompute one manifest; returns the metadata it wrote. Raises PrecomputeError if no row is usable.
 
-    Rows are computed in `workers` processes, or with `workers=0` in this process on `threads` threads."""
+    Rows are computed in `workers` processes, or with `workers=0` in this process on `threads` threads; shards
+    are written with `compression` (a key of WRITER_OPTIONS; readers need not know it)."""
     from synergy_jax import progress as progress_bar
+
+    if compression not in WRITER_OPTIONS:
+        raise ValueError(f"compression={compression!r}: must be one of {', '.join(WRITER_OPTIONS)}")
 
     split = split or split_name(manifest)
     out = Path(out)
@@ -323,13 +334,15 @@ def precompute(
     results = _results([row for index in todo for row in chunks[index]], config, workers, threads)
     try:
         for index in todo:
-            sidecars[index] = write_shard(shards[index], chunks[index], results, fingerprints[index], on_row)
+            sidecars[index] = write_shard(shards[index], chunks[index], results, fingerprints[index], on_row,
+                                          compression)  # fmt: skip
     finally:
         results.close()  # stops the worker pool if a shard failed
         bar.close()
 
     metadata = build_metadata(manifest, split, config, rows, manifest_problems, shards, sidecars)
     metadata["seconds"] = round(time.perf_counter() - started, 3)
+    metadata["malloc"] = host_memory.describe()  # what this run's speed depended on
     metadata["rows_computed_this_run"] = sum(len(chunks[i]) for i in todo)
     _write_json_atomically(metadata_path(out, split), metadata)
     if summary := skipped_summary(str(manifest), metadata["skipped"]):
@@ -429,6 +442,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_frames", audio.FbankConfig.max_frames, "AST frames (10 ms each) per clip.")
     flags.DEFINE_integer("mel_bins", audio.FbankConfig.num_mel_bins, "Mel bins.")
     flags.DEFINE_bool("reference_resampling", False, "Resample via 22.05 kHz as the reference did.")
+    flags.DEFINE_enum("compression", "none", list(WRITER_OPTIONS), "Shard compression (zstd: 13-18 % smaller, "
+                      "slower to write and read).")
 
 
 def _run(argv) -> None:
@@ -448,7 +463,7 @@ def _run(argv) -> None:
     )
     try:
         metadata = precompute(options.manifest, options.out, config, split=options.split, workers=options.workers,
-                              threads=options.threads)  # fmt: skip
+                              threads=options.threads, compression=options.compression)  # fmt: skip
     except (ManifestError, PrecomputeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)  # bad input, as the jobs' exit 2
@@ -464,5 +479,6 @@ if __name__ == "__main__":
 
     from synergy_jax import cli
 
+    host_memory.use_fast_malloc(default="glibc_keep")
     _define_flags()
     app.run(_run, flags_parser=cli.parse_flags_or_exit)  # a bad flag exits 2 in one line, as the jobs

@@ -15,8 +15,15 @@ Two remedies, in this order of preference:
   two (worker threads' arenas). Transparent huge pages must be enabled in the kernel ('madvise' or 'always' in
   /sys/kernel/mm/transparent_hugepage/enabled, the usual defaults).
 
-Both are read once, when the process starts, so `use_fast_malloc` re-executes the process with them in its
-environment (the same command line, the same process id). It does nothing where neither applies, when the
+Precompute's work is different: per clip a few buffers of 0.2-5 MiB (the decoded frame and waveform, the
+frames' spectrum), on two threads. There glibc itself does best once told to keep what is freed (`glibc_keep`:
+`mmap_threshold` at 32 MiB, the most every glibc accepts, so such blocks come from its heaps instead of fresh
+mappings, and `trim_threshold` at 16 GiB, so the heaps are not handed back): 170-200 clips/s on two threads
+against 130-165 as glibc comes and 146-149 with mimalloc (docs/performance.md, "Stop 28"). Precompute and its
+benchmark ask for it with `use_fast_malloc(default="glibc_keep")`.
+
+All of these are read once, when the process starts, so `use_fast_malloc` re-executes the process with them in
+its environment (the same command line, the same process id). It does nothing where none applies, when the
 environment already holds the choice (so it runs once), and when `SYNERGY_JAX_MALLOC=system`. Child processes
 (Grain and precompute workers) inherit the environment.
 """
@@ -31,8 +38,9 @@ from pathlib import Path
 from typing import Mapping
 
 CHOICE = "SYNERGY_JAX_MALLOC"
-CHOICES = ("mimalloc", "huge_pages", "system")  # the default is the first that applies
+CHOICES = ("mimalloc", "glibc_keep", "huge_pages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
+KEEP_TUNABLES = {"glibc.malloc.mmap_threshold": str(32 << 20), "glibc.malloc.trim_threshold": str(16 << 30)}
 MIN_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
 PURGE_DELAY = "MIMALLOC_PURGE_DELAY"  # milliseconds before mimalloc returns freed memory; -1: never
 
@@ -69,10 +77,19 @@ def _tunables(environment: Mapping[str, str]) -> list[str]:
     return [entry for entry in environment.get("GLIBC_TUNABLES", "").split(":") if entry]
 
 
-def _tunable_value(environment: Mapping[str, str]) -> str | None:
-    """The value `GLIBC_TUNABLES` gives the huge-page tunable, or None where it does not name it."""
-    values = [value for name, _, value in (entry.partition("=") for entry in _tunables(environment)) if name == TUNABLE]
+def _tunable_value(environment: Mapping[str, str], tunable: str = TUNABLE) -> str | None:
+    """The value `GLIBC_TUNABLES` gives `tunable`, or None where it does not name it."""
+    values = [value for name, _, value in (entry.partition("=") for entry in _tunables(environment)) if name == tunable]
     return values[0] if values else None
+
+
+def _with_tunables(environment: Mapping[str, str], tunables: Mapping[str, str]) -> dict[str, str] | None:
+    """`environment` with `tunables` after the user's own in `GLIBC_TUNABLES`, or None where it already names any
+    of them (set by a restart or by the user, whose values are kept as written)."""
+    if any(_tunable_value(environment, name) is not None for name in tunables):
+        return None
+    entries = [*_tunables(environment), *(f"{name}={value}" for name, value in tunables.items())]
+    return {**environment, "GLIBC_TUNABLES": ":".join(entries)}
 
 
 def _preloads_mimalloc(environment: Mapping[str, str]) -> bool:
@@ -81,28 +98,37 @@ def _preloads_mimalloc(environment: Mapping[str, str]) -> bool:
     return any(Path(entry).name.startswith("libmimalloc") for entry in entries if entry)
 
 
-def choice(environment: Mapping[str, str]) -> str:
-    """`SYNERGY_JAX_MALLOC` (default `mimalloc`); a ValueError naming the choices for anything else."""
-    value = environment.get(CHOICE, CHOICES[0])
+def choice(environment: Mapping[str, str], default: str = CHOICES[0]) -> str:
+    """`SYNERGY_JAX_MALLOC` (else `default`); a ValueError naming the choices for anything else."""
+    value = environment.get(CHOICE, default)
     if value not in CHOICES:
         raise ValueError(f"{CHOICE}={value!r}: must be one of {', '.join(CHOICES)}")
     return value
 
 
 def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str | None,
-                                 huge_pages_supported: bool = True) -> dict[str, str] | None:
+                                 tunables_supported: bool = True, default: str = CHOICES[0]) -> dict[str, str] | None:
     """`environment` with the chosen malloc set up, or None when the process needs no restart: opted out, nothing
     applies, or the environment already holds it (set by a restart or by the user; theirs is kept as written).
-    `mimalloc` is the library's path (None: not installed), and without it the choice falls back to huge pages."""
-    wanted = choice(environment)
+    `mimalloc` is the library's path (None: not installed), and without it the choice falls back to huge pages;
+    `tunables_supported`: whether the C library reads the glibc tunables both other choices set."""
+    wanted = choice(environment, default)
     if wanted == "mimalloc" and mimalloc is not None:
         if _preloads_mimalloc(environment):
             return None
         preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
         return {PURGE_DELAY: "-1", **environment, "LD_PRELOAD": preload}
-    if wanted == "system" or not huge_pages_supported or _tunable_value(environment) is not None:
-        return None
-    return {**environment, "GLIBC_TUNABLES": ":".join([*_tunables(environment), f"{TUNABLE}=1"])}
+    if wanted == "system" or not tunables_supported or (wanted == "glibc_keep" and _preloads_mimalloc(environment)):
+        return None  # (a process already on mimalloc, preloaded by the user or inherited from a job, keeps it)
+    return _with_tunables(environment, KEEP_TUNABLES if wanted == "glibc_keep" else {TUNABLE: "1"})
+
+
+def as_shipped(environment: Mapping[str, str]) -> dict[str, str]:
+    """`environment` without the glibc tunables `glibc_keep` sets, for timing another program (the reference's
+    input path) as it runs when users start it."""
+    kept = [entry for entry in _tunables(environment) if entry.partition("=")[0] not in KEEP_TUNABLES]
+    shipped = {name: value for name, value in environment.items() if name != "GLIBC_TUNABLES"}
+    return shipped | ({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})
 
 
 def describe() -> str:
@@ -113,17 +139,22 @@ def describe() -> str:
         maps = ""
     if "libmimalloc" in maps:
         return f"mimalloc, preloaded ({PURGE_DELAY}={os.environ.get(PURGE_DELAY, 'its default')})"
-    if glibc_supports_tunable() and _tunable_value(os.environ) == "1":
+    if not glibc_supports_tunable():
+        return "the system's malloc, as it comes"
+    if _tunable_value(os.environ) == "1":
         return f"glibc malloc, transparent huge pages ({TUNABLE}=1)"
+    if all(_tunable_value(os.environ, name) == value for name, value in KEEP_TUNABLES.items()):
+        return "glibc malloc, keeping freed memory (" + ", ".join(map("=".join, KEEP_TUNABLES.items())) + ")"
     return "the system's malloc, as it comes"
 
 
-def use_fast_malloc() -> None:
-    """Re-execute this process with the fast malloc (see the module docstring); returns only when no
-    re-execution is needed or possible. Call it first in a job's `__main__`, before any work. A bad
-    `SYNERGY_JAX_MALLOC` exits 2 with one line, as the jobs' other bad settings do."""
+def use_fast_malloc(default: str = CHOICES[0]) -> None:
+    """Re-execute this process with the fast malloc (see the module docstring): `default` unless
+    `SYNERGY_JAX_MALLOC` chooses; returns only when no re-execution is needed or possible. Call it first in a
+    job's `__main__`, before any work. A bad `SYNERGY_JAX_MALLOC` exits 2 with one line, as the jobs' other bad
+    settings do."""
     try:
-        environment = environment_with_fast_malloc(os.environ, mimalloc_library(), glibc_supports_tunable())
+        environment = environment_with_fast_malloc(os.environ, mimalloc_library(), glibc_supports_tunable(), default)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,12 +1,15 @@
 """experiments/benchmark.py compiles the real step and runs it on the tiny config (numbers are not asserted)."""
 
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from synergy_jax import host_memory
 
 SCRIPT = Path(__file__).parents[1] / "experiments" / "benchmark.py"
 
@@ -65,11 +68,12 @@ def test_the_cpu_bound_times_every_matmul_of_the_train_step(tmp_path):
 
 def _fake_reference_python(folder: Path, seconds_per_clip: float, fail: str = "") -> Path:
     """Stands in for the pinned reference venv's python: prints torch_reference_data.py's JSON for the manifest
-    it is given, at `seconds_per_clip` for the audio path and twice that for the whole example; or fails with a
-    traceback (`fail="raise"`) or prints something else (`fail="garbage"`)."""
+    it is given, at `seconds_per_clip` for the audio path and twice that for the whole example, with the glibc
+    tunables it was started with among the versions; or fails with a traceback (`fail="raise"`) or prints
+    something else (`fail="garbage"`)."""
     script = folder / f"python{fail}"
     script.write_text(f"""#!{sys.executable}
-import csv, json, sys
+import csv, json, os, sys
 if "{fail}" == "raise":
     raise ModuleNotFoundError("No module named 'torchaudio'")
 if "{fail}" == "garbage":
@@ -78,7 +82,8 @@ manifest = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--manifest
 assert sys.argv[1].endswith("torch_reference_data.py"), sys.argv
 rows = len(list(csv.DictReader(open(manifest))))
 seconds = {{"audio": rows * {seconds_per_clip}, "example": rows * {2 * seconds_per_clip}}}
-print(json.dumps({{"rows": rows, "seconds": seconds, "versions": {{"torch": "2.0.1"}}}}))
+tunables = os.environ.get("GLIBC_TUNABLES", "none")
+print(json.dumps({{"rows": rows, "seconds": seconds, "versions": {{"torch": "2.0.1", "tunables": tunables}}}}))
 """)
     script.chmod(0o755)
     return script
@@ -87,12 +92,16 @@ print(json.dumps({{"rows": rows, "seconds": seconds, "versions": {{"torch": "2.0
 def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     """Every row's ratio is against the pinned reference's own audio path when --reference_python is given."""
     pinned = _fake_reference_python(tmp_path, seconds_per_clip=0.25)  # 4 clips/s
+    environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}  # as users start it
     result = subprocess.run(
         [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=3", "--seconds=1", "--workers=1",
          "--threads=2", f"--reference_python={pinned}"],
-        capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300,
+        capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300, env=environment,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    if host_memory.glibc_supports_tunable():  # the benchmark runs on precompute's malloc, the reference without it
+        assert "this process's malloc: glibc malloc, keeping freed memory" in result.stdout
+        assert "(torch 2.0.1, tunables none)" in result.stdout, result.stdout
     table = dict(
         (label.strip(), (float(rate), float(ratio)))
         for label, rate, ratio in re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)$", result.stdout, re.M)

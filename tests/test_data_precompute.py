@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_pipelines import audio_io, precompute, records
 from data_pipelines.manifest import ManifestError, read_manifest, write_manifest
-from synergy_jax import audio
+from synergy_jax import audio, host_memory
 
 TINY = precompute.PrecomputeConfig(image_size=32, fbank=audio.FbankConfig(max_frames=64, num_mel_bins=32), shard_size=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -241,17 +241,26 @@ def test_worker_processes_and_threads_give_the_same_shards(tmp_path):
     assert parallel["shards"] == serial["shards"] == threaded["shards"]  # sizes and sha256: same bytes, same order
 
 
-def test_shards_are_zstd_level_1_with_one_record_per_chunk(tmp_path):
+def test_shards_are_uncompressed_or_zstd_level_1_with_one_record_per_chunk_and_read_the_same(tmp_path):
     from array_record.python.array_record_module import ArrayRecordReader
 
     manifest = _good_manifest(tmp_path / "data", 2)
-    precompute.precompute(manifest, tmp_path / "out", TINY, workers=0, progress=False)
-    reader = ArrayRecordReader(str(next((tmp_path / "out").glob(f"*{precompute.SHARD_SUFFIX}"))))
-    options = reader.writer_options_string().split(",")
-    assert "zstd:1" in options and "group_size:1" in options, options
+    records_by_compression = {}
+    for compression, expected in (("none", "uncompressed"), ("zstd", "zstd:1")):
+        out = tmp_path / compression
+        options = {} if compression == "none" else {"compression": compression}  # "none" is the default
+        precompute.precompute(manifest, out, TINY, workers=0, progress=False, **options)
+        reader = ArrayRecordReader(str(next(out.glob(f"*{precompute.SHARD_SUFFIX}"))))
+        written = reader.writer_options_string().split(",")
+        assert expected in written and "group_size:1" in written, written
+        records_by_compression[compression] = reader.read_all()
+    assert records_by_compression["none"] == records_by_compression["zstd"]
+    with pytest.raises(ValueError, match="compression='lz4': must be one of none, zstd"):
+        precompute.precompute(manifest, tmp_path / "lz4", TINY, workers=0, progress=False, compression="lz4")
 
 
 def _cli(manifest, out):
+    environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}  # as users start it
     return subprocess.run(
         [
             sys.executable,
@@ -268,6 +277,7 @@ def _cli(manifest, out):
         text=True,
         cwd=REPO,
         timeout=120,
+        env=environment,
     )
 
 
@@ -275,6 +285,9 @@ def test_cli_exit_status(bad_manifest, tmp_path):
     manifest, expected = bad_manifest
     result = _cli(manifest, tmp_path / "out")
     assert result.returncode == 0, result.stderr
+    if host_memory.glibc_supports_tunable():  # the CLI restarted with precompute's malloc
+        assert json.loads((tmp_path / "out" / "mixed.json").read_text())["malloc"].startswith(
+            "glibc malloc, keeping freed memory")
     assert "2 examples" in result.stdout and f"{len(expected)} row(s) skipped" in result.stdout
     # Summarised by cause, with the first rows by their CSV line, and where every one is listed:
     assert f"{manifest}: {len(expected)} row(s) skipped: 2 x audio: AudioDecodeError, 1 x image file not found" in result.stderr

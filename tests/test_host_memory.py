@@ -14,24 +14,30 @@ ROOT = Path(__file__).resolve().parents[1]
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 MIMALLOC = host_memory.mimalloc_library()
 TUNABLE = "glibc.malloc.hugetlb=1"
+KEEP = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
-# Restarts itself, then allocates, touches and frees 64 MiB through malloc ten times (what XLA:CPU does with a
-# step's temporaries) and prints its process id, its malloc settings, its arguments and the page faults of each
-# round.
+# Restarts itself (asking for PROBE_DEFAULT unless SYNERGY_JAX_MALLOC chooses), then ten times allocates, touches
+# and frees the blocks PROBE_BLOCKS_MIB lists through malloc, all live at once (default one of 64 MiB: what XLA:CPU
+# does with a step's temporaries; a precomputed clip's buffers are a few of 0.2-5 MiB), and prints its process id,
+# its malloc settings, its arguments and the page faults of each round.
 PROBE = """
 import ctypes, json, os, resource, sys
 from synergy_jax import host_memory
 print("started", flush=True)
-host_memory.use_fast_malloc()
+host_memory.use_fast_malloc(os.environ.get("PROBE_DEFAULT", "mimalloc"))
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+sizes = [int(mib) << 20 for mib in os.environ.get("PROBE_BLOCKS_MIB", "64").split(",")]
 faults = []
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buffer = libc.malloc(64 << 20)
-    ctypes.memset(buffer, 1, 64 << 20)
-    libc.free(buffer)
+    buffers = [libc.malloc(size) for size in sizes]
+    for buffer, size in zip(buffers, sizes):
+        ctypes.memset(buffer, 1, size)
+    for buffer in buffers:
+        libc.free(buffer)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                   "preload": os.environ.get("LD_PRELOAD"), "purge": os.environ.get("MIMALLOC_PURGE_DELAY"),
@@ -58,19 +64,37 @@ def test_huge_pages_are_the_fallback_and_join_the_users_tunables():
         "glibc.malloc.arena_max=2:" + TUNABLE)
     # Already set (to any value), not supported by this C library, or opted out: nothing to change, no restart.
     assert host_memory.environment_with_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:x=1"}, None) is None
-    assert host_memory.environment_with_fast_malloc({}, None, huge_pages_supported=False) is None
+    assert host_memory.environment_with_fast_malloc({}, None, tunables_supported=False) is None
     assert host_memory.environment_with_fast_malloc({host_memory.CHOICE: "system"}, "/lib/libmimalloc.so.3") is None
 
 
+def test_glibc_keep_is_a_jobs_default_that_the_user_can_override_and_joins_their_tunables():
+    keep = host_memory.environment_with_fast_malloc({"GLIBC_TUNABLES": "x=1"}, "/lib/libmimalloc.so.3",
+                                                    default="glibc_keep")  # fmt: skip
+    assert keep == {"GLIBC_TUNABLES": f"x=1:{KEEP}"}
+    assert host_memory.environment_with_fast_malloc(keep, "/lib/libmimalloc.so.3", default="glibc_keep") is None
+    # the user's own trim threshold or preloaded mimalloc is theirs: no restart
+    for mine in ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, {"LD_PRELOAD": "/x/libmimalloc.so.2"}):
+        assert host_memory.environment_with_fast_malloc(mine, None, default="glibc_keep") is None
+    chosen = {host_memory.CHOICE: "mimalloc"}
+    assert "LD_PRELOAD" in host_memory.environment_with_fast_malloc(chosen, "/lib/libmimalloc.so.3",
+                                                                    default="glibc_keep")  # fmt: skip
+    assert host_memory.environment_with_fast_malloc({}, None, tunables_supported=False, default="glibc_keep") is None
+    # the reference is timed without what glibc_keep added, the user's other tunables kept
+    assert host_memory.as_shipped({"A": "1", "GLIBC_TUNABLES": f"x=1:{KEEP}"}) == {"A": "1", "GLIBC_TUNABLES": "x=1"}
+    assert host_memory.as_shipped({"GLIBC_TUNABLES": KEEP}) == {}
+
+
 def test_a_bad_choice_names_the_good_ones():
-    with pytest.raises(ValueError, match="SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, huge_pages, system"):
+    with pytest.raises(ValueError, match="SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, glibc_keep, huge_pages, system"):
         host_memory.environment_with_fast_malloc({host_memory.CHOICE: "tcmalloc"}, None)
 
 
 def _run_probe(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
     (tmp_path / "probe.py").write_text(PROBE)
     env = {key: value for key, value in os.environ.items()
-           if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_memory.PURGE_DELAY, host_memory.CHOICE)}  # fmt: skip
+           if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_memory.PURGE_DELAY, host_memory.CHOICE,
+                          "PROBE_DEFAULT", "PROBE_BLOCKS_MIB")}  # fmt: skip
     env.update(environment, PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "-m", "probe", "first", "--second=2"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -127,8 +151,22 @@ def test_after_the_huge_page_restart_large_buffers_fault_in_huge_pages(tmp_path)
     assert huge_faults < small_faults / 4, (huge_faults, small_faults)
 
 
+@pytest.mark.skipif(not host_memory.glibc_supports_tunable(), reason="needs Linux with glibc 2.35+")
+def test_with_glibc_keep_a_clips_worth_of_buffers_is_reused_without_faulting_again(tmp_path):
+    blocks = {"PROBE_BLOCKS_MIB": "1,2,4,2"}  # live together, as a clip's waveform, frames and spectrum are
+    lines, report, pid = _probe_report(tmp_path, PROBE_DEFAULT="glibc_keep", **blocks)
+    assert lines == ["started", "started"] and report["pid"] == pid and report["tunables"] == KEEP
+    assert report["described"] == ("glibc malloc, keeping freed memory (glibc.malloc.mmap_threshold=33554432, "
+                                   "glibc.malloc.trim_threshold=17179869184)")  # fmt: skip
+    first, *again = report["faults"]
+    assert first > 0 and sum(again) <= 8, (first, again)
+    # as glibc comes, each round's blocks are mapped (or the heap grown) afresh and given back on free
+    first, *again = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="system", **blocks)[1]["faults"]
+    assert min(again) >= (9 << 20) // 4096 // 2, (first, again)
+
+
 def test_a_bad_choice_exits_2_in_one_line(tmp_path):
     result = _run_probe(tmp_path, SYNERGY_JAX_MALLOC="tcmalloc")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, huge_pages, system"]
+        "error: SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, glibc_keep, huge_pages, system"]
