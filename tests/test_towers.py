@@ -243,7 +243,24 @@ def test_activations_save_only_their_input_for_the_backward_pass(name, capsys):
     print_saved_residuals(activation, x)
     saved = capsys.readouterr().out.strip().splitlines()
     assert saved and all("from the argument" in line for line in saved), saved
-    plain = {"gelu": lambda v: jax.nn.gelu(v, approximate=False), "quick_gelu": lambda v: v * jax.nn.sigmoid(1.702 * v),
+    plain = {"gelu": layers.exact_gelu, "quick_gelu": lambda v: v * jax.nn.sigmoid(1.702 * v),
              "relu": jax.nn.relu}.get(name, lambda v: jax.nn.gelu(v, approximate=True))  # fmt: skip
     gradient = jax.grad(lambda v: jnp.sum(jnp.sin(activation(v))))(x)
     np.testing.assert_allclose(gradient, jax.grad(lambda v: jnp.sum(jnp.sin(plain(v))))(x), rtol=1e-6, atol=1e-7)
+
+
+def test_the_exact_gelu_and_its_gradient_are_the_float64_gelus_within_float32_rounding():
+    """layers.exact_gelu (torch's erf formula, not jax.nn.gelu's erfc) against the float64 GELU and its derivative
+    over [-12, 12] and at bfloat16, where it must stay in bfloat16."""
+    from scipy.special import erf
+
+    x = np.linspace(-12.0, 12.0, 48001, dtype=np.float32)
+    wide = x.astype(np.float64)
+    expected = 0.5 * wide * (1.0 + erf(wide / np.sqrt(2.0)))
+    slope = 0.5 * (1.0 + erf(wide / np.sqrt(2.0))) + wide * np.exp(-0.5 * wide**2) / np.sqrt(2.0 * np.pi)
+    np.testing.assert_allclose(np.asarray(jax.jit(layers.exact_gelu)(x), np.float64), expected, rtol=0, atol=1.2e-6)
+    gradient = jax.jit(jax.vmap(jax.grad(layers.exact_gelu)))(x)
+    np.testing.assert_allclose(np.asarray(gradient, np.float64), slope, rtol=0, atol=3e-7)
+    halves = layers.exact_gelu(jnp.asarray(x[::100], jnp.bfloat16))
+    assert halves.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(halves, np.float64), expected[::100], rtol=1e-2, atol=1e-2)
