@@ -145,7 +145,7 @@ class MultiModalEncoder(nn.Module):
         c = self.config
         h = nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False, name="norm")(x)
         h = dense(c.encoder_bottleneck_dim, c.encoder_dim, name="down")(h)
-        h = nn.Dropout(c.encoder_dropout, deterministic=deterministic)(jax.nn.gelu(h, approximate=False))
+        h = nn.Dropout(c.encoder_dropout, deterministic=deterministic)(layers.exact_gelu(h))
         x = x + dense(c.encoder_dim, c.encoder_bottleneck_dim, name="up")(h)
         return dense(c.decoder_dim, c.encoder_dim, name="enc_to_dec")(x)
 
