@@ -275,12 +275,17 @@ def make_step(
         rng = jax.random.fold_in(state.rng, state.step)
         fields = {name: getattr(state, name) for name in mutable}
         grads, metrics, fields = gradients(state.params, batch, rng, fields, frozen[0] if frozen else None)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                opt_state=opt_state, **fields)  # fmt: skip
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+
+        def update(state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                 opt_state=opt_state, **fields)  # fmt: skip
+
+        # A branch, not a select between the updated and the old state: the select reads every donated buffer
+        # after its update is computed, so XLA copied the whole optimizer state each step (docs/performance.md).
+        new_state = jax.lax.cond(finite, update, lambda state: state, state)
         extra = extra_metrics(state.params) if extra_metrics is not None else {}
         metrics = {**metrics, **extra, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
         if schedule is not None:
