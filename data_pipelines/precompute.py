@@ -51,10 +51,10 @@ from synergy_jax.errors import SetupError
 SHARD_SUFFIX = ".array_record"
 SIDECAR_SUFFIX = ".json"
 IMAGE_FORMATS = ("png", "jpeg", "raw")
-# ArrayRecord writer options by --compression. Group 1: cheap random access for shuffling. zstd level 1 is as
-# small as the default level 3 on our records at a third of the write time; it saves 13-18 % of the bytes and
-# costs 0.5 ms a record to write, under the GIL (it serialises precompute's threads), and 0.45 ms to read
-# (docs/performance.md, "Stop 28").
+# ArrayRecord writer options by --compression. Group 1: cheap random access for shuffling. None by default: the
+# float16 features hardly compress, and ArrayRecord's writer compresses while holding the GIL, which stalls
+# precompute's other threads; zstd level 1 (as small as the default level 3, a third of its write time) is for
+# disks where bytes per epoch matter (docs/performance.md, "Stop 28").
 WRITER_OPTIONS = {"none": "group_size:1,uncompressed", "zstd": "group_size:1,zstd:1"}
 
 

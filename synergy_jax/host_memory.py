@@ -18,9 +18,9 @@ Two remedies, in this order of preference:
 Precompute's work is different: per clip a few buffers of 0.2-5 MiB (the decoded frame and waveform, the
 frames' spectrum), on two threads. There glibc itself does best once told to keep what is freed (`glibc_keep`:
 `mmap_threshold` at 32 MiB, the most every glibc accepts, so such blocks come from its heaps instead of fresh
-mappings, and `trim_threshold` at 16 GiB, so the heaps are not handed back): 170-200 clips/s on two threads
-against 130-165 as glibc comes and 146-149 with mimalloc (docs/performance.md, "Stop 28"). Precompute and its
-benchmark ask for it with `use_fast_malloc(default="glibc_keep")`.
+mappings, and `trim_threshold` at 16 GiB, so the heaps are not handed back); it beat both glibc as it comes and
+mimalloc there (docs/performance.md, "Stop 28"). Precompute and its benchmark ask for it with
+`use_fast_malloc(default="glibc_keep")`.
 
 All of these are read once, when the process starts, so `use_fast_malloc` re-executes the process with them in
 its environment (the same command line, the same process id). It does nothing where none applies, when the
