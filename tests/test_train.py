@@ -128,6 +128,16 @@ def test_the_compiled_step_updates_the_donated_state_in_place_without_copying_it
     assert "input_output_alias" in program and not copied, copied[:5]
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_update_if_finite_updates_or_keeps_the_whole_state_on_every_platform(platform):
+    """The CPU branch and the select used elsewhere (traced here on CPU) agree: all leaves updated, or none."""
+    state = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2)), "step": jnp.asarray(4)}
+    update = functools.partial(jax.tree.map, lambda leaf: leaf + 1)
+    guarded = jax.jit(lambda finite, state: train.update_if_finite(finite, update, state, platform))
+    for finite, expected in ((True, update(state)), (False, state)):
+        jax.tree.map(np.testing.assert_array_equal, guarded(jnp.asarray(finite), state), expected)
+
+
 def test_metrics_report_losses_accuracies_temperatures_and_grad_norm():
     mesh = parallel.make_mesh("8x1")
     config = tiny_config()
