@@ -31,6 +31,7 @@ environment already holds the choice (so it runs once), and when `SYNERGY_JAX_MA
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -41,19 +42,28 @@ CHOICE = "SYNERGY_JAX_MALLOC"
 CHOICES = ("mimalloc", "glibc_keep", "huge_pages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
 KEEP_TUNABLES = {"glibc.malloc.mmap_threshold": str(32 << 20), "glibc.malloc.trim_threshold": str(16 << 30)}
-MIN_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
+MIN_GLIBC = {"huge_pages": (2, 35), "glibc_keep": (2, 26)}  # the first glibc with the hugetlb / malloc tunables
 PURGE_DELAY = "MIMALLOC_PURGE_DELAY"  # milliseconds before mimalloc returns freed memory; -1: never
+# The variables a restart sets, as the process was started with them (JSON), for `as_shipped`.
+STARTED_WITH = "SYNERGY_JAX_MALLOC_STARTED_WITH"
+SET_BY_RESTART = ("LD_PRELOAD", "GLIBC_TUNABLES", PURGE_DELAY)
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library on Linux with glibc (the one that reads `GLIBC_TUNABLES`), else None."""
+    if sys.platform != "linux":
+        return None
+    library, version = platform.libc_ver()
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) if library == "glibc" else None
+    except ValueError:
+        return None
 
 
 def glibc_supports_tunable() -> bool:
-    """Linux with glibc 2.35 or newer (the C library that reads `GLIBC_TUNABLES`)."""
-    if sys.platform != "linux":
-        return False
-    library, version = platform.libc_ver()
-    try:
-        return library == "glibc" and tuple(int(part) for part in version.split(".")[:2]) >= MIN_GLIBC
-    except ValueError:
-        return False
+    """Linux with glibc 2.35 or newer, which reads every tunable the choices set."""
+    version = glibc_version()
+    return version is not None and version >= max(MIN_GLIBC.values())
 
 
 def mimalloc_library() -> str | None:
@@ -80,7 +90,7 @@ def _tunables(environment: Mapping[str, str]) -> list[str]:
 def _tunable_value(environment: Mapping[str, str], tunable: str = TUNABLE) -> str | None:
     """The value `GLIBC_TUNABLES` gives `tunable`, or None where it does not name it."""
     values = [value for name, _, value in (entry.partition("=") for entry in _tunables(environment)) if name == tunable]
-    return values[0] if values else None
+    return values[-1] if values else None  # glibc applies the last
 
 
 def _with_tunables(environment: Mapping[str, str], tunables: Mapping[str, str]) -> dict[str, str] | None:
@@ -89,7 +99,7 @@ def _with_tunables(environment: Mapping[str, str], tunables: Mapping[str, str]) 
     if any(_tunable_value(environment, name) is not None for name in tunables):
         return None
     entries = [*_tunables(environment), *(f"{name}={value}" for name, value in tunables.items())]
-    return {**environment, "GLIBC_TUNABLES": ":".join(entries)}
+    return _marked(environment) | {"GLIBC_TUNABLES": ":".join(entries)}
 
 
 def _preloads_mimalloc(environment: Mapping[str, str]) -> bool:
@@ -107,28 +117,38 @@ def choice(environment: Mapping[str, str], default: str = CHOICES[0]) -> str:
 
 
 def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str | None,
-                                 tunables_supported: bool = True, default: str = CHOICES[0]) -> dict[str, str] | None:
+                                 glibc: tuple[int, int] | None = MIN_GLIBC["huge_pages"],
+                                 default: str = CHOICES[0]) -> dict[str, str] | None:  # fmt: skip
     """`environment` with the chosen malloc set up, or None when the process needs no restart: opted out, nothing
     applies, or the environment already holds it (set by a restart or by the user; theirs is kept as written).
     `mimalloc` is the library's path (None: not installed), and without it the choice falls back to huge pages;
-    `tunables_supported`: whether the C library reads the glibc tunables both other choices set."""
+    `glibc` is the C library's version (None: not glibc), which must read the tunables a choice sets."""
     wanted = choice(environment, default)
     if wanted == "mimalloc" and mimalloc is not None:
         if _preloads_mimalloc(environment):
             return None
         preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
-        return {PURGE_DELAY: "-1", **environment, "LD_PRELOAD": preload}
-    if wanted == "system" or not tunables_supported or (wanted == "glibc_keep" and _preloads_mimalloc(environment)):
+        return _marked(environment) | {PURGE_DELAY: environment.get(PURGE_DELAY, "-1"), "LD_PRELOAD": preload}
+    wanted = "huge_pages" if wanted == "mimalloc" else wanted
+    if wanted == "system" or glibc is None or glibc < MIN_GLIBC[wanted] or _preloads_mimalloc(environment):
         return None  # (a process already on mimalloc, preloaded by the user or inherited from a job, keeps it)
     return _with_tunables(environment, KEEP_TUNABLES if wanted == "glibc_keep" else {TUNABLE: "1"})
 
 
+def _marked(environment: Mapping[str, str]) -> dict[str, str]:
+    """`environment` with what it holds of SET_BY_RESTART recorded under STARTED_WITH (kept if already there)."""
+    started_with = {name: environment.get(name) for name in SET_BY_RESTART}
+    return {STARTED_WITH: json.dumps(started_with), **environment}
+
+
 def as_shipped(environment: Mapping[str, str]) -> dict[str, str]:
-    """`environment` without the glibc tunables `glibc_keep` sets, for timing another program (the reference's
-    input path) as it runs when users start it."""
-    kept = [entry for entry in _tunables(environment) if entry.partition("=")[0] not in KEEP_TUNABLES]
-    shipped = {name: value for name, value in environment.items() if name != "GLIBC_TUNABLES"}
-    return shipped | ({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})
+    """`environment` as the process was started, before any restart changed its malloc: for timing another program
+    (the reference's input path) as it runs when users start it."""
+    if STARTED_WITH not in environment:
+        return dict(environment)
+    started_with = json.loads(environment[STARTED_WITH])
+    shipped = {name: value for name, value in environment.items() if name not in (STARTED_WITH, *SET_BY_RESTART)}
+    return shipped | {name: value for name, value in started_with.items() if value is not None}
 
 
 def describe() -> str:
@@ -139,13 +159,13 @@ def describe() -> str:
         maps = ""
     if "libmimalloc" in maps:
         return f"mimalloc, preloaded ({PURGE_DELAY}={os.environ.get(PURGE_DELAY, 'its default')})"
-    if not glibc_supports_tunable():
-        return "the system's malloc, as it comes"
-    if _tunable_value(os.environ) == "1":
-        return f"glibc malloc, transparent huge pages ({TUNABLE}=1)"
-    if all(_tunable_value(os.environ, name) == value for name, value in KEEP_TUNABLES.items()):
-        return "glibc malloc, keeping freed memory (" + ", ".join(map("=".join, KEEP_TUNABLES.items())) + ")"
-    return "the system's malloc, as it comes"
+    version, ways = glibc_version(), []
+    keeps = all(_tunable_value(os.environ, name) == value for name, value in KEEP_TUNABLES.items())
+    if version is not None and version >= MIN_GLIBC["glibc_keep"] and keeps:
+        ways.append("keeping freed memory (" + ", ".join(map("=".join, KEEP_TUNABLES.items())) + ")")
+    if version is not None and version >= MIN_GLIBC["huge_pages"] and _tunable_value(os.environ) == "1":
+        ways.append(f"transparent huge pages ({TUNABLE}=1)")
+    return "glibc malloc, " + "; ".join(ways) if ways else "the system's malloc, as it comes"
 
 
 def use_fast_malloc(default: str = CHOICES[0]) -> None:
@@ -154,7 +174,7 @@ def use_fast_malloc(default: str = CHOICES[0]) -> None:
     job's `__main__`, before any work. A bad `SYNERGY_JAX_MALLOC` exits 2 with one line, as the jobs' other bad
     settings do."""
     try:
-        environment = environment_with_fast_malloc(os.environ, mimalloc_library(), glibc_supports_tunable(), default)
+        environment = environment_with_fast_malloc(os.environ, mimalloc_library(), glibc_version(), default)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -26,7 +26,7 @@ from synergy_jax import host_memory  # noqa: E402
 # holds it: set here, the job subprocesses start with it and skip the restart (tests/test_host_memory.py exercises
 # the restart).
 os.environ.update(host_memory.environment_with_fast_malloc(os.environ, host_memory.mimalloc_library(),
-                                                           host_memory.glibc_supports_tunable()) or {})
+                                                           host_memory.glibc_version()) or {})
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))

@@ -47,46 +47,80 @@ print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES
 """
 
 
+def _restarted(environment: dict, **settings) -> dict | None:
+    """The restart's environment, less its record of how the process started (`as_shipped` reads that)."""
+    restart = host_memory.environment_with_fast_malloc(environment, **settings)
+    return None if restart is None else {k: v for k, v in restart.items() if k != host_memory.STARTED_WITH}
+
+
 def test_mimalloc_is_preloaded_before_the_users_libraries_and_only_once():
-    restart = host_memory.environment_with_fast_malloc({"A": "1"}, "/lib/libmimalloc.so.3")
+    restart = _restarted({"A": "1"}, mimalloc="/lib/libmimalloc.so.3")
     assert restart == {"A": "1", "LD_PRELOAD": "/lib/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1"}
     mine = {"LD_PRELOAD": "/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}  # the user's delay is kept
-    assert host_memory.environment_with_fast_malloc(mine, "/lib/libmimalloc.so.3") == {
+    assert _restarted(mine, mimalloc="/lib/libmimalloc.so.3") == {
         "LD_PRELOAD": "/lib/libmimalloc.so.3:/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}
     for preloaded in ("/lib/libmimalloc.so.3", "/x/libfoo.so /y/libmimalloc.so"):  # a restart's, or the user's own
-        assert host_memory.environment_with_fast_malloc({"LD_PRELOAD": preloaded}, "/lib/libmimalloc.so.3") is None
+        assert _restarted({"LD_PRELOAD": preloaded}, mimalloc="/lib/libmimalloc.so.3") is None
 
 
 def test_huge_pages_are_the_fallback_and_join_the_users_tunables():
-    assert host_memory.environment_with_fast_malloc({"A": "1"}, None) == {"A": "1", "GLIBC_TUNABLES": TUNABLE}
+    assert _restarted({"A": "1"}, mimalloc=None) == {"A": "1", "GLIBC_TUNABLES": TUNABLE}
     chosen = {host_memory.CHOICE: "huge_pages", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert host_memory.environment_with_fast_malloc(chosen, "/lib/libmimalloc.so.3")["GLIBC_TUNABLES"] == (
+    assert _restarted(chosen, mimalloc="/lib/libmimalloc.so.3")["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:" + TUNABLE)
     # Already set (to any value), not supported by this C library, or opted out: nothing to change, no restart.
-    assert host_memory.environment_with_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:x=1"}, None) is None
-    assert host_memory.environment_with_fast_malloc({}, None, tunables_supported=False) is None
-    assert host_memory.environment_with_fast_malloc({host_memory.CHOICE: "system"}, "/lib/libmimalloc.so.3") is None
+    assert _restarted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:x=1"}, mimalloc=None) is None
+    for glibc in (None, (2, 34)):
+        assert _restarted({}, mimalloc=None, glibc=glibc) is None
+    assert _restarted({host_memory.CHOICE: "system"}, mimalloc="/lib/libmimalloc.so.3") is None
 
 
 def test_glibc_keep_is_a_jobs_default_that_the_user_can_override_and_joins_their_tunables():
-    keep = host_memory.environment_with_fast_malloc({"GLIBC_TUNABLES": "x=1"}, "/lib/libmimalloc.so.3",
-                                                    default="glibc_keep")  # fmt: skip
+    keep = _restarted({"GLIBC_TUNABLES": "x=1"}, mimalloc="/lib/libmimalloc.so.3", default="glibc_keep")
     assert keep == {"GLIBC_TUNABLES": f"x=1:{KEEP}"}
-    assert host_memory.environment_with_fast_malloc(keep, "/lib/libmimalloc.so.3", default="glibc_keep") is None
-    # the user's own trim threshold or preloaded mimalloc is theirs: no restart
+    assert _restarted({"GLIBC_TUNABLES": f"x=1:{KEEP}"}, mimalloc=None, default="glibc_keep") is None
+    assert _restarted({}, mimalloc=None, glibc=(2, 26), default="glibc_keep") == {"GLIBC_TUNABLES": KEEP}
+    # the user's own trim threshold or preloaded mimalloc is theirs; a glibc without the tunables: no restart
     for mine in ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, {"LD_PRELOAD": "/x/libmimalloc.so.2"}):
-        assert host_memory.environment_with_fast_malloc(mine, None, default="glibc_keep") is None
+        assert _restarted(mine, mimalloc=None, default="glibc_keep") is None
+    for glibc in (None, (2, 25)):
+        assert _restarted({}, mimalloc=None, glibc=glibc, default="glibc_keep") is None
     chosen = {host_memory.CHOICE: "mimalloc"}
-    assert "LD_PRELOAD" in host_memory.environment_with_fast_malloc(chosen, "/lib/libmimalloc.so.3",
-                                                                    default="glibc_keep")  # fmt: skip
-    assert host_memory.environment_with_fast_malloc({}, None, tunables_supported=False, default="glibc_keep") is None
-    # the reference is timed without what glibc_keep added, the user's other tunables kept
-    assert host_memory.as_shipped({"A": "1", "GLIBC_TUNABLES": f"x=1:{KEEP}"}) == {"A": "1", "GLIBC_TUNABLES": "x=1"}
-    assert host_memory.as_shipped({"GLIBC_TUNABLES": KEEP}) == {}
+    assert "LD_PRELOAD" in _restarted(chosen, mimalloc="/lib/libmimalloc.so.3", default="glibc_keep")
+
+
+def test_as_shipped_is_the_environment_the_process_started_with():
+    """What a restart set (and what it found: the user's own tunables, preload and delay) is undone exactly, for
+    timing the reference as its users run it; without a restart the environment is as it is."""
+    started = {"A": "1", "GLIBC_TUNABLES": "x=1", "LD_PRELOAD": "/x/libfoo.so"}
+    for settings in (dict(mimalloc="/lib/libmimalloc.so.3"), dict(mimalloc=None),
+                     dict(mimalloc=None, default="glibc_keep")):  # fmt: skip
+        restart = host_memory.environment_with_fast_malloc(started, **settings)
+        assert restart != started and host_memory.as_shipped(restart) == started, settings
+        assert host_memory.environment_with_fast_malloc(restart, **settings) is None  # restarted once
+    # a second restart (a job started by a restarted precompute) keeps the first record
+    keep = host_memory.environment_with_fast_malloc(started, mimalloc=None, default="glibc_keep")
+    both = host_memory.environment_with_fast_malloc(keep, mimalloc="/lib/libmimalloc.so.3")
+    assert both["LD_PRELOAD"].startswith("/lib/libmimalloc.so.3") and host_memory.as_shipped(both) == started
+    assert host_memory.as_shipped({"GLIBC_TUNABLES": KEEP}) == {"GLIBC_TUNABLES": KEEP}  # the user's own
+
+
+ON_GLIBC = host_memory.glibc_supports_tunable() and "mimalloc" not in host_memory.describe()
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="needs glibc 2.35+, and a test process that runs on glibc's malloc")
+def test_the_description_reads_what_glibc_applies_the_last_entry_of_a_tunable(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.hugetlb=0:{KEEP}:glibc.malloc.hugetlb=1")
+    assert host_memory.describe() == ("glibc malloc, keeping freed memory (glibc.malloc.mmap_threshold=33554432, "
+                                      "glibc.malloc.trim_threshold=17179869184); transparent huge pages "
+                                      "(glibc.malloc.hugetlb=1)")  # fmt: skip
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0")
+    assert host_memory.describe() == "the system's malloc, as it comes"
 
 
 def test_a_bad_choice_names_the_good_ones():
-    with pytest.raises(ValueError, match="SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, glibc_keep, huge_pages, system"):
+    with pytest.raises(ValueError, match="SYNERGY_JAX_MALLOC='tcmalloc': must be one of mimalloc, glibc_keep, "
+                                         "huge_pages, system"):  # fmt: skip
         host_memory.environment_with_fast_malloc({host_memory.CHOICE: "tcmalloc"}, None)
 
 
@@ -94,7 +128,7 @@ def _run_probe(tmp_path: Path, **environment: str) -> subprocess.CompletedProces
     (tmp_path / "probe.py").write_text(PROBE)
     env = {key: value for key, value in os.environ.items()
            if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_memory.PURGE_DELAY, host_memory.CHOICE,
-                          "PROBE_DEFAULT", "PROBE_BLOCKS_MIB")}  # fmt: skip
+                          host_memory.STARTED_WITH, "PROBE_DEFAULT", "PROBE_BLOCKS_MIB")}  # fmt: skip
     env.update(environment, PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "-m", "probe", "first", "--second=2"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
