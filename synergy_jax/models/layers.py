@@ -24,10 +24,11 @@ Initializer = Callable[..., jax.Array]
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-    """The exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)), in x's dtype. jax.nn.gelu's exact form goes
-    through erfc, which XLA:CPU runs 3.5x slower (9.4 against 2.7 ms over (6816, 1024)); both are within 1.1e-6 of
-    the float64 GELU over [-12, 12] (docs/performance.md, stop 28)."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+    """The exact GELU as torch computes it: x/2 (1 + erf(x/sqrt 2)) in float32 at least (in bfloat16 the sum
+    1 + erf cancels to nothing below x = -3), rounded once to x's dtype. jax.nn.gelu's exact form goes through erfc,
+    which XLA:CPU runs 3.5x slower; both are within 1.1e-6 of the float64 GELU (docs/performance.md, stop 28)."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (0.5 * wide * (1.0 + jax.lax.erf(wide * 0.7071067811865476))).astype(x.dtype)
 
 
 # Activations named as in Hugging Face configs (`hidden_act`). "gelu" is the exact erf form, as torch's. Each is
