@@ -4,9 +4,11 @@ Why compiled: written as numpy, these steps are a dozen small array operations p
 and dropping the GIL, so threads computing the features of different clips ran one at a time (1.0-1.06x on two
 threads, docs/performance.md). Each kernel here handles a whole clip with the GIL released; the FFT between them
 is numpy's, which releases it too. The arithmetic is float64, as the numpy steps were; only the order of a few
-sums differs (a frame's mean, a filter's energy), which moves the features by about 1e-15.
+sums differs (a frame's mean, a filter's energy): about 1e-15 in float64, at most an ulp of the float32 features.
 
-Compiled on first use and cached next to this file (numba `cache=True`), so later processes load the machine code.
+Compiled on first use and cached where numba finds a writable place (next to this file, the user's cache folder,
+or `NUMBA_CACHE_DIR`), so later processes load the machine code; where there is none (a read-only install without
+a writable home) each process compiles them again instead of failing on import.
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
+def _compiled(function):
+    """`function` compiled to run without the GIL, cached on disk where numba can (module docstring)."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
+
+
+@_compiled
 def emphasised_frames(waveform, hop, preemphasis, window, out):
     """Fill `out[i, :len(window)]` (float64) with frame i = waveform[i * hop : i * hop + len(window)], its mean
     removed, pre-emphasised (the first sample against itself, Kaldi's convention) and windowed. Columns past the
-    window are not touched: zeros there are the FFT's padding."""
+    window are not touched: zeros there are the FFT's padding. Compiled code has no bounds checks, so the shapes
+    are checked first (a ValueError)."""
     length = window.size
+    if out.shape[1] < length or (out.shape[0] > 0 and (out.shape[0] - 1) * hop + length > waveform.size):
+        raise ValueError("emphasised_frames: `out` has more frames, or narrower rows, than the waveform gives")
     for i in range(out.shape[0]):
         start = i * hop
         total = 0.0
@@ -35,10 +48,15 @@ def emphasised_frames(waveform, hop, preemphasis, window, out):
             previous = current
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def mel_energies(spectrum, starts, stops, weights, floor, out):
     """out[i, m] = max(sum over bins k in [starts[m], stops[m]) of weights[m, k - starts[m]] |spectrum[i, k]|^2,
-    floor): each triangular filter reads only the few bins it spans."""
+    floor): each triangular filter reads only the few bins it spans. Shapes are checked first (a ValueError)."""
+    fits = out.shape[0] == spectrum.shape[0] and out.shape[1] == starts.size == stops.size == weights.shape[0]
+    for m in range(starts.size):
+        fits = fits and 0 <= starts[m] and stops[m] <= spectrum.shape[1] and stops[m] - starts[m] <= weights.shape[1]
+    if not fits:
+        raise ValueError("mel_energies: the filters' bands, `weights` and `out` do not fit the spectrum")
     power = np.empty(spectrum.shape[1])
     for i in range(spectrum.shape[0]):
         for k in range(spectrum.shape[1]):

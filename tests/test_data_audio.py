@@ -1,6 +1,9 @@
 """The AST front-end against transformers' ASTFeatureExtractor, and audio decoding/resampling."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +14,8 @@ import soxr
 
 from data_pipelines import audio_io
 from synergy_jax import audio
+
+REPO = Path(__file__).resolve().parents[1]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4  # the numerics contract for the audio front-end (after normalisation)
@@ -183,9 +188,47 @@ def test_compiled_log_mel_equals_the_numpy_steps(frames, offset):
     np.testing.assert_allclose(features, expected, rtol=0, atol=2e-6)  # float64 sums in another order, then float32
 
 
-def test_the_compiled_kernels_release_the_gil():
+def test_the_compiled_kernels_are_compiled_to_release_the_gil():
     """Threads computing different clips' features run side by side only if every kernel drops the GIL."""
     from synergy_jax import fbank_kernels
 
     for kernel in (fbank_kernels.emphasised_frames, fbank_kernels.mel_energies):
         assert kernel.targetoptions.get("nogil") is True, kernel
+
+
+def test_log_mel_takes_any_layout_and_dtype_and_no_whole_frame():
+    config = audio.FbankConfig()
+    wave = 0.1 * np.random.default_rng(3).standard_normal(2 * 4000)
+    np.testing.assert_array_equal(audio.log_mel(wave[::2], config), audio.log_mel(wave[::2].copy(), config))
+    np.testing.assert_array_equal(audio.log_mel(wave, config), audio.log_mel(wave.astype(np.float32), config))
+    assert audio.log_mel(wave[: config.frame_length - 1], config).shape == (0, config.num_mel_bins)
+
+
+def test_the_kernels_refuse_shapes_that_would_read_or_write_out_of_bounds():
+    from synergy_jax import fbank_kernels
+
+    config = audio.FbankConfig()
+    window, wave = audio.hann_window(config.frame_length).astype(np.float64), np.zeros(config.frame_length, np.float32)
+    with pytest.raises(ValueError, match="more frames"):  # two frames asked of a one-frame waveform
+        fbank_kernels.emphasised_frames(wave, config.hop_length, 0.97, window, np.zeros((2, config.fft_length)))
+    starts, stops, weights = audio.banded_mel_filter_bank(config)
+    spectrum = np.zeros((3, int(stops.max()) - 1), np.complex128)  # one bin short: the top filter reads past it
+    with pytest.raises(ValueError, match="do not fit"):
+        fbank_kernels.mel_energies(spectrum, starts, stops, weights, 1e-7, np.zeros((3, config.num_mel_bins)))
+
+
+def test_the_kernels_compile_without_a_writable_cache_folder(tmp_path):
+    """Where numba finds nowhere to cache (a read-only install, no writable home), importing the kernels must not
+    fail: they are compiled in the process instead."""
+    script = (
+        "import numba.core.caching as caching, numpy as np\n"
+        "caching.CacheImpl._locator_classes = []  # no writable place anywhere\n"
+        "from synergy_jax import audio, fbank_kernels\n"
+        "assert type(fbank_kernels.emphasised_frames._cache).__name__ == 'NullCache'\n"
+        "np.save('features.npy', audio.log_mel(np.sin(np.arange(16000, dtype=np.float32) / 7)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = audio.log_mel(np.sin(np.arange(16000, dtype=np.float32) / 7))
+    np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), expected)
