@@ -232,6 +232,23 @@ def write_shard(shard: Path, rows: list[Row], results, fingerprint: str, on_row=
     return sidecar
 
 
+def shard_compressions(shards: list[Path], sidecars: list[dict]) -> list[str]:
+    """The compressions (keys of WRITER_OPTIONS) the non-empty shards hold, read from the shards: a rerun keeps
+    every finished shard whatever its compression (its records are the same), so a split can hold both."""
+    return sorted({_compression_of(shard) for shard, sidecar in zip(shards, sidecars) if sidecar["num_records"]})
+
+
+def _compression_of(shard: Path) -> str:
+    """The WRITER_OPTIONS key whose options the shard was written with (else its writer options as recorded)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(shard))
+    written = set(reader.writer_options_string().split(","))
+    reader.close()
+    matches = [name for name, options in WRITER_OPTIONS.items() if set(options.split(",")) <= written]
+    return matches[0] if matches else ",".join(sorted(written))
+
+
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -282,6 +299,21 @@ def _results(rows: list[Row], config: PrecomputeConfig, workers: int, threads: i
         yield from pool.imap(work, rows, chunksize=2)
 
 
+def _row_progress(split: str, total: int, done: int, skipped: int, shown: bool):
+    """A progress bar over a manifest's rows, and the `on_row(was_skipped)` that advances it and counts skips."""
+    from synergy_jax import progress as progress_bar
+
+    bar = progress_bar.bar(total=total, initial=done, desc=f"precompute {split}", unit="row", disable=not shown)
+    skipped_so_far = [skipped]
+
+    def on_row(was_skipped: bool) -> None:
+        skipped_so_far[0] += was_skipped
+        bar.update(1)
+        bar.set_postfix(skipped=skipped_so_far[0], refresh=False)
+
+    return bar, on_row
+
+
 def precompute(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -297,8 +329,6 @@ def precompute(
 
     Rows are computed in `workers` processes, or with `workers=0` in this process on `threads` threads; shards
     are written with `compression` (a key of WRITER_OPTIONS; readers need not know it)."""
-    from synergy_jax import progress as progress_bar
-
     if compression not in WRITER_OPTIONS:
         raise ValueError(f"compression={compression!r}: must be one of {', '.join(WRITER_OPTIONS)}")
 
@@ -317,20 +347,8 @@ def precompute(
     todo = [index for index, sidecar in enumerate(sidecars) if sidecar is None]
 
     started = time.perf_counter()
-    bar = progress_bar.bar(
-        total=len(rows),
-        initial=len(rows) - sum(len(chunks[i]) for i in todo),
-        desc=f"precompute {split}",
-        unit="row",
-        disable=not progress,
-    )
-    skipped_so_far = [len(manifest_problems) + sum(len(s["skipped"]) for s in sidecars if s)]
-
-    def on_row(was_skipped: bool) -> None:
-        skipped_so_far[0] += was_skipped
-        bar.update(1)
-        bar.set_postfix(skipped=skipped_so_far[0], refresh=False)
-
+    skipped = len(manifest_problems) + sum(len(s["skipped"]) for s in sidecars if s)
+    bar, on_row = _row_progress(split, len(rows), len(rows) - sum(len(chunks[i]) for i in todo), skipped, progress)
     results = _results([row for index in todo for row in chunks[index]], config, workers, threads)
     try:
         for index in todo:
@@ -343,6 +361,7 @@ def precompute(
     metadata = build_metadata(manifest, split, config, rows, manifest_problems, shards, sidecars)
     metadata["seconds"] = round(time.perf_counter() - started, 3)
     metadata["malloc"] = host_memory.describe()  # what this run's speed depended on
+    metadata["compression"] = shard_compressions(shards, sidecars)
     metadata["rows_computed_this_run"] = sum(len(chunks[i]) for i in todo)
     _write_json_atomically(metadata_path(out, split), metadata)
     if summary := skipped_summary(str(manifest), metadata["skipped"]):

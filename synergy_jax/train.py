@@ -233,6 +233,30 @@ def check_batch(batch_size: int, mesh: Mesh, accum_steps: int = 1, name: str = "
 LossFn = Callable[[Params, Batch, jax.Array, dict[str, Any], Any], tuple[jax.Array, tuple[Metrics, dict[str, Any]]]]
 
 
+def accumulated_gradients(loss_fn: LossFn, accum_steps: int, mesh: Mesh) -> Callable[..., tuple[Any, Metrics, dict]]:
+    """`(params, batch, rng, fields, frozen) -> (grads, metrics, fields)`: the loss's gradients over the batch, as
+    the mean over `accum_steps` microbatches (`lax.scan`, each device keeping its own rows) when more than one."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params: Params, batch: Batch, rng: jax.Array, fields: dict, frozen: Any):
+        if accum_steps == 1:
+            (_, (metrics, fields)), grads = grad_fn(params, batch, rng, fields, frozen)
+            return grads, metrics, fields
+
+        def accumulate(carry, inputs):
+            grad_sum, fields = carry
+            index, microbatch = inputs
+            (_, (metrics, fields)), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index), fields, frozen)
+            return (jax.tree.map(jnp.add, grad_sum, grads), fields), metrics
+
+        microbatches = split_microbatches(batch, accum_steps, mesh)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, fields), metrics = jax.lax.scan(accumulate, (zeros, fields), (jnp.arange(accum_steps), microbatches))
+        return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics), fields
+
+    return gradients
+
+
 def update_if_finite(finite: jax.Array, update: Callable[[Any], Any], state: Any, platform: str) -> Any:
     """`update(state)` where `finite`, else `state` as it was. On CPU a branch: a select between the updated and the
     old state reads every donated buffer after its update is computed, so XLA:CPU copied the whole optimizer state
@@ -263,24 +287,8 @@ def make_step(
     `shardings` is the state's sharding tree (or one sharding for all of it); `extra_metrics(params)` adds the
     job's own read-outs of the parameters before the update (e.g. temperatures).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    gradients = accumulated_gradients(loss_fn, accum_steps, mesh)
     platform = parallel.platform_of(mesh)
-
-    def gradients(params: Params, batch: Batch, rng: jax.Array, fields: dict, frozen: Any):
-        if accum_steps == 1:
-            (_, (metrics, fields)), grads = grad_fn(params, batch, rng, fields, frozen)
-            return grads, metrics, fields
-
-        def accumulate(carry, inputs):
-            grad_sum, fields = carry
-            index, microbatch = inputs
-            (_, (metrics, fields)), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index), fields, frozen)
-            return (jax.tree.map(jnp.add, grad_sum, grads), fields), metrics
-
-        microbatches = split_microbatches(batch, accum_steps, mesh)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grad_sum, fields), metrics = jax.lax.scan(accumulate, (zeros, fields), (jnp.arange(accum_steps), microbatches))
-        return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics), fields
 
     def step(state, batch: Batch, *frozen: Any):
         rng = jax.random.fold_in(state.rng, state.step)

@@ -249,12 +249,16 @@ def test_shards_are_uncompressed_or_zstd_level_1_with_one_record_per_chunk_and_r
     for compression, expected in (("none", "uncompressed"), ("zstd", "zstd:1")):
         out = tmp_path / compression
         options = {} if compression == "none" else {"compression": compression}  # "none" is the default
-        precompute.precompute(manifest, out, TINY, workers=0, progress=False, **options)
+        metadata = precompute.precompute(manifest, out, TINY, workers=0, progress=False, **options)
+        assert metadata["compression"] == [compression]
         reader = ArrayRecordReader(str(next(out.glob(f"*{precompute.SHARD_SUFFIX}"))))
         written = reader.writer_options_string().split(",")
         assert expected in written and "group_size:1" in written, written
         records_by_compression[compression] = reader.read_all()
     assert records_by_compression["none"] == records_by_compression["zstd"]
+    # a rerun keeps the finished shards whatever their compression, and the metadata says what they hold
+    again = precompute.precompute(manifest, tmp_path / "zstd", TINY, workers=0, progress=False)
+    assert again["rows_computed_this_run"] == 0 and again["compression"] == ["zstd"]
     with pytest.raises(ValueError, match="compression='lz4': must be one of none, zstd"):
         precompute.precompute(manifest, tmp_path / "lz4", TINY, workers=0, progress=False, compression="lz4")
 
