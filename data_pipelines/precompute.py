@@ -461,7 +461,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_frames", audio.FbankConfig.max_frames, "AST frames (10 ms each) per clip.")
     flags.DEFINE_integer("mel_bins", audio.FbankConfig.num_mel_bins, "Mel bins.")
     flags.DEFINE_bool("reference_resampling", False, "Resample via 22.05 kHz as the reference did.")
-    flags.DEFINE_enum("compression", "none", list(WRITER_OPTIONS), "Shard compression (zstd: 13-18 % smaller, "
+    flags.DEFINE_enum("compression", "none", list(WRITER_OPTIONS), "Shard compression (zstd: 9-18 % smaller, "
                       "slower to write and read).")
 
 
