@@ -157,8 +157,8 @@ def time_per_clip_paths(rows) -> dict[str, float]:
     }
 
 
-def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int, compression: str = "none"
-                    ) -> dict[str, float]:  # fmt: skip
+def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int,
+                    compression: str = "none") -> dict[str, float]:
     """Seconds to precompute the subset: one process on one thread, one process on `threads` threads, and
     `workers` processes (start-up included), writing `compression` shards."""
     timings = {}
@@ -340,7 +340,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    host_memory.use_fast_malloc(default="glibc_keep")  # precompute's own (data_pipelines/precompute.py)
+    host_memory.use_fast_malloc(default=precompute.MALLOC)
 
     flags.DEFINE_string("manifest", None, "Benchmark on this manifest's files instead of generated clips.")
     flags.DEFINE_integer("limit", 0, "Use at most this many rows (0: all).")

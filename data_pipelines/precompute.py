@@ -56,6 +56,7 @@ IMAGE_FORMATS = ("png", "jpeg", "raw")
 # precompute's other threads; zstd level 1 (as small as the default level 3, a third of its write time) is for
 # disks where bytes per epoch matter (docs/performance.md, "Stop 28").
 WRITER_OPTIONS = {"none": "group_size:1,uncompressed", "zstd": "group_size:1,zstd:1"}
+MALLOC = "glibc_keep"  # the malloc a precompute process restarts with (synergy_jax/host_memory.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,6 +499,6 @@ if __name__ == "__main__":
 
     from synergy_jax import cli
 
-    host_memory.use_fast_malloc(default="glibc_keep")
+    host_memory.use_fast_malloc(default=MALLOC)
     _define_flags()
     app.run(_run, flags_parser=cli.parse_flags_or_exit)  # a bad flag exits 2 in one line, as the jobs

@@ -157,13 +157,19 @@ def describe() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         maps = ""
-    if "libmimalloc" in maps:
-        return f"mimalloc, preloaded ({PURGE_DELAY}={os.environ.get(PURGE_DELAY, 'its default')})"
-    version, ways = glibc_version(), []
-    keeps = all(_tunable_value(os.environ, name) == value for name, value in KEEP_TUNABLES.items())
-    if version is not None and version >= MIN_GLIBC["glibc_keep"] and keeps:
+    return description(os.environ, "libmimalloc" in maps, glibc_version())
+
+
+def description(environment: Mapping[str, str], mimalloc_loaded: bool, glibc: tuple[int, int] | None) -> str:
+    """`describe` for a process with this environment, mimalloc loaded or not, and this glibc (None: another C
+    library): every setting that is in effect."""
+    if mimalloc_loaded:
+        return f"mimalloc, preloaded ({PURGE_DELAY}={environment.get(PURGE_DELAY, 'its default')})"
+    ways = []
+    keeps = all(_tunable_value(environment, name) == value for name, value in KEEP_TUNABLES.items())
+    if glibc is not None and glibc >= MIN_GLIBC["glibc_keep"] and keeps:
         ways.append("keeping freed memory (" + ", ".join(map("=".join, KEEP_TUNABLES.items())) + ")")
-    if version is not None and version >= MIN_GLIBC["huge_pages"] and _tunable_value(os.environ) == "1":
+    if glibc is not None and glibc >= MIN_GLIBC["huge_pages"] and _tunable_value(environment) == "1":
         ways.append(f"transparent huge pages ({TUNABLE}=1)")
     return "glibc malloc, " + "; ".join(ways) if ways else "the system's malloc, as it comes"
 

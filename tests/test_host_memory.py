@@ -105,17 +105,16 @@ def test_as_shipped_is_the_environment_the_process_started_with():
     assert host_memory.as_shipped({"GLIBC_TUNABLES": KEEP}) == {"GLIBC_TUNABLES": KEEP}  # the user's own
 
 
-ON_GLIBC = host_memory.glibc_supports_tunable() and "mimalloc" not in host_memory.describe()
-
-
-@pytest.mark.skipif(not ON_GLIBC, reason="needs glibc 2.35+, and a test process that runs on glibc's malloc")
-def test_the_description_reads_what_glibc_applies_the_last_entry_of_a_tunable(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.hugetlb=0:{KEEP}:glibc.malloc.hugetlb=1")
-    assert host_memory.describe() == ("glibc malloc, keeping freed memory (glibc.malloc.mmap_threshold=33554432, "
-                                      "glibc.malloc.trim_threshold=17179869184); transparent huge pages "
-                                      "(glibc.malloc.hugetlb=1)")  # fmt: skip
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0")
-    assert host_memory.describe() == "the system's malloc, as it comes"
+def test_the_description_names_every_setting_in_effect_reading_the_last_entry_of_a_tunable():
+    both = {"GLIBC_TUNABLES": f"glibc.malloc.hugetlb=0:{KEEP}:glibc.malloc.hugetlb=1"}
+    assert host_memory.description(both, False, (2, 36)) == (
+        "glibc malloc, keeping freed memory (glibc.malloc.mmap_threshold=33554432, "
+        "glibc.malloc.trim_threshold=17179869184); transparent huge pages (glibc.malloc.hugetlb=1)")
+    assert host_memory.description(both, False, (2, 30)).startswith("glibc malloc, keeping freed memory")
+    assert host_memory.description(both, False, None) == "the system's malloc, as it comes"
+    off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0"}
+    assert host_memory.description(off, False, (2, 36)) == "the system's malloc, as it comes"
+    assert host_memory.description(both, True, (2, 36)) == "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=its default)"
 
 
 def test_a_bad_choice_names_the_good_ones():
