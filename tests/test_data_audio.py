@@ -13,9 +13,8 @@ import soundfile
 import soxr
 
 from data_pipelines import audio_io
+from helpers import ROOT
 from synergy_jax import audio
-
-REPO = Path(__file__).resolve().parents[1]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4  # the numerics contract for the audio front-end (after normalisation)
@@ -228,7 +227,7 @@ def test_the_kernels_compile_without_a_writable_cache_folder(tmp_path):
         "np.save('features.npy', audio.log_mel(np.sin(np.arange(16000, dtype=np.float32) / 7)))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     expected = audio.log_mel(np.sin(np.arange(16000, dtype=np.float32) / 7))
     np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), expected)
