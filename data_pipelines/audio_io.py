@@ -50,14 +50,12 @@ def _int16_to_mono(samples: np.ndarray) -> np.ndarray:
     """16-bit PCM (samples, channels) -> float32 mono, equal to the bit to `to_mono` of libsndfile's float32
     samples (sample x 2^-15): those products and their sums are exact in float32, so the channels can be summed as
     integers and scaled once, before the same division by the channel count. It skips libsndfile's slower float
-    conversion loop (3.4 -> 0.6 ms for 10 s of stereo) and a float32 copy of every channel."""
-    total = samples[:, 0].astype(np.int32)
-    for channel in range(1, samples.shape[1]):
-        total += samples[:, channel]
-    mono = total.astype(np.float32)
-    mono *= np.float32(2.0**-15)
-    if samples.shape[1] > 1:
-        mono /= np.float32(samples.shape[1])
+    conversion loop and a float32 copy of every channel, and runs as one compiled pass without the GIL
+    (`fbank_kernels.int16_mono`: 10 s of 44.1 kHz stereo in 0.4 ms against numpy's 0.9-1.1 ms)."""
+    from synergy_jax import fbank_kernels  # numba: imported by the processes that decode audio, not by all
+
+    mono = np.empty(samples.shape[0], np.float32)
+    fbank_kernels.int16_mono(samples, mono)
     return mono
 
 

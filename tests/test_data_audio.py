@@ -191,7 +191,7 @@ def test_the_compiled_kernels_are_compiled_to_release_the_gil():
     """Threads computing different clips' features run side by side only if every kernel drops the GIL."""
     from synergy_jax import fbank_kernels
 
-    for kernel in (fbank_kernels.emphasised_frames, fbank_kernels.mel_energies):
+    for kernel in (fbank_kernels.emphasised_frames, fbank_kernels.mel_energies, fbank_kernels.int16_mono):
         assert kernel.targetoptions.get("nogil") is True, kernel
 
 
@@ -214,6 +214,8 @@ def test_the_kernels_refuse_shapes_that_would_read_or_write_out_of_bounds():
     spectrum = np.zeros((3, int(stops.max()) - 1), np.complex128)  # one bin short: the top filter reads past it
     with pytest.raises(ValueError, match="do not fit"):
         fbank_kernels.mel_energies(spectrum, starts, stops, weights, 1e-7, np.zeros((3, config.num_mel_bins)))
+    with pytest.raises(ValueError, match="one value per sample"):
+        fbank_kernels.int16_mono(np.zeros((5, 2), np.int16), np.zeros(4, np.float32))
 
 
 def test_the_kernels_compile_without_a_writable_cache_folder(tmp_path):
