@@ -106,8 +106,11 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
         (label.strip(), (float(rate), float(ratio)))
         for label, rate, ratio in re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)$", result.stdout, re.M)
     )
-    labels = ["its pinned venv", "reference per-sample audio (librosa, our fbank)", "our audio decode",
-              "decoding alone", "1 process, 1 thread", "1 process, 2 threads", "1 worker processes",
+    labels = ["its pinned venv", "reference per-sample audio (librosa, our fbank)",
+              "our audio decode + fbank, 1 thread",
+              "our audio decode + fbank, 1 process, 2 threads (precompute's pool)", "decoding alone",
+              "precompute (audio + image), 1 process, 1 thread", "precompute (audio + image), 1 process, 2 threads",
+              "precompute (audio + image), 1 worker processes",
               *(f"read path, 1 process, {threads} thread(s), augmentation on the {on}"
                 for on in ("host", "device") for threads in (1, 2))]  # fmt: skip
     rows = {label: next(value for key, value in table.items() if label in key) for label in labels}
