@@ -86,6 +86,7 @@ def test_splash_gradients_and_a_sharded_batch():
 
 def test_auto_on_cpu_and_bad_choices_are_refused():
     assert jax.default_backend() == "cpu" and attention.resolve("auto", jnp.float32, 1214) == "heads_first"
+    assert attention.resolve("auto", jnp.float32, 197) == "heads_first"  # CLIP's patches
     assert attention.resolve("auto", jnp.float32, 32) == "xla"  # short sequences: XLA's, as fast
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention.resolve("flash", jnp.float32, 10)
