@@ -102,16 +102,26 @@ class Dense(nn.Module):
         return matmul.dense(x, kernel, bias, self.contracted)
 
 
-def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(eps: float, dtype: Dtype, name: str) -> LayerNorm:
     """LayerNorm over the hidden axis with an explicit epsilon (Flax's default 1e-6 matches none of the towers)."""
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        scale_init=logical(nn.initializers.ones, ("embed",)),
-        bias_init=logical(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """flax's LayerNorm over the last axis (its parameters `scale` and `bias`, float32, initialised to ones and
+    zeros, and its float32 statistics), with the affine part computed by `matmul.scale_and_shift` in float32 and
+    rounded once to `dtype`: on CPU its parameter gradients are matrix-vector products (docs/performance.md)."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), features, jnp.float32)
+        bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), features, jnp.float32)
+        normalized = nn.LayerNorm(self.epsilon, dtype=jnp.float32, use_bias=False, use_scale=False)(x)
+        return matmul.scale_and_shift(normalized, scale, bias).astype(self.dtype)
 
 
 def attention(

@@ -1,5 +1,6 @@
-"""Matmuls with gradients XLA:CPU runs fast: the dense layers' (`dense`, which `layers.Dense` calls) and
-attention's (`batch_matmul`).
+"""Matmuls with gradients XLA:CPU runs fast: the dense layers' (`dense`, which `layers.Dense` calls),
+attention's (`batch_matmul`), and the layer norms' parameter gradients (`scale_and_shift`) as matrix-vector
+products.
 
 A gradient of the form x^T y, contracting the rows (tokens) of x and y, is where autodiff's own formulation is slow
 on XLA:CPU: for a (batch, length, in) activation XLA transposes the whole output gradient in memory first, and Eigen
@@ -35,6 +36,13 @@ def _product(a, b, contract: tuple[int, int], precision, preferred_element_type=
     batch = tuple(range(a.ndim - 2))
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), (batch, batch)), precision=precision,
                                preferred_element_type=preferred_element_type)  # fmt: skip
+
+
+def _column_sums(rows):
+    """ones^T rows over a (tokens, features) array, in float32: a matrix-vector product. Autodiff's sum over the
+    tokens runs on XLA:CPU as a windowed tree reduction, several times slower."""
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    return jax.lax.dot_general(ones, rows, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------- dense layers
@@ -76,11 +84,7 @@ def _flat_dense_backward(contracted, precision, residuals, grad):
     g = grad.reshape(rows.shape[0], w.shape[1])
     grad_x = _product(g, w, (1, 1), precision)
     grad_kernel = _contract_rows(rows, g, precision)
-    grad_bias = None
-    if bias is not None:  # ones^T g: a matrix-vector product, not a reduction
-        ones = jnp.ones((g.shape[0],), g.dtype)
-        grad_bias = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        grad_bias = grad_bias.astype(bias.dtype).reshape(bias.shape)
+    grad_bias = None if bias is None else _column_sums(g).astype(bias.dtype).reshape(bias.shape)
     return grad_x.astype(x.dtype).reshape(x.shape), grad_kernel.astype(kernel.dtype).reshape(kernel.shape), grad_bias
 
 
@@ -122,3 +126,33 @@ def _batch_matmul_backward(transpose_b, preferred_element_type, residuals, grad)
 
 
 _batch_matmul.defvjp(_batch_matmul_forward, _batch_matmul_backward)
+
+
+# ----------------------------------------------------------------------------------------------- layer norms
+
+
+def scale_and_shift(x, scale, bias):
+    """x * scale + bias over x's last axis: a layer norm's affine part. On CPU with a custom gradient whose
+    parameter gradients are column sums over the tokens (`_column_sums`) of g x and g."""
+    if traced_platform() != "cpu":
+        return x * scale + bias
+    return _scale_and_shift(x, scale, bias)
+
+
+@jax.custom_vjp
+def _scale_and_shift(x, scale, bias):
+    return x * scale + bias
+
+
+def _scale_and_shift_forward(x, scale, bias):
+    return _scale_and_shift(x, scale, bias), (x, scale, bias)
+
+
+def _scale_and_shift_backward(residuals, grad):
+    x, scale, bias = residuals
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_scale = _column_sums(rows * x.reshape(rows.shape).astype(rows.dtype))
+    return (grad * scale).astype(x.dtype), grad_scale.astype(scale.dtype), _column_sums(rows).astype(bias.dtype)
+
+
+_scale_and_shift.defvjp(_scale_and_shift_forward, _scale_and_shift_backward)
