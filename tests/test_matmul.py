@@ -3,7 +3,9 @@
 sharded or not; its compiled gradient has no transposed copy of an activation-sized array, computes a tall weight's
 gradient as (out, in) and the bias gradient as a product, not a windowed reduction; `layers.Dense` has flax's
 parameters and initialisation; other platforms are left to `jax.lax.dot_general`. Attention's batched matmuls:
-equal to einsum in value and gradients, float32 accumulation of bfloat16, gradients with the short side as rows."""
+equal to einsum in value and gradients, float32 accumulation of bfloat16, gradients with the short side as rows.
+Layer norms' affine part and the softmax's row sums: autodiff's values and gradients, the token sums as products;
+`layers.LayerNorm` is flax's in parameters, values and gradients."""
 
 import math
 import re
@@ -232,3 +234,56 @@ def test_batch_matmul_in_bfloat16_accumulates_in_float32():
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(matmul.batch_matmul(a, b, True, jnp.float32))), (0, 1))(a, b)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_scale_and_shift_equals_autodiff_and_sums_the_tokens_by_products():
+    """A layer norm's affine part: the same value and gradients as x * scale + bias under autodiff (in float32
+    and, keeping each operand's dtype, in bfloat16), with the parameter gradients as dots, not reductions over
+    the tokens."""
+    rng = np.random.default_rng(4)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, 24)), dtype)
+        scale, bias = (jnp.asarray(rng.standard_normal(24), jnp.float32) for _ in range(2))
+        plain = lambda x, s, b: x * s + b  # noqa: E731
+        tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(matmul.scale_and_shift(x, scale, bias), plain(x, scale, bias), rtol=tolerance)
+        cost = lambda f: lambda x, s, b: jnp.sum(jnp.sin(f(x, s, b).astype(jnp.float32)))  # noqa: E731
+        ours = jax.grad(cost(matmul.scale_and_shift), (0, 1, 2))(x, scale, bias)
+        theirs = jax.grad(cost(plain), (0, 1, 2))(x, scale, bias)
+        for mine, expected in zip(ours, theirs):
+            assert mine.dtype == expected.dtype, (mine.dtype, expected.dtype)
+            np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(expected, np.float32),
+                                       rtol=tolerance, atol=tolerance * 10)  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((BATCH, LENGTH, 24)), jnp.float32)
+    hlo = compiled_gradient(cost(matmul.scale_and_shift), x, scale, bias)
+    assert not token_reductions(hlo), token_reductions(hlo)
+    assert token_reductions(compiled_gradient(cost(plain), x, scale, bias)), "autodiff's has them"
+    assert len([shape for shape in products_in_memory_order(hlo) if math.prod(shape) == 24]) == 2, hlo
+
+
+def test_row_sums_equal_the_sum_in_value_and_gradient():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 70)), jnp.float32)
+    np.testing.assert_allclose(matmul.row_sums(x), x.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal((BATCH, 3, LENGTH, 1)), jnp.float32)
+    ours = jax.grad(lambda x: jnp.sum(jnp.sin(matmul.row_sums(x) * weights)))(x)
+    theirs = jax.grad(lambda x: jnp.sum(jnp.sin(x.sum(axis=-1, keepdims=True) * weights)))(x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_has_flax_parameters_and_values():
+    """`layers.LayerNorm` initialises and computes as flax's LayerNorm (same parameter tree), in value and in
+    gradients, whatever the parameters."""
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((BATCH, LENGTH, 24)) * 0.01 + 1, jnp.float32)  # eps shows
+    ours, theirs = layers.LayerNorm(1e-5), nn.LayerNorm(epsilon=1e-5)
+    ours_params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), x))  # logical axis names: ('embed',)
+    their_params = theirs.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(ours_params) == jax.tree.structure(their_params)
+    for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size).reshape(p.shape), ours_params)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+    cost = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+    for mine, expected in zip(jax.tree.leaves(jax.grad(cost(ours), (0, 1))(params, x)),
+                              jax.tree.leaves(jax.grad(cost(theirs), (0, 1))(params, x))):  # fmt: skip
+        np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))

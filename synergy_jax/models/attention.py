@@ -70,7 +70,7 @@ def _heads_first(query, key, value, mask) -> jax.Array:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jnp.exp(logits - jax.lax.stop_gradient(_row_max(logits)))
     out = matmul.batch_matmul(weights.astype(value.dtype), v, preferred_element_type=jnp.float32)
-    return (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype).transpose(0, 2, 1, 3)
+    return (out / matmul.row_sums(weights)).astype(value.dtype).transpose(0, 2, 1, 3)
 
 
 ROW_MAX_WIDTH = 32  # XLA:CPU's tree-reduction rewriter leaves reductions over at most 32 elements alone

@@ -128,6 +128,31 @@ def _batch_matmul_backward(transpose_b, preferred_element_type, residuals, grad)
 _batch_matmul.defvjp(_batch_matmul_forward, _batch_matmul_backward)
 
 
+def row_sums(x):
+    """x summed over its last axis, keepdims: the softmax's denominators. On CPU a matrix-vector product x ones
+    whose gradient is the broadcast (autodiff's own would be too), instead of XLA:CPU's windowed tree reduction."""
+    if traced_platform() != "cpu":
+        return x.sum(axis=-1, keepdims=True)
+    return _row_sums(x)
+
+
+@jax.custom_vjp
+def _row_sums(x):
+    ones = jnp.ones((x.shape[-1],), x.dtype)
+    return jax.lax.dot_general(x, ones, (((x.ndim - 1,), (0,)), ((), ())))[..., None]
+
+
+def _row_sums_forward(x):
+    return _row_sums(x), x.shape
+
+
+def _row_sums_backward(shape, grad):
+    return (jnp.broadcast_to(grad, shape),)
+
+
+_row_sums.defvjp(_row_sums_forward, _row_sums_backward)
+
+
 # ----------------------------------------------------------------------------------------------- layer norms
 
 
