@@ -182,8 +182,8 @@ def test_other_platforms_use_dot_general(monkeypatch):
 
 
 def test_every_block_uses_the_matmuls(monkeypatch):
-    """The dense layers of every transformer block (q, k and v as one product, attention out, fc1, fc2) of all
-    three towers go through the dense matmul, and `heads_first` attention's two products through the batched one; the projections
+    """The six dense layers of every transformer block (q, k, v, attention out, fc1, fc2) of all three towers go
+    through the dense matmul, and `heads_first` attention's two products through the batched one; the projections
     and heads outside the blocks keep flax's default."""
     from synergy_jax.models.synergy import SynergyCLIP, example_batch
     from synthetic import tiny_config
@@ -198,7 +198,7 @@ def test_every_block_uses_the_matmuls(monkeypatch):
     model = SynergyCLIP(config)
     model.apply(model.init(jax.random.PRNGKey(0), batch), batch)
     blocks = sum(getattr(config, tower).num_hidden_layers for tower in ("vision", "text", "audio"))
-    assert calls == {"_flat_dense": 2 * 4 * blocks, "_batch_matmul": 2 * 2 * blocks}  # init and apply
+    assert calls == {"_flat_dense": 2 * 6 * blocks, "_batch_matmul": 2 * 2 * blocks}  # init and apply
 
 
 @pytest.mark.parametrize("transpose_b", [False, True])

@@ -93,25 +93,13 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, bias = self.parameters(x.shape[x.ndim - self.contracted :])
-        return matmul.dense(jnp.asarray(x, self.dtype), kernel, bias, self.contracted)
-
-    def parameters(self, inputs: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-        """(kernel, bias) for inputs whose trailing axes are `inputs`, in the compute dtype."""
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        inputs = x.shape[x.ndim - self.contracted :]
         kernel_flat = (math.prod(inputs), math.prod(features))
         kernel = self.param("kernel", _flat_init(self.kernel_init, kernel_flat), inputs + features, jnp.float32)
         bias = self.param("bias", _flat_init(self.bias_init, (math.prod(features),)), features, jnp.float32)
-        return jnp.asarray(kernel, self.dtype), jnp.asarray(bias, self.dtype)
-
-
-class DenseParameters(Dense):
-    """A `Dense` layer's parameters alone (same names, shapes and initialisation), called with the input's
-    trailing shape: for layers that apply several kernels as one product."""
-
-    @nn.compact
-    def __call__(self, inputs: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:  # type: ignore[override]
-        return self.parameters(inputs)
+        x, kernel, bias = (jnp.asarray(array, self.dtype) for array in (x, kernel, bias))
+        return matmul.dense(x, kernel, bias, self.contracted)
 
 
 def layer_norm(eps: float, dtype: Dtype, name: str) -> LayerNorm:
@@ -184,19 +172,16 @@ class MultiHeadAttention(nn.Module):
         else:
             kernel_init = out_init = nn.initializers.normal(self.init_std)
 
-        def parameters(name: str) -> tuple[jax.Array, jax.Array]:
-            return DenseParameters(
+        def project(name: str) -> jax.Array:
+            return Dense(
                 features=(self.num_heads, head_dim),
                 kernel_init=logical(kernel_init, ("embed", "heads", "kv")),
                 bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
                 dtype=self.dtype,
                 name=name,
-            )((hidden,))
+            )(x)
 
-        # q, k and v as one product (embed -> 3, heads, kv): a wider matmul, and one input gradient instead of three
-        kernels, biases = zip(*(parameters(name) for name in ("query", "key", "value")))
-        qkv = matmul.dense(jnp.asarray(x, self.dtype), jnp.stack(kernels, axis=1), jnp.stack(biases))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        query, key, value = project("query"), project("key"), project("value")
         use_dropout = not deterministic and self.dropout_rate > 0.0
         dropout_rng = self.make_rng("dropout") if use_dropout else None
         out = attention(query, key, value, mask, self.dropout_rate, dropout_rng, self.implementation)
