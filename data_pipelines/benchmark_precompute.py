@@ -283,7 +283,7 @@ def time_pinned_reference(python: str, subset: Path, count: int) -> dict:
 
 
 def report(count: int, seconds: dict[str, float], timings: dict[str, float], reads: dict[tuple[str, int], float],
-           pinned: dict[str, float] | None = None, augmenting: float | None = None, threads: int = 2) -> None:
+           pinned: dict[str, float] | None, augmenting: float | None, threads: int) -> None:
     """The table: every path's clips/s and its ratio to the reference's per-sample audio path, which is the
     pinned reference's own run when there is one."""
     reference = pinned["audio"] if pinned else seconds["reference"]

@@ -73,9 +73,9 @@ def mel_energies(spectrum, starts, stops, weights, floor, out):
 @_compiled
 def int16_mono(samples, out):
     """out[i] (float32) = the mean over channels of samples[i, :] x 2^-15 (int16, (samples, channels)): the
-    channels summed as integers (exact), scaled once, then divided by the channel count, as
-    `audio_io._int16_to_mono` specifies; one pass instead of numpy's five over the clip. Shapes are checked first
-    (a ValueError)."""
+    channels summed as integers (exact), scaled once, then divided by the channel count, in one pass over the
+    clip. Why this equals libsndfile's float samples mixed down: `audio_io._int16_to_mono`. Shapes are checked
+    first (a ValueError)."""
     if out.shape[0] != samples.shape[0] or samples.shape[1] == 0:
         raise ValueError("int16_mono: `out` must have one value per sample, and the samples a channel")
     scale, channels = np.float32(2.0**-15), samples.shape[1]

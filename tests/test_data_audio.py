@@ -216,6 +216,8 @@ def test_the_kernels_refuse_shapes_that_would_read_or_write_out_of_bounds():
         fbank_kernels.mel_energies(spectrum, starts, stops, weights, 1e-7, np.zeros((3, config.num_mel_bins)))
     with pytest.raises(ValueError, match="one value per sample"):
         fbank_kernels.int16_mono(np.zeros((5, 2), np.int16), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="a channel"):  # no channel to read
+        fbank_kernels.int16_mono(np.zeros((5, 0), np.int16), np.zeros(5, np.float32))
 
 
 def test_the_kernels_compile_without_a_writable_cache_folder(tmp_path):

@@ -272,18 +272,27 @@ def test_row_sums_equal_the_sum_in_value_and_gradient():
 
 
 def test_layer_norm_has_flax_parameters_and_values():
-    """`layers.LayerNorm` initialises and computes as flax's LayerNorm (same parameter tree), in value and in
-    gradients, whatever the parameters."""
+    """`layers.LayerNorm` initialises and computes as flax's LayerNorm (same parameter tree, the towers' logical
+    axis names), in value and in gradients, whatever the parameters; for a (batch, tokens, features) input and a
+    2-D one (CLIP's pooled token), in float32 and, rounding once, in bfloat16."""
     x = jnp.asarray(np.random.default_rng(6).standard_normal((BATCH, LENGTH, 24)) * 0.01 + 1, jnp.float32)  # eps shows
-    ours, theirs = layers.LayerNorm(1e-5), nn.LayerNorm(epsilon=1e-5)
-    ours_params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), x))  # logical axis names: ('embed',)
-    their_params = theirs.init(jax.random.PRNGKey(0), x)
-    assert jax.tree.structure(ours_params) == jax.tree.structure(their_params)
-    for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params)):
-        np.testing.assert_array_equal(a, b)
-    params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size).reshape(p.shape), ours_params)
-    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
-    cost = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
-    for mine, expected in zip(jax.tree.leaves(jax.grad(cost(ours), (0, 1))(params, x)),
-                              jax.tree.leaves(jax.grad(cost(theirs), (0, 1))(params, x))):  # fmt: skip
-        np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
+    boxed = layers.LayerNorm(1e-5).init(jax.random.PRNGKey(0), x)["params"]
+    assert {name: leaf.names for name, leaf in boxed.items()} == {"scale": ("embed",), "bias": ("embed",)}
+    for inputs, dtype in ((x, jnp.float32), (x[:, 0], jnp.float32), (x, jnp.bfloat16)):
+        ours, theirs = layers.LayerNorm(1e-5, dtype=dtype), nn.LayerNorm(epsilon=1e-5, dtype=dtype)
+        ours_params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), inputs))
+        their_params = theirs.init(jax.random.PRNGKey(0), inputs)
+        assert jax.tree.structure(ours_params) == jax.tree.structure(their_params)
+        for a, b in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params)):
+            np.testing.assert_array_equal(a, b)
+        params = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size).reshape(p.shape), ours_params)
+        out, expected = ours.apply(params, inputs), theirs.apply(params, inputs)
+        assert out.dtype == expected.dtype == dtype
+        tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tolerance,
+                                   atol=tolerance)  # fmt: skip
+        cost = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))  # noqa: E731
+        for mine, wanted in zip(jax.tree.leaves(jax.grad(cost(ours), (0, 1))(params, inputs)),
+                                jax.tree.leaves(jax.grad(cost(theirs), (0, 1))(params, inputs))):  # fmt: skip
+            scale = tolerance * float(jnp.abs(wanted).max())
+            np.testing.assert_allclose(mine, wanted, rtol=tolerance * 10, atol=scale)

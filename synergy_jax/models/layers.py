@@ -120,7 +120,7 @@ class LayerNorm(nn.Module):
         features = (x.shape[-1],)
         scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), features, jnp.float32)
         bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), features, jnp.float32)
-        normalized = nn.LayerNorm(self.epsilon, dtype=jnp.float32, use_bias=False, use_scale=False)(x)
+        normalized = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, use_bias=False, use_scale=False)(x)
         return matmul.scale_and_shift(normalized, scale, bias).astype(self.dtype)
 
 

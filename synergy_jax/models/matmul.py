@@ -129,8 +129,8 @@ _batch_matmul.defvjp(_batch_matmul_forward, _batch_matmul_backward)
 
 
 def row_sums(x):
-    """x summed over its last axis, keepdims: the softmax's denominators. On CPU a matrix-vector product x ones
-    whose gradient is the broadcast (autodiff's own would be too), instead of XLA:CPU's windowed tree reduction."""
+    """x summed over its last axis, keepdims: the softmax's denominators. On CPU a matrix-vector product x ones,
+    with the broadcast as its gradient, instead of XLA:CPU's windowed tree reduction."""
     if traced_platform() != "cpu":
         return x.sum(axis=-1, keepdims=True)
     return _row_sums(x)
@@ -157,8 +157,8 @@ _row_sums.defvjp(_row_sums_forward, _row_sums_backward)
 
 
 def scale_and_shift(x, scale, bias):
-    """x * scale + bias over x's last axis: a layer norm's affine part. On CPU with a custom gradient whose
-    parameter gradients are column sums over the tokens (`_column_sums`) of g x and g."""
+    """x * scale + bias, `scale` and `bias` shaped (x's last axis,): a layer norm's affine part. On CPU with a
+    custom gradient whose parameter gradients are column sums over the tokens (`_column_sums`) of g x and g."""
     if traced_platform() != "cpu":
         return x * scale + bias
     return _scale_and_shift(x, scale, bias)
