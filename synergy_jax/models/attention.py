@@ -13,9 +13,9 @@ All take `(batch, length, heads, head_dim)` query/key/value and an optional bool
   batch on 'data' and the heads on 'model'); elsewhere it needs a single device. Off TPU it runs in Pallas'
   interpret mode (slow; what the tests use).
 - `auto`: on CPU `heads_first` from `HEADS_FIRST_MIN_LENGTH` tokens (CLIP's 197 and AST's; at 197 its forward
-  and backward take 11.0 against 15.1 ms), else `xla` (RoBERTa's 32: the two run equally fast); on GPU `cudnn` in bfloat16 /
-  float16, else `xla`; on TPU `splash` from `SPLASH_MIN_LENGTH` tokens
-  where it can run (one device, or a mesh context), else `xla`. The platform is the mesh context's when there is
+  and backward take 11.0 against 15.1 ms), else `xla` (RoBERTa's 32: the two run equally fast); on GPU `cudnn`
+  in bfloat16 / float16, else `xla`; on TPU `splash` from `SPLASH_MIN_LENGTH` tokens where it can run (one
+  device, or a mesh context), else `xla`. The platform is the mesh context's when there is
   one (so a step traced for a TPU topology on a CPU host picks TPU kernels), else JAX's default backend.
 """
 
