@@ -60,12 +60,6 @@ def glibc_version() -> tuple[int, int] | None:
         return None
 
 
-def glibc_supports_tunable() -> bool:
-    """Linux with glibc 2.35 or newer, which reads every tunable the choices set."""
-    version = glibc_version()
-    return version is not None and version >= max(MIN_GLIBC.values())
-
-
 def mimalloc_library() -> str | None:
     """The path of the installed mimalloc shared library on Linux, else None (other systems preload differently,
     and a path with a space or colon cannot be preloaded)."""

@@ -15,11 +15,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from synergy_jax import checkpoint, cli, parallel, train
+from synergy_jax import checkpoint, cli, host_memory, parallel, train
 from synergy_jax.models.synergy import SynergyCLIP, SynergyConfig, example_batch
 from synergy_jax.record import DataSource, RunRecord, model_config_to_dict, optimizer_structure
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def glibc_reads_every_tunable() -> bool:
+    """Linux with glibc 2.35 or newer, which reads every tunable `host_memory`'s choices set."""
+    version = host_memory.glibc_version()
+    return version is not None and version >= max(host_memory.MIN_GLIBC.values())
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import glibc_reads_every_tunable
 from synergy_jax import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_with_mimalloc_freed_buffers_are_reused_without_faulting_again(tmp_path)
     assert min(again) >= first / 2, (first, again)
 
 
-@pytest.mark.skipif(not host_memory.glibc_supports_tunable(), reason="needs Linux with glibc 2.35+")
+@pytest.mark.skipif(not glibc_reads_every_tunable(), reason="needs Linux with glibc 2.35+")
 def test_the_huge_page_restart_sets_the_tunable_once(tmp_path):
     lines, report, pid = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="huge_pages")
     assert lines == ["started", "started"] and report["pid"] == pid
@@ -175,7 +176,7 @@ def test_the_huge_page_restart_sets_the_tunable_once(tmp_path):
     assert report["described"] == f"glibc malloc, transparent huge pages ({TUNABLE})"
 
 
-@pytest.mark.skipif(not host_memory.glibc_supports_tunable() or not THP_SETTING.exists()
+@pytest.mark.skipif(not glibc_reads_every_tunable() or not THP_SETTING.exists()
                     or "[never]" in THP_SETTING.read_text(), reason="needs glibc 2.35+ and transparent huge pages")  # fmt: skip
 def test_after_the_huge_page_restart_large_buffers_fault_in_huge_pages(tmp_path):
     huge_faults = sum(_probe_report(tmp_path, SYNERGY_JAX_MALLOC="huge_pages")[1]["faults"])
@@ -184,7 +185,7 @@ def test_after_the_huge_page_restart_large_buffers_fault_in_huge_pages(tmp_path)
     assert huge_faults < small_faults / 4, (huge_faults, small_faults)
 
 
-@pytest.mark.skipif(not host_memory.glibc_supports_tunable(), reason="needs Linux with glibc 2.35+")
+@pytest.mark.skipif(not glibc_reads_every_tunable(), reason="needs Linux with glibc 2.35+")
 def test_with_glibc_keep_a_clips_worth_of_buffers_is_reused_without_faulting_again(tmp_path):
     blocks = {"PROBE_BLOCKS_MIB": "1,2,4,2"}  # live together, as a clip's waveform, frames and spectrum are
     lines, report, pid = _probe_report(tmp_path, PROBE_DEFAULT="glibc_keep", **blocks)
