@@ -25,25 +25,35 @@ class AudioDecodeError(ValueError):
 
 
 def _read_mono(path: str) -> tuple[np.ndarray, int]:
-    """(samples,) float32 mono and the file's rate: libsndfile first, librosa's audioread fallback second."""
+    """(samples,) float32 mono and the file's rate: libsndfile first, librosa's audioread fallback second.
+    Raises AudioDecodeError for a file neither reads and for NaN or infinite samples (16-bit PCM, the common
+    case, cannot hold any, so its samples are not scanned for them)."""
     try:
         with soundfile.SoundFile(path) as file:
-            if file.subtype != "PCM_16":
-                return to_mono(file.read(dtype="float32", always_2d=True)), int(file.samplerate)
-            return _int16_to_mono(file.read(dtype="int16", always_2d=True)), int(file.samplerate)
+            if file.subtype == "PCM_16":
+                return _int16_to_mono(file.read(dtype="int16", always_2d=True)), int(file.samplerate)
+            mono, rate = to_mono(file.read(dtype="float32", always_2d=True)), int(file.samplerate)
     except soundfile.LibsndfileError as sndfile_error:
-        try:
-            import librosa  # slow import and numba compile: only for formats libsndfile lacks (m4a, ...)
+        mono, rate = _read_with_librosa(path, sndfile_error)
+    if not np.isfinite(mono).all():
+        raise AudioDecodeError("audio has NaN or infinite samples")
+    return mono, rate
 
-            with warnings.catch_warnings():  # "PySoundFile failed", audioread deprecation: we report it ourselves
-                warnings.simplefilter("ignore")
-                mono, rate = librosa.load(path, sr=None, mono=True)
-            return np.asarray(mono, np.float32), int(rate)
-        except Exception as fallback_error:  # audioread raises several unrelated types
-            detail = str(fallback_error) or "no decoder read it"  # audioread's NoBackendError has no message
-            raise AudioDecodeError(
-                f"cannot decode audio: {sndfile_error} (librosa fallback: {type(fallback_error).__name__}: {detail})"
-            ) from fallback_error
+
+def _read_with_librosa(path: str, sndfile_error: Exception) -> tuple[np.ndarray, int]:
+    """(samples,) float32 mono and the rate of a format libsndfile lacks (m4a, ...), read by librosa/audioread."""
+    try:
+        import librosa  # slow import and numba compile: only for formats libsndfile lacks
+
+        with warnings.catch_warnings():  # "PySoundFile failed", audioread deprecation: we report it ourselves
+            warnings.simplefilter("ignore")
+            mono, rate = librosa.load(path, sr=None, mono=True)
+        return np.asarray(mono, np.float32), int(rate)
+    except Exception as fallback_error:  # audioread raises several unrelated types
+        detail = str(fallback_error) or "no decoder read it"  # audioread's NoBackendError has no message
+        raise AudioDecodeError(
+            f"cannot decode audio: {sndfile_error} (librosa fallback: {type(fallback_error).__name__}: {detail})"
+        ) from fallback_error
 
 
 def _int16_to_mono(samples: np.ndarray) -> np.ndarray:
@@ -91,8 +101,6 @@ def load_audio(
     waveform, rate = _read_mono(path)
     if waveform.size == 0:
         raise AudioDecodeError("audio file has no samples")
-    if not np.isfinite(waveform).all():
-        raise AudioDecodeError("audio has NaN or infinite samples")
     if reference_resampling:
         waveform = resample(waveform, rate, REFERENCE_LOAD_RATE)
         rate = REFERENCE_LOAD_RATE

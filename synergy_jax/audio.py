@@ -145,7 +145,7 @@ def log_mel(waveform: np.ndarray, config: FbankConfig = FbankConfig()) -> np.nda
     count = int(num_frames(waveform.size, config))
     if count == 0:
         return np.empty((0, config.num_mel_bins), np.float32)
-    frames = np.zeros((count, config.fft_length))  # columns past the frame stay zero: the FFT's padding
+    frames = np.empty((count, config.fft_length))  # the kernel zeroes the columns past the frame
     window = hann_window(config.frame_length).astype(np.float64)
     fbank_kernels.emphasised_frames(waveform, config.hop_length, config.preemphasis, window, frames)
     energies = np.empty((count, config.num_mel_bins))

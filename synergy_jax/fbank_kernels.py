@@ -29,9 +29,9 @@ def _compiled(function):
 @_compiled
 def emphasised_frames(waveform, hop, preemphasis, window, out):
     """Fill `out[i, :len(window)]` (float64) with frame i = waveform[i * hop : i * hop + len(window)], its mean
-    removed, pre-emphasised (the first sample against itself, Kaldi's convention) and windowed. Columns past the
-    window are not touched: zeros there are the FFT's padding. Compiled code has no bounds checks, so the shapes
-    are checked first (a ValueError)."""
+    removed, pre-emphasised (the first sample against itself, Kaldi's convention) and windowed, and the columns
+    past the window with zeros, the FFT's padding (so `out` may come from np.empty). Compiled code has no bounds
+    checks, so the shapes are checked first (a ValueError)."""
     length = window.size
     if out.shape[1] < length or (out.shape[0] > 0 and (out.shape[0] - 1) * hop + length > waveform.size):
         raise ValueError("emphasised_frames: `out` has more frames, or narrower rows, than the waveform gives")
@@ -47,27 +47,40 @@ def emphasised_frames(waveform, hop, preemphasis, window, out):
             current = waveform[start + j] - mean
             out[i, j] = (current - preemphasis * previous) * window[j]
             previous = current
+        for j in range(length, out.shape[1]):
+            out[i, j] = 0.0
+
+
+MEL_BLOCK = 16  # frames whose energies mel_energies sums side by side (two AVX-512 registers of float64)
 
 
 @_compiled
 def mel_energies(spectrum, starts, stops, weights, floor, out):
     """out[i, m] = max(sum over bins k in [starts[m], stops[m]) of weights[m, k - starts[m]] |spectrum[i, k]|^2,
-    floor): each triangular filter reads only the few bins it spans. Shapes are checked first (a ValueError)."""
+    floor): each triangular filter reads only the few bins it spans. The frames go MEL_BLOCK at a time, their
+    powers stored bin-major, so one filter's sums over a block are independent lanes of vector instructions;
+    each sum still adds its terms in bin order. Shapes are checked first (a ValueError)."""
     fits = out.shape[0] == spectrum.shape[0] and out.shape[1] == starts.size == stops.size == weights.shape[0]
     for m in range(starts.size):
         fits = fits and 0 <= starts[m] and stops[m] <= spectrum.shape[1] and stops[m] - starts[m] <= weights.shape[1]
     if not fits:
         raise ValueError("mel_energies: the filters' bands, `weights` and `out` do not fit the spectrum")
-    power = np.empty(spectrum.shape[1])
-    for i in range(spectrum.shape[0]):
-        for k in range(spectrum.shape[1]):
-            value = spectrum[i, k]
-            power[k] = value.real * value.real + value.imag * value.imag
+    power = np.empty((spectrum.shape[1], MEL_BLOCK))
+    energy = np.empty(MEL_BLOCK)
+    for first in range(0, spectrum.shape[0], MEL_BLOCK):
+        count = min(MEL_BLOCK, spectrum.shape[0] - first)
+        for f in range(count):
+            for k in range(spectrum.shape[1]):
+                value = spectrum[first + f, k]
+                power[k, f] = value.real * value.real + value.imag * value.imag
         for m in range(starts.size):
-            energy = 0.0
+            energy[:] = 0.0
             for k in range(starts[m], stops[m]):
-                energy += weights[m, k - starts[m]] * power[k]
-            out[i, m] = max(energy, floor)
+                weight = weights[m, k - starts[m]]
+                for f in range(MEL_BLOCK):
+                    energy[f] += weight * power[k, f]
+            for f in range(count):
+                out[first + f, m] = max(energy[f], floor)
 
 
 @_compiled
@@ -80,9 +93,15 @@ def int16_mono(samples, out):
         raise ValueError("int16_mono: `out` must have one value per sample, and the samples a channel")
     scale, channels = np.float32(2.0**-15), samples.shape[1]
     count = np.float32(channels)
-    for i in range(samples.shape[0]):
-        total = np.int32(samples[i, 0])
-        for channel in range(1, channels):
-            total += np.int32(samples[i, channel])
-        value = np.float32(total) * scale
-        out[i] = value / count if channels > 1 else value
+    if channels == 1:
+        for i in range(samples.shape[0]):
+            out[i] = np.float32(samples[i, 0]) * scale
+    elif channels == 2:  # the common case, as a loop without an inner one: compiled to vector instructions
+        for i in range(samples.shape[0]):
+            out[i] = np.float32(np.int32(samples[i, 0]) + np.int32(samples[i, 1])) * scale / count
+    else:
+        for i in range(samples.shape[0]):
+            total = np.int32(samples[i, 0])
+            for channel in range(1, channels):
+                total += np.int32(samples[i, channel])
+            out[i] = np.float32(total) * scale / count

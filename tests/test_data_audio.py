@@ -142,6 +142,18 @@ def test_load_audio_rejects_truncated_header_and_empty_audio(tmp_path):
         audio_io.load_audio(empty)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_load_audio_rejects_non_finite_float_samples(tmp_path, subtype, bad):
+    """Float formats can store NaN and infinities (16-bit PCM cannot, and is not scanned): they never reach the fbank."""
+    samples = np.zeros((1600, 2), np.float32)
+    samples[1000, 1] = bad
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, samples, 16_000, subtype=subtype)
+    with pytest.raises(audio_io.AudioDecodeError, match="NaN or infinite"):
+        audio_io.load_audio(path)
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 6, 7])
 def test_mixdown_is_numpy_mean_to_the_bit(channels):
     samples = np.random.default_rng(channels).standard_normal((44_100, channels)).astype(np.float32)
@@ -201,6 +213,19 @@ def test_log_mel_takes_any_layout_and_dtype_and_no_whole_frame():
     np.testing.assert_array_equal(audio.log_mel(wave[::2], config), audio.log_mel(wave[::2].copy(), config))
     np.testing.assert_array_equal(audio.log_mel(wave, config), audio.log_mel(wave.astype(np.float32), config))
     assert audio.log_mel(wave[: config.frame_length - 1], config).shape == (0, config.num_mel_bins)
+
+
+def test_emphasised_frames_zero_the_fft_padding_of_any_buffer():
+    """log_mel hands the kernel np.empty memory: the columns past the frame must come back zero, not as found."""
+    from synergy_jax import fbank_kernels
+
+    config = audio.FbankConfig()
+    window = audio.hann_window(config.frame_length).astype(np.float64)
+    wave = np.random.default_rng(0).standard_normal(config.frame_length + 2 * config.hop_length).astype(np.float32)
+    out = np.full((3, config.fft_length), np.nan)
+    fbank_kernels.emphasised_frames(wave, config.hop_length, 0.97, window, out)
+    assert np.isfinite(out).all() and not out[:, config.frame_length :].any()
+    assert out[:, 1 : config.frame_length - 1].all()  # the window is zero at both ends only
 
 
 def test_the_kernels_refuse_shapes_that_would_read_or_write_out_of_bounds():
