@@ -145,7 +145,8 @@ def test_load_audio_rejects_truncated_header_and_empty_audio(tmp_path):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
 def test_load_audio_rejects_non_finite_float_samples(tmp_path, subtype, bad):
-    """Float formats can store NaN and infinities (16-bit PCM cannot, and is not scanned): they never reach the fbank."""
+    """Float formats can store NaN and infinities (16-bit PCM cannot, and is not scanned): none reaches the
+    fbank."""
     samples = np.zeros((1600, 2), np.float32)
     samples[1000, 1] = bad
     path = tmp_path / "clip.wav"
