@@ -7,9 +7,12 @@ a page fault in which the kernel zeroes the page. On two cores this cost the sid
 system time a step (docs/performance.md, "Stop 26").
 
 Two remedies, in this order of preference:
-- **mimalloc** (the `cmeel-mimalloc` wheel, a requirement on Linux), preloaded with `LD_PRELOAD` and told never to
-  return freed memory (`MIMALLOC_PURGE_DELAY=-1`). After the first step nothing is faulted in again: the process
-  keeps the pages of its peak, as a caching allocator does.
+- **mimalloc** (the `cmeel-mimalloc` wheel, a requirement on Linux), preloaded with `LD_PRELOAD`, told never to
+  return freed memory (`MIMALLOC_PURGE_DELAY=-1`) and to serve blocks of every size from the memory it keeps
+  (`MIMALLOC_ARENA_MAX_OBJECT_SIZE=1TiB`: a block above its default of 2 GiB is mapped afresh on every malloc and
+  unmapped on free, and XLA:CPU allocates a step's temporaries as one block, 2.1 GiB for towers of width 512).
+  After the first step nothing is faulted in again: the process keeps the pages of its peak, as a caching
+  allocator does.
 - **glibc's huge pages** (glibc 2.35+, tunable `glibc.malloc.hugetlb=1`): malloc asks for transparent huge pages
   on what it maps, so the same bytes fault in 2 MiB at a time. It removes most of the faults on one core, few on
   two (worker threads' arenas). Transparent huge pages must be enabled in the kernel ('madvise' or 'always' in
@@ -44,9 +47,11 @@ TUNABLE = "glibc.malloc.hugetlb"
 KEEP_TUNABLES = {"glibc.malloc.mmap_threshold": str(32 << 20), "glibc.malloc.trim_threshold": str(16 << 30)}
 MIN_GLIBC = {"huge_pages": (2, 35), "glibc_keep": (2, 26)}  # the first glibc with the hugetlb / malloc tunables
 PURGE_DELAY = "MIMALLOC_PURGE_DELAY"  # milliseconds before mimalloc returns freed memory; -1: never
+ARENA_MAX_OBJECT = "MIMALLOC_ARENA_MAX_OBJECT_SIZE"  # larger blocks bypass mimalloc's arenas (the OS's, each time)
+MIMALLOC_SETTINGS = {PURGE_DELAY: "-1", ARENA_MAX_OBJECT: "1TiB"}  # what a restart sets unless the user did
 # The variables a restart sets, as the process was started with them (JSON), for `as_shipped`.
 STARTED_WITH = "SYNERGY_JAX_MALLOC_STARTED_WITH"
-SET_BY_RESTART = ("LD_PRELOAD", "GLIBC_TUNABLES", PURGE_DELAY)
+SET_BY_RESTART = ("LD_PRELOAD", "GLIBC_TUNABLES", *MIMALLOC_SETTINGS)
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -122,7 +127,8 @@ def environment_with_fast_malloc(environment: Mapping[str, str], mimalloc: str |
         if _preloads_mimalloc(environment):
             return None
         preload = ":".join(filter(None, [mimalloc, environment.get("LD_PRELOAD", "")]))
-        return _marked(environment) | {PURGE_DELAY: environment.get(PURGE_DELAY, "-1"), "LD_PRELOAD": preload}
+        settings = {name: environment.get(name, value) for name, value in MIMALLOC_SETTINGS.items()}
+        return _marked(environment) | settings | {"LD_PRELOAD": preload}
     wanted = "huge_pages" if wanted == "mimalloc" else wanted
     if wanted == "system" or glibc is None or glibc < MIN_GLIBC[wanted] or _preloads_mimalloc(environment):
         return None  # (a process already on mimalloc, preloaded by the user or inherited from a job, keeps it)
@@ -158,7 +164,8 @@ def description(environment: Mapping[str, str], mimalloc_loaded: bool, glibc: tu
     """`describe` for a process with this environment, mimalloc loaded or not, and this glibc (None: another C
     library): every setting that is in effect."""
     if mimalloc_loaded:
-        return f"mimalloc, preloaded ({PURGE_DELAY}={environment.get(PURGE_DELAY, 'its default')})"
+        settings = ", ".join(f"{name}={environment.get(name, 'its default')}" for name in MIMALLOC_SETTINGS)
+        return f"mimalloc, preloaded ({settings})"
     ways = []
     keeps = all(_tunable_value(environment, name) == value for name, value in KEEP_TUNABLES.items())
     if glibc is not None and glibc >= MIN_GLIBC["glibc_keep"] and keeps:

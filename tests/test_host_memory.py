@@ -17,9 +17,10 @@ MIMALLOC = host_memory.mimalloc_library()
 TUNABLE = "glibc.malloc.hugetlb=1"
 KEEP = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
-# Restarts itself (asking for PROBE_DEFAULT unless SYNERGY_JAX_MALLOC chooses), then ten times allocates, touches
-# and frees the blocks PROBE_BLOCKS_MIB lists through malloc, all live at once (default one of 64 MiB: what XLA:CPU
-# does with a step's temporaries; a precomputed clip's buffers are a few of 0.2-5 MiB), and prints its process id,
+# Restarts itself (asking for PROBE_DEFAULT unless SYNERGY_JAX_MALLOC chooses), then PROBE_ROUNDS (10) times
+# allocates, touches and frees the blocks PROBE_BLOCKS_MIB lists through malloc, all live at once (default one of
+# 64 MiB: what XLA:CPU does with a step's temporaries; a precomputed clip's buffers are a few of 0.2-5 MiB), and
+# prints its process id,
 # its malloc settings, its arguments and the page faults of each round.
 PROBE = """
 import ctypes, json, os, resource, sys
@@ -32,7 +33,7 @@ libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 sizes = [int(mib) << 20 for mib in os.environ.get("PROBE_BLOCKS_MIB", "64").split(",")]
 faults = []
-for _ in range(10):
+for _ in range(int(os.environ.get("PROBE_ROUNDS", "10"))):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffers = [libc.malloc(size) for size in sizes]
     for buffer, size in zip(buffers, sizes):
@@ -42,6 +43,7 @@ for _ in range(10):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                   "preload": os.environ.get("LD_PRELOAD"), "purge": os.environ.get("MIMALLOC_PURGE_DELAY"),
+                  "arena_max": os.environ.get("MIMALLOC_ARENA_MAX_OBJECT_SIZE"),
                   "mapped": "libmimalloc" in open("/proc/self/maps").read(),
                   "module": __spec__.name if __spec__ else None, "faults": faults,
                   "described": host_memory.describe()}))
@@ -56,10 +58,13 @@ def _restarted(environment: dict, **settings) -> dict | None:
 
 def test_mimalloc_is_preloaded_before_the_users_libraries_and_only_once():
     restart = _restarted({"A": "1"}, mimalloc="/lib/libmimalloc.so.3")
-    assert restart == {"A": "1", "LD_PRELOAD": "/lib/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1"}
-    mine = {"LD_PRELOAD": "/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}  # the user's delay is kept
+    assert restart == {"A": "1", "LD_PRELOAD": "/lib/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1",
+                       "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB"}
+    mine = {"LD_PRELOAD": "/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500",  # the user's settings are kept
+            "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "4GiB"}
     assert _restarted(mine, mimalloc="/lib/libmimalloc.so.3") == {
-        "LD_PRELOAD": "/lib/libmimalloc.so.3:/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500"}
+        "LD_PRELOAD": "/lib/libmimalloc.so.3:/x/libfoo.so", "MIMALLOC_PURGE_DELAY": "500",
+        "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "4GiB"}
     for preloaded in ("/lib/libmimalloc.so.3", "/x/libfoo.so /y/libmimalloc.so"):  # a restart's, or the user's own
         assert _restarted({"LD_PRELOAD": preloaded}, mimalloc="/lib/libmimalloc.so.3") is None
 
@@ -115,7 +120,8 @@ def test_the_description_names_every_setting_in_effect_reading_the_last_entry_of
     assert host_memory.description(both, False, None) == "the system's malloc, as it comes"
     off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0"}
     assert host_memory.description(off, False, (2, 36)) == "the system's malloc, as it comes"
-    assert host_memory.description(both, True, (2, 36)) == "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=its default)"
+    assert host_memory.description(both, True, (2, 36)) == (
+        "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=its default, MIMALLOC_ARENA_MAX_OBJECT_SIZE=its default)")
 
 
 def test_a_bad_choice_names_the_good_ones():
@@ -127,8 +133,8 @@ def test_a_bad_choice_names_the_good_ones():
 def _run_probe(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
     (tmp_path / "probe.py").write_text(PROBE)
     env = {key: value for key, value in os.environ.items()
-           if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_memory.PURGE_DELAY, host_memory.CHOICE,
-                          host_memory.STARTED_WITH, "PROBE_DEFAULT", "PROBE_BLOCKS_MIB")}  # fmt: skip
+           if key not in ("GLIBC_TUNABLES", "LD_PRELOAD", *host_memory.MIMALLOC_SETTINGS, host_memory.CHOICE,
+                          host_memory.STARTED_WITH, "PROBE_DEFAULT", "PROBE_BLOCKS_MIB", "PROBE_ROUNDS")}  # fmt: skip
     env.update(environment, PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "-m", "probe", "first", "--second=2"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -149,8 +155,9 @@ def test_a_job_restarts_once_as_the_same_command_and_process_with_mimalloc(tmp_p
     lines, report, pid = _probe_report(tmp_path)
     assert lines == ["started", "started"]  # the code before the restart ran twice, the rest once
     assert report["pid"] == pid
-    assert report["preload"] == MIMALLOC and report["purge"] == "-1" and report["mapped"]
-    assert report["described"] == "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=-1)"
+    assert report["preload"] == MIMALLOC and report["purge"] == "-1" and report["arena_max"] == "1TiB"
+    assert report["mapped"]
+    assert report["described"] == "mimalloc, preloaded (MIMALLOC_PURGE_DELAY=-1, MIMALLOC_ARENA_MAX_OBJECT_SIZE=1TiB)"
     assert report["argv"] == ["first", "--second=2"] and report["module"] == "probe"  # `python -m probe ...` again
     lines, report, _ = _probe_report(tmp_path, SYNERGY_JAX_MALLOC="system")
     assert lines == ["started"] and report["preload"] is None and not report["mapped"]
@@ -166,6 +173,17 @@ def test_with_mimalloc_freed_buffers_are_reused_without_faulting_again(tmp_path)
     # a purge after every free (mimalloc's own default waits 10 ms) faults the block in again every time
     first, *again = _probe_report(tmp_path, MIMALLOC_PURGE_DELAY="0")[1]["faults"]
     assert min(again) >= first / 2, (first, again)
+
+
+@pytest.mark.skipif(MIMALLOC is None, reason="cmeel-mimalloc is a requirement on Linux x86_64 / aarch64 only")
+def test_with_mimalloc_a_block_above_2_gib_is_reused_too(tmp_path):
+    """XLA:CPU allocates a step's temporaries as one block; above mimalloc's default arena_max_object_size (2 GiB)
+    it maps such a block afresh on every malloc, so a large step faulted its 2.1 GiB in again every time."""
+    rounds = {"PROBE_BLOCKS_MIB": "2100", "PROBE_ROUNDS": "3"}
+    first, *again = _probe_report(tmp_path, **rounds)[1]["faults"]
+    assert first > 0 and sum(again) <= 8, (first, again)
+    first, *again = _probe_report(tmp_path, **rounds, MIMALLOC_ARENA_MAX_OBJECT_SIZE="2GiB")[1]["faults"]
+    assert min(again) >= first / 2, (first, again)  # mimalloc's default: faulted in afresh every round
 
 
 @pytest.mark.skipif(not glibc_reads_every_tunable(), reason="needs Linux with glibc 2.35+")
