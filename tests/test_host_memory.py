@@ -20,8 +20,7 @@ KEEP = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1717986
 # Restarts itself (asking for PROBE_DEFAULT unless SYNERGY_JAX_MALLOC chooses), then PROBE_ROUNDS (10) times
 # allocates, touches and frees the blocks PROBE_BLOCKS_MIB lists through malloc, all live at once (default one of
 # 64 MiB: what XLA:CPU does with a step's temporaries; a precomputed clip's buffers are a few of 0.2-5 MiB), and
-# prints its process id,
-# its malloc settings, its arguments and the page faults of each round.
+# prints its process id, its malloc settings, its arguments and the page faults of each round.
 PROBE = """
 import ctypes, json, os, resource, sys
 from synergy_jax import host_memory
