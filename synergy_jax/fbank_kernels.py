@@ -65,7 +65,7 @@ def mel_energies(spectrum, starts, stops, weights, floor, out):
         fits = fits and 0 <= starts[m] and stops[m] <= spectrum.shape[1] and stops[m] - starts[m] <= weights.shape[1]
     if not fits:
         raise ValueError("mel_energies: the filters' bands, `weights` and `out` do not fit the spectrum")
-    power = np.empty((spectrum.shape[1], MEL_BLOCK))
+    power = np.zeros((spectrum.shape[1], MEL_BLOCK))  # a short last block's spare lanes sum zeros, not garbage
     energy = np.empty(MEL_BLOCK)
     for first in range(0, spectrum.shape[0], MEL_BLOCK):
         count = min(MEL_BLOCK, spectrum.shape[0] - first)

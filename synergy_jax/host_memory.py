@@ -8,11 +8,11 @@ system time a step (docs/performance.md, "Stop 26").
 
 Two remedies, in this order of preference:
 - **mimalloc** (the `cmeel-mimalloc` wheel, a requirement on Linux), preloaded with `LD_PRELOAD`, told never to
-  return freed memory (`MIMALLOC_PURGE_DELAY=-1`) and to serve blocks of every size from the memory it keeps
+  return freed memory (`MIMALLOC_PURGE_DELAY=-1`) and to serve large blocks from the memory it keeps
   (`MIMALLOC_ARENA_MAX_OBJECT_SIZE=1TiB`: a block above its default of 2 GiB is mapped afresh on every malloc and
-  unmapped on free, and XLA:CPU allocates a step's temporaries as one block, 2.1 GiB for towers of width 512).
-  After the first step nothing is faulted in again: the process keeps the pages of its peak, as a caching
-  allocator does.
+  unmapped on free, and XLA:CPU allocates a step's temporaries as one block, 2.1 GiB for towers of width 512;
+  mimalloc 3.4 still maps blocks above about 16 GiB, the size of its largest arena, afresh). After the first
+  step nothing is faulted in again: the process keeps the pages of its peak, as a caching allocator does.
 - **glibc's huge pages** (glibc 2.35+, tunable `glibc.malloc.hugetlb=1`): malloc asks for transparent huge pages
   on what it maps, so the same bytes fault in 2 MiB at a time. It removes most of the faults on one core, few on
   two (worker threads' arenas). Transparent huge pages must be enabled in the kernel ('madvise' or 'always' in

@@ -155,6 +155,17 @@ def test_load_audio_rejects_non_finite_float_samples(tmp_path, subtype, bad):
         audio_io.load_audio(path)
 
 
+def test_the_librosa_fallback_rejects_non_finite_samples_too(tmp_path, monkeypatch):
+    """A format libsndfile cannot read goes to librosa; what that returns is checked like libsndfile's floats."""
+    fake_librosa = type(sys)("librosa")
+    fake_librosa.load = lambda path, sr, mono: (np.array([0.0, np.nan, 0.5], np.float32), 16_000)
+    monkeypatch.setitem(sys.modules, "librosa", fake_librosa)
+    path = tmp_path / "clip.m4a"
+    path.write_bytes(b"\x00\x00\x00\x18ftypM4A not really")
+    with pytest.raises(audio_io.AudioDecodeError, match="NaN or infinite"):
+        audio_io.load_audio(path)
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 6, 7])
 def test_mixdown_is_numpy_mean_to_the_bit(channels):
     samples = np.random.default_rng(channels).standard_normal((44_100, channels)).astype(np.float32)
@@ -214,6 +225,31 @@ def test_log_mel_takes_any_layout_and_dtype_and_no_whole_frame():
     np.testing.assert_array_equal(audio.log_mel(wave[::2], config), audio.log_mel(wave[::2].copy(), config))
     np.testing.assert_array_equal(audio.log_mel(wave, config), audio.log_mel(wave.astype(np.float32), config))
     assert audio.log_mel(wave[: config.frame_length - 1], config).shape == (0, config.num_mel_bins)
+
+
+@pytest.mark.parametrize("frames", [1, 15, 16, 17, 33])
+def test_mel_energies_add_each_filters_terms_in_bin_order_to_the_bit(frames):
+    """The kernel sums 16 frames side by side: each energy must still be the plain sum in bin order, whatever the
+    frame's place in its block (a short last block included)."""
+    from synergy_jax import fbank_kernels
+
+    config = audio.FbankConfig()
+    starts, stops, weights = audio.banded_mel_filter_bank(config)
+    rng = np.random.default_rng(frames)
+    bins = config.fft_length // 2 + 1
+    spectrum = rng.standard_normal((frames, bins)) + 1j * rng.standard_normal((frames, bins))
+    spectrum[0, :] *= 1e-6  # energies under the floor in the first frame
+    out = np.full((frames, config.num_mel_bins), np.nan)
+    fbank_kernels.mel_energies(spectrum, starts, stops, weights, 1e-3, out)
+    power = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
+    expected = np.empty_like(out)
+    for i in range(frames):
+        for m, (start, stop) in enumerate(zip(starts, stops)):
+            energy = 0.0
+            for k in range(start, stop):
+                energy += float(weights[m, k - start]) * float(power[i, k])
+            expected[i, m] = max(energy, 1e-3)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_emphasised_frames_zero_the_fft_padding_of_any_buffer():
