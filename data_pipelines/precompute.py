@@ -268,8 +268,13 @@ def _single_threaded_children():
                 os.environ[name] = value
 
 
+# Items `_threaded_map` keeps submitted per thread ahead of its consumer (4 ran no faster: docs/performance.md).
+QUEUED_PER_THREAD = 2
+
+
 def _threaded_map(function, items: list, threads: int):
-    """`map(function, items)` in order, on a pool of `threads` threads with at most 2 x `threads` items queued.
+    """`map(function, items)` in order, on a pool of `threads` threads with at most QUEUED_PER_THREAD x `threads`
+    items submitted and not yet consumed.
 
     Decoding, resampling, the FFT and PNG coding release the GIL, so one process keeps several cores busy; the
     bound keeps memory flat however long the manifest is."""
@@ -280,7 +285,7 @@ def _threaded_map(function, items: list, threads: int):
         pending = collections.deque()
         for item in items:
             pending.append(pool.submit(function, item))
-            if len(pending) >= 2 * threads:
+            if len(pending) >= QUEUED_PER_THREAD * threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

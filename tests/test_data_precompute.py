@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,23 @@ def test_worker_processes_and_threads_give_the_same_shards(tmp_path):
     parallel = precompute.precompute(manifest, tmp_path / "parallel", TINY, workers=2, progress=False)
     threaded = precompute.precompute(manifest, tmp_path / "threads", TINY, workers=0, threads=3, progress=False)
     assert parallel["shards"] == serial["shards"] == threaded["shards"]  # sizes and sha256: same bytes, same order
+
+
+def test_the_thread_pool_keeps_order_and_a_bounded_number_of_items_in_flight():
+    """Results come back in input order, and no more than QUEUED_PER_THREAD x threads items are ever submitted
+    ahead of the consumer, so memory stays flat however long the manifest is."""
+    started = []
+
+    def slow_for_the_first(item):
+        started.append(item)
+        time.sleep(0.05 if item == 0 else 0.0)  # the head of the queue finishes last
+        return item * item
+
+    threads, items = 2, list(range(40))
+    results = precompute._threaded_map(slow_for_the_first, items, threads)
+    assert next(results) == 0
+    assert len(started) <= precompute.QUEUED_PER_THREAD * threads
+    assert list(results) == [item * item for item in items[1:]]
 
 
 def test_shards_are_uncompressed_or_zstd_level_1_with_one_record_per_chunk_and_read_the_same(tmp_path):
