@@ -93,10 +93,7 @@ def int16_mono(samples, out):
         raise ValueError("int16_mono: `out` must have one value per sample, and the samples a channel")
     scale, channels = np.float32(2.0**-15), samples.shape[1]
     count = np.float32(channels)
-    if channels == 1:
-        for i in range(samples.shape[0]):
-            out[i] = np.float32(samples[i, 0]) * scale
-    elif channels == 2:  # the common case, as a loop without an inner one: compiled to vector instructions
+    if channels == 2:  # the common case, as a loop without an inner one: compiled to vector instructions
         for i in range(samples.shape[0]):
             out[i] = np.float32(np.int32(samples[i, 0]) + np.int32(samples[i, 1])) * scale / count
     else:
