@@ -206,6 +206,9 @@ def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, fl
     print(f"achieved                       {flop_count(per_device * flops_per_sample)}/s/device")
     print(f"MFU                            {'n/a (unknown peak; pass --peak_tflops)' if utilisation is None else f'{100 * utilisation:9.1f} %'}")
     print(f"loss after {warmup + FLAGS.steps} steps            {float(pending['loss']):10.4f}")
+    stats = device.memory_stats()  # GPU and TPU allocators keep statistics; XLA:CPU's gives none
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"measured peak device memory    {gib(stats['peak_bytes_in_use'])}  (allocator, whole run)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every attention implementation against float64 numpy and the XLA path: heads_first (the CPU default) exactly,
 splash (Pallas' TPU kernel, in interpret mode here) with padding, gradients and a mesh; the knob reaches every
-block; unknown names and cuDNN off GPU are refused. cuDNN itself needs a GPU and is not run here."""
+block; unknown names are refused. cuDNN needs an NVIDIA GPU: its test runs there (`JAX_PLATFORMS=cuda pytest -n 0
+tests/test_attention.py -k cudnn`) and is skipped elsewhere."""
 
 import re
 
@@ -48,6 +49,50 @@ def test_heads_first_equals_xla_in_value_and_gradient():
     loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
     for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("heads_first"), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("length, masked", [(197, False), (1214, False), (32, True), (200, True)])
+def test_cudnn_in_bfloat16_is_as_close_to_exact_as_xla(length, masked):
+    """cuDNN's kernel and XLA's, both in bfloat16, against float32 at full precision: cuDNN's output and gradients
+    are no further off than twice XLA's bfloat16 error (or 1 % of the largest value), at CLIP's, AST's and
+    RoBERTa's lengths and with a key-padding mask."""
+    q, k, v, mask = inputs(length=length, heads=4, padded_from=length * 3 // 4)
+    mask = mask if masked else None
+
+    def value_and_grads(implementation: str, dtype) -> list[np.ndarray]:
+        def loss(q, k, v):
+            out = attention.dot_product_attention(q, k, v, mask, implementation).astype(jnp.float32)
+            return jnp.sum(jnp.sin(out)), out
+
+        run = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+        (_, out), grads = run(*(x.astype(dtype) for x in (q, k, v)))
+        return [np.asarray(x.astype(jnp.float32), np.float64) for x in (out, *grads)]
+
+    exact = value_and_grads("xla", jnp.float32)
+    xla, cudnn = value_and_grads("xla", jnp.bfloat16), value_and_grads("cudnn", jnp.bfloat16)
+    for name, want, theirs, ours in zip(("output", "dq", "dk", "dv"), exact, xla, cudnn):
+        bound = max(2 * np.abs(theirs - want).max(), 0.01 * np.abs(want).max())
+        assert np.abs(ours - want).max() <= bound, (name, np.abs(ours - want).max(), bound)
+
+
+@pytest.mark.parametrize("length, masked", [(197, False), (197, True), (200, False), (200, True)])
+def test_cudnn_pads_odd_lengths_and_masks_the_padding(monkeypatch, length, masked):
+    """cuDNN trains only on even lengths: an odd one is padded by a key no query attends, the mask spans every
+    query, and the padded row is dropped. Checked here with XLA's kernel standing in for cuDNN's."""
+    q, k, v, mask = inputs(length=length, padded_from=length * 3 // 4)
+    mask = mask if masked else None
+    shapes, xla = [], jax.nn.dot_product_attention
+
+    def stand_in(query, key, value, mask=None, implementation=None):
+        shapes.append((query.shape[1], key.shape[1], None if mask is None else mask.shape))
+        return xla(query, key, value, mask=mask, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    out = attention.dot_product_attention(q, k, v, mask, "cudnn")
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
+    even = length + length % 2
+    assert shapes == [(even, even, None if length % 2 == 0 and not masked else (2, 1, even, even))]
 
 
 @pytest.mark.parametrize("length", [40, 64, 96, 200])
@@ -124,9 +169,10 @@ def test_auto_follows_the_mesh_platform(platform, dtype, expected):
     from jax._src.mesh import AbstractDevice
 
     mesh = jax.sharding.AbstractMesh((2, 1), ("data", "model"), abstract_device=AbstractDevice(platform, None, platform))
+    on_host = attention.resolve("auto", dtype, 1214)
     with jax.sharding.use_abstract_mesh(mesh):
         assert attention.resolve("auto", dtype, 1214) == expected
-    assert attention.resolve("auto", dtype, 1214) == "heads_first"  # back on this CPU host
+    assert attention.resolve("auto", dtype, 1214) == on_host  # back on the host's platform
 
 
 def test_auto_under_a_mesh_of_shapes_alone_uses_the_default_backend():

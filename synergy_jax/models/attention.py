@@ -7,7 +7,7 @@ All take `(batch, length, heads, head_dim)` query/key/value and an optional bool
 - `heads_first`: the same math as batched matmuls over `(batch, heads, length, head_dim)` (`matmul.batch_matmul`).
   XLA:CPU runs long sequences faster this way (docs/performance.md).
 - `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only,
-  bfloat16 / float16.
+  bfloat16 / float16; odd lengths are padded by one masked token (cuDNN trains on even lengths only).
 - `splash`: Pallas' TPU splash-attention kernel (flash attention in blocks of 128, padding handled as segment
   ids), for AST's long sequences. Under a mesh context (`jax.set_mesh`) it runs per shard (`shard_map` over the
   batch on 'data' and the heads on 'model'); elsewhere it needs a single device. Off TPU it runs in Pallas'
@@ -53,11 +53,29 @@ def resolve(implementation: str, dtype, length: int) -> str:
 def dot_product_attention(query, key, value, mask, implementation: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(d), masked) v by the chosen implementation (see the module docstring)."""
     chosen = resolve(implementation, query.dtype, query.shape[1])
-    if chosen in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=chosen)
+    if chosen == "xla":
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+    if chosen == "cudnn":
+        return _cudnn(query, key, value, mask)
     if chosen == "heads_first":
         return _heads_first(query, key, value, mask)
     return _splash(query, key, value, mask)
+
+
+def _cudnn(query, key, value, mask) -> jax.Array:
+    """cuDNN trains with a mask only at even lengths (and jax 0.11 asks even lengths of every training call: CLIP's
+    197 and 257 tokens were refused), so an odd length gets one padding token that no query attends and whose
+    output row is dropped. cuDNN applies a mask as an additive bias that must span every query and key, so the mask
+    is broadcast over the batch and the queries (heads stay broadcast), the shape seen to work on an H200."""
+    q_len, k_len = query.shape[1], key.shape[1]
+    q_pad, k_pad = q_len % 2, k_len % 2
+    if mask is not None or k_pad:
+        mask = jnp.ones((1, 1, 1, k_len), bool) if mask is None else mask
+        mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (query.shape[0], 1, q_len, k_len)))
+        mask = jnp.pad(mask, [(0, 0), (0, 0), (0, q_pad), (0, k_pad)])  # padded keys: False, never attended
+    query = jnp.pad(query, [(0, 0), (0, q_pad), (0, 0), (0, 0)])
+    key, value = (jnp.pad(x, [(0, 0), (0, k_pad), (0, 0), (0, 0)]) for x in (key, value))
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")[:, :q_len]
 
 
 def _heads_first(query, key, value, mask) -> jax.Array:
