@@ -165,7 +165,8 @@ def print_compiled(compiled, config: synergy.SynergyConfig, flops_per_sample: in
           f"(forward {flop_count(config.forward_flops(FLAGS.text_length)).strip()} x {passes})")  # fmt: skip
     print(f"{f'analytic {FLAGS.program} FLOPs/device':31s}{flop_count(flops_per_sample * samples_per_device)} per step")
     if cost and "flops" in cost:
-        print(f"XLA cost-analysis FLOPs/device {flop_count(cost['flops'])} per step")
+        print(f"XLA cost-analysis FLOPs/device {flop_count(cost['flops'])} per step  (XLA's count, without custom "
+              "calls such as cuDNN's or splash's attention)")
     if memory is not None:
         print(f"per-device memory ({'TPU buffer assignment' if FLAGS.topology else 'compiled executable'}):")
         arguments = "params + batch" if FLAGS.program == "eval" else "state + batch"
