@@ -5,7 +5,8 @@
 
 Every setting is a config field (`--config.x.y=z` overrides any of them). The fields people set most also have a
 short flag of their own (`Shortcut`): `--mesh=8x1` is `--config.mesh=8x1`. Every job also takes the multi-process
-flags (`--coordinator_address`, `--num_processes`, `--process_id`; see synergy_jax.distributed).
+flags (`--coordinator_address`, `--num_processes`, `--process_id`; see synergy_jax.distributed) and
+`--compile_cache` (where compiled programs are kept between runs: `use_compile_cache`).
 
 Exit codes (docs/pretrain.md): 0 done or preempted (rerun to resume); 1 a non-finite loss stopped training; 2 a
 bad flag, config value, data, file or checkpoint, with one line naming it instead of a traceback; 130 stopped by
@@ -15,6 +16,7 @@ Ctrl-C (the first one saves at the next step, like a preemption; a second one st
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +30,9 @@ from synergy_jax.errors import NonFiniteLossError, Preempted, SetupError
 # A bad flag, config value, manifest, precompute output or checkpoint (the project's errors for these subclass
 # ValueError), or a missing file or tokenizer (OSError).
 SETUP_ERRORS = (ValueError, OSError)
+
+# The persistent compilation cache keeps at most this much; JAX evicts the least recently used programs beyond it.
+COMPILE_CACHE_MAX_BYTES = 8 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +222,9 @@ def _define_flags(default_config: str, shortcuts: Sequence[Shortcut]):
     flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+    flags.DEFINE_string("compile_cache", "", "Folder (or gs:// path) where compiled programs are kept between runs, "
+                        "so a resumed or repeated job skips compiling; 'off' for none. Default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/synergy_jax/xla.")  # fmt: skip
     return config_flag
 
 
@@ -227,8 +235,50 @@ def _configure_and_run(config: ml_collections.ConfigDict, shortcuts: Sequence[Sh
         if flags.FLAGS[shortcut.name].present:
             set_field(config, shortcut.field, flags.FLAGS[shortcut.name].value)
     f = flags.FLAGS
+    use_compile_cache(f.compile_cache)
     distributed.initialize(distributed.distributed_arguments(f.coordinator_address, f.num_processes, f.process_id))
     return run(config)
+
+
+def compile_cache_directory(flag_value: str, environment: Mapping[str, str]) -> str | None:
+    """Where compiled programs are kept: the flag's folder; none for 'off'; else JAX's own
+    `JAX_COMPILATION_CACHE_DIR`; else the user's cache folder (`$XDG_CACHE_HOME`, or ~/.cache)."""
+    if flag_value == "off":
+        return None
+    if flag_value or environment.get("JAX_COMPILATION_CACHE_DIR"):
+        return flag_value or environment["JAX_COMPILATION_CACHE_DIR"]
+    base = environment.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "synergy_jax", "xla")
+
+
+def use_compile_cache(flag_value: str) -> str | None:
+    """Turns on JAX's persistent compilation cache (programs that took at least a second to compile, keyed by the
+    program, the compile options, the jax version and the devices), so a resumed job starts without recompiling:
+    the Base step alone compiled for 50 s on an H200 (docs/performance.md). Only process 0 writes entries, so
+    the other hosts of a multi-host job gain only from a shared folder (gs://...). A local folder that cannot be
+    written is a setup error when `--compile_cache` named it; the default one only costs the cache, with a warning.
+    Returns the folder in use, or None."""
+    import jax
+
+    directory = compile_cache_directory(flag_value, os.environ)
+    if directory is not None and "://" not in directory:
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"[Errno 13] Permission denied: '{directory}'")
+        except OSError as error:
+            if flag_value:
+                raise SetupError(f"--compile_cache={flag_value}: {error}; name a folder this user can write, or "
+                                 "pass --compile_cache=off") from None  # fmt: skip
+            print(f"warning: no compilation cache ({error}); every run compiles afresh. --compile_cache=<folder> "
+                  "chooses another folder", file=sys.stderr)  # fmt: skip
+            directory = None
+    jax.config.update("jax_enable_compilation_cache", directory is not None)
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+            jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    return directory
 
 
 def exit_on_setup_error(tool: Callable[..., Any], *args: Any) -> Any:

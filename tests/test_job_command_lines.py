@@ -73,3 +73,11 @@ def test_runtime_choices_are_refused_before_anything_is_written(script, args, me
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_compile_cache_that_cannot_be_written_exits_2_naming_it(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = _run("zero_shot.py", f"--compile_cache={tmp_path / 'a_file' / 'xla'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--compile_cache=" in result.stderr and "--compile_cache=off" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -206,9 +206,11 @@ def test_bad_setup_fails_before_training(data_root, tmp_path, mesh, overrides, e
 ])  # fmt: skip
 def test_sigterm_or_ctrl_c_saves_and_stops(data_root, tmp_path, signum, code, message):
     """SIGTERM (preemption) and a first Ctrl-C both save after the step in progress and stop; Ctrl-C exits 130.
-    The Ctrl-C reaches the job's whole process group, as at a terminal, Grain's input worker included."""
+    The Ctrl-C reaches the job's whole process group, as at a terminal, Grain's input worker included. The compiled
+    programs are kept in the folder `--compile_cache` names, for the rerun that resumes."""
     workers = ["--config.data.workers=1"] if signum == signal.SIGINT else []
     command = [sys.executable, str(SCRIPT), f"--workdir={tmp_path}", "--mesh=-1x1", *workers,
+               f"--compile_cache={tmp_path / 'xla'}",
                *cli_overrides(data_root, total_steps=100_000, checkpoint_every=100_000)]  # fmt: skip
     with job_processes([command], devices=1, cwd=tmp_path, own_group=True) as (process,):
         hang_guard = time.time() + 600  # not a speed limit: only stops a hung job from hanging the suite
@@ -224,6 +226,7 @@ def test_sigterm_or_ctrl_c_saves_and_stops(data_root, tmp_path, signum, code, me
     saved = checkpoint.make_manager(tmp_path, read_only=True).latest_step()
     assert saved is not None and saved >= 3
     assert max(train_losses(tmp_path)) == saved
+    assert list((tmp_path / "xla").glob("*-cache"))  # JAX's cache entries (this test's jobs cache every compile)
 
 
 def test_two_processes_match_one_process(reference, data_root, tmp_path):

@@ -3,6 +3,7 @@ padding, the step builder's mutable fields and frozen argument, the device prefe
 activations' batch sharding."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from synergy_jax import cli, loop, parallel, train
 from synergy_jax.evaluators import embed
 from synergy_jax.models import layers
 from synergy_jax.models.synergy import SynergyCLIP
-from synergy_jax.errors import CheckpointError
+from synergy_jax.errors import CheckpointError, SetupError
 from synergy_jax.evaluators.embed import embed_split, indexed_batches
 from synergy_jax.record import DataSource, RunRecord
 from synthetic import random_batch, tiny_config
@@ -59,6 +60,27 @@ def test_set_field_converts_to_the_field_type_and_names_bad_values():
         assert value == expected and type(value) is type(expected), field
     with pytest.raises(ValueError, match="--config.batch_size='many': expected a int"):
         cli.set_field(config, "batch_size", "many")
+
+
+def test_compile_cache_folder_is_the_flag_then_jax_then_the_user_cache():
+    assert cli.compile_cache_directory("/c", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/c"
+    assert cli.compile_cache_directory("off", {"JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+    assert cli.compile_cache_directory("", {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == "/j"
+    assert cli.compile_cache_directory("", {"XDG_CACHE_HOME": "/x"}) == "/x/synergy_jax/xla"
+    assert cli.compile_cache_directory("", {}) == os.path.join(os.path.expanduser("~"), ".cache", "synergy_jax", "xla")
+
+
+def test_an_unwritable_default_compile_cache_warns_and_runs_without(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "a_file" / "xla"))
+    before = jax.config.jax_enable_compilation_cache
+    try:
+        assert cli.use_compile_cache("") is None and not jax.config.jax_enable_compilation_cache
+        assert "warning: no compilation cache" in capsys.readouterr().err
+        with pytest.raises(SetupError, match="--compile_cache=.*--compile_cache=off"):
+            cli.use_compile_cache(str(tmp_path / "a_file" / "xla"))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def test_embed_split_drops_padding_and_restores_row_order():
