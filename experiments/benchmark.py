@@ -185,7 +185,10 @@ def time_steps(compiled, model, tx, mesh, example, config, global_batch: int, fl
     early step can pay the allocator's growth to the peak of two steps in flight (docs/performance.md, stop 26)."""
     samples_per_device = global_batch / mesh.size
     device = mesh.devices.flat[0]
+    start = time.perf_counter()
     state, _ = train.create_train_state(model, tx, mesh, FLAGS.rules, example, jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    print(f"train state created            {time.perf_counter() - start:10.1f} s  (its initialiser compiled and run)")
     batch = jax.device_put(random_batch(config, global_batch, FLAGS.text_length), parallel.batch_sharding(mesh))
     warmup, pending, fetched = max(1, FLAGS.warmup), None, []
     for _ in range(warmup + FLAGS.steps):  # the first also checks that the step runs

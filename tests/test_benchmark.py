@@ -29,6 +29,7 @@ def test_benchmark_compiles_and_runs_the_tiny_step(tmp_path):
     assert re.search(r"throughput\s+[\d.]+ samples/s/device", out)  # printed, not judged: timing is not a test
     assert re.search(r"step time\s+[\d.]+ ms  \(median of 2 after 2 warm-up; mean [\d.]+ ms\)", out)
     assert re.search(r"loss after 4 steps\s+[\d.]+", out)  # the warm-up steps and the timed ones
+    assert re.search(r"train state created\s+[\d.]+ s", out)
 
 
 def test_benchmark_rejects_a_mesh_that_does_not_fit(tmp_path):
