@@ -224,7 +224,7 @@ def _define_flags(default_config: str, shortcuts: Sequence[Shortcut]):
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
     flags.DEFINE_string("compile_cache", "", "Folder (or gs:// path) where compiled programs are kept between runs, "
                         "so a resumed or repeated job skips compiling; 'off' for none. Default: "
-                        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/synergy_jax/xla.")  # fmt: skip
+                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/synergy_jax/xla (~/.cache/...).")  # fmt: skip
     return config_flag
 
 
@@ -241,12 +241,17 @@ def _configure_and_run(config: ml_collections.ConfigDict, shortcuts: Sequence[Sh
 
 
 def compile_cache_directory(flag_value: str, environment: Mapping[str, str]) -> str | None:
-    """Where compiled programs are kept: the flag's folder; none for 'off'; else JAX's own
-    `JAX_COMPILATION_CACHE_DIR`; else the user's cache folder (`$XDG_CACHE_HOME`, or ~/.cache)."""
+    """Where compiled programs are kept: the flag's folder; none for 'off'; else none if JAX's own
+    `JAX_ENABLE_COMPILATION_CACHE` says false; else JAX's `JAX_COMPILATION_CACHE_DIR`; else the user's cache
+    folder (`$XDG_CACHE_HOME`, or ~/.cache)."""
     if flag_value == "off":
         return None
-    if flag_value or environment.get("JAX_COMPILATION_CACHE_DIR"):
-        return flag_value or environment["JAX_COMPILATION_CACHE_DIR"]
+    if flag_value:
+        return os.path.expanduser(flag_value)  # absl leaves the ~ of --compile_cache=~/x to us
+    if environment.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("0", "false"):
+        return None
+    if environment.get("JAX_COMPILATION_CACHE_DIR"):
+        return environment["JAX_COMPILATION_CACHE_DIR"]
     base = environment.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "synergy_jax", "xla")
 
@@ -257,11 +262,15 @@ def use_compile_cache(flag_value: str) -> str | None:
     the Base step alone compiled for 50 s on an H200 (docs/performance.md). Only process 0 writes entries, so
     the other hosts of a multi-host job gain only from a shared folder (gs://...). A local folder that cannot be
     written is a setup error when `--compile_cache` named it; the default one only costs the cache, with a warning.
-    Returns the folder in use, or None."""
+    Returns the folder in use, or None. The size bound needs `filelock`, and applies to local folders only (on a
+    bucket its lock would be a local file, so a gs:// cache is left unbounded)."""
+    import importlib.util
+
     import jax
 
     directory = compile_cache_directory(flag_value, os.environ)
-    if directory is not None and "://" not in directory:
+    local = directory is not None and "://" not in directory
+    if local:
         try:
             Path(directory).mkdir(parents=True, exist_ok=True)
             if not os.access(directory, os.W_OK):
@@ -276,7 +285,8 @@ def use_compile_cache(flag_value: str) -> str | None:
     jax.config.update("jax_enable_compilation_cache", directory is not None)
     if directory is not None:
         jax.config.update("jax_compilation_cache_dir", directory)
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        bounded = local and importlib.util.find_spec("filelock") is not None
+        if bounded and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
             jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return directory
 

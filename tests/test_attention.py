@@ -52,7 +52,7 @@ def test_heads_first_equals_xla_in_value_and_gradient():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("length, masked", [(197, False), (1214, False), (32, True), (200, True)])
+@pytest.mark.parametrize("length, masked", [(197, False), (197, True), (1214, False), (32, True), (200, True)])
 def test_cudnn_in_bfloat16_is_as_close_to_exact_as_xla(length, masked):
     """cuDNN's kernel and XLA's, both in bfloat16, against float32 at full precision: cuDNN's output and gradients
     are no further off than twice XLA's bfloat16 error (or 1 % of the largest value), at CLIP's, AST's and
@@ -76,23 +76,32 @@ def test_cudnn_in_bfloat16_is_as_close_to_exact_as_xla(length, masked):
         assert np.abs(ours - want).max() <= bound, (name, np.abs(ours - want).max(), bound)
 
 
-@pytest.mark.parametrize("length, masked", [(197, False), (197, True), (200, False), (200, True)])
-def test_cudnn_pads_odd_lengths_and_masks_the_padding(monkeypatch, length, masked):
+@pytest.mark.parametrize("q_len, k_len, masked", [(197, 197, False), (197, 197, True), (200, 200, False),
+                                                 (200, 200, True), (199, 200, True), (200, 197, False)])
+def test_cudnn_pads_odd_lengths_and_masks_the_padding(monkeypatch, q_len, k_len, masked):
     """cuDNN trains only on even lengths: an odd one is padded by a key no query attends, the mask spans every
-    query, and the padded row is dropped. Checked here with XLA's kernel standing in for cuDNN's."""
-    q, k, v, mask = inputs(length=length, padded_from=length * 3 // 4)
-    mask = mask if masked else None
-    shapes, xla = [], jax.nn.dot_product_attention
+    query, and the padded row is dropped; under a mesh the mask is split over the batch as the activations are.
+    Checked here with XLA's kernel standing in for cuDNN's."""
+    q, k, v, mask = inputs(length=max(q_len, k_len), padded_from=k_len * 3 // 4)
+    q, k, v, mask = q[:, :q_len], k[:, :k_len], v[:, :k_len], mask[..., :k_len] if masked else None
+    calls, xla = [], jax.nn.dot_product_attention
 
     def stand_in(query, key, value, mask=None, implementation=None):
-        shapes.append((query.shape[1], key.shape[1], None if mask is None else mask.shape))
+        calls.append((implementation, query.shape[1], key.shape[1], None if mask is None else mask.shape))
         return xla(query, key, value, mask=mask, implementation="xla")
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
     out = attention.dot_product_attention(q, k, v, mask, "cudnn")
     np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
-    even = length + length % 2
-    assert shapes == [(even, even, None if length % 2 == 0 and not masked else (2, 1, even, even))]
+    q_even, k_even = q_len + q_len % 2, k_len + k_len % 2
+    no_bias = k_len % 2 == 0 and not masked
+    assert calls == [("cudnn", q_even, k_even, None if no_bias else (2, 1, q_even, k_even))]
+    mesh = parallel.make_mesh("2x1", jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        traced = jax.jit(lambda *a: attention.dot_product_attention(*a, "cudnn")).lower(q, k, v, mask).as_text()
+    mask_split = [line for line in traced.splitlines() if "sharding_constraint" in line and '[{"data"}, {}, {}, {}]'
+                  in line and line.endswith(f"tensor<2x1x{q_even}x{k_even}xi1>")]  # fmt: skip
+    assert no_bias or mask_split, traced[-3000:]
 
 
 @pytest.mark.parametrize("length", [40, 64, 96, 200])

@@ -65,6 +65,9 @@ def test_set_field_converts_to_the_field_type_and_names_bad_values():
 def test_compile_cache_folder_is_the_flag_then_jax_then_the_user_cache():
     assert cli.compile_cache_directory("/c", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == "/c"
     assert cli.compile_cache_directory("off", {"JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+    assert cli.compile_cache_directory("~/c", {}) == os.path.join(os.path.expanduser("~"), "c")
+    jax_off = {"JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_COMPILATION_CACHE_DIR": "/j"}
+    assert cli.compile_cache_directory("", jax_off) is None
     assert cli.compile_cache_directory("", {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == "/j"
     assert cli.compile_cache_directory("", {"XDG_CACHE_HOME": "/x"}) == "/x/synergy_jax/xla"
     assert cli.compile_cache_directory("", {}) == os.path.join(os.path.expanduser("~"), ".cache", "synergy_jax", "xla")
@@ -81,6 +84,24 @@ def test_an_unwritable_default_compile_cache_warns_and_runs_without(tmp_path, mo
             cli.use_compile_cache(str(tmp_path / "a_file" / "xla"))
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_a_bucket_compile_cache_is_neither_created_here_nor_size_bounded(tmp_path, monkeypatch):
+    """A gs:// folder is JAX's to reach; the size bound's lock would be a local file, so a bucket is left unbounded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        assert cli.use_compile_cache("gs://bucket/xla") == "gs://bucket/xla"
+        assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+        assert jax.config.jax_compilation_cache_max_size == -1 and not any(tmp_path.iterdir())
+        assert cli.use_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES  # the control: local
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
 
 
 def test_embed_split_drops_padding_and_restores_row_order():

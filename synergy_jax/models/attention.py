@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from synergy_jax.models import matmul
-from synergy_jax.models.platform import traced_platform
+from synergy_jax.models.platform import batch_sharded, traced_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "heads_first", "cudnn", "splash")
 SPLASH_BLOCK = 128
@@ -63,16 +63,18 @@ def dot_product_attention(query, key, value, mask, implementation: str = "auto")
 
 
 def _cudnn(query, key, value, mask) -> jax.Array:
-    """cuDNN trains with a mask only at even lengths (and jax 0.11 asks even lengths of every training call: CLIP's
-    197 and 257 tokens were refused), so an odd length gets one padding token that no query attends and whose
-    output row is dropped. cuDNN applies a mask as an additive bias that must span every query and key, so the mask
-    is broadcast over the batch and the queries (heads stay broadcast), the shape seen to work on an H200."""
+    """cuDNN trains with a bias only at even lengths, and jax passes it a (possibly empty) bias on every call: on an
+    H200, jax 0.11.2 refused CLIP's 197 and 257 tokens with no mask. So an odd length gets one padding key that no
+    query attends, and the padded query's row is dropped. cuDNN applies a mask as an additive bias that must span
+    every query and key, so the mask is broadcast over the batch and the queries (heads stay broadcast: the shape
+    seen to work on an H200) and split over the batch as the activations are. A query row with no real key to
+    attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away."""
     q_len, k_len = query.shape[1], key.shape[1]
     q_pad, k_pad = q_len % 2, k_len % 2
     if mask is not None or k_pad:
         mask = jnp.ones((1, 1, 1, k_len), bool) if mask is None else mask
         mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (query.shape[0], 1, q_len, k_len)))
-        mask = jnp.pad(mask, [(0, 0), (0, 0), (0, q_pad), (0, k_pad)])  # padded keys: False, never attended
+        mask = batch_sharded(jnp.pad(mask, [(0, 0), (0, 0), (0, q_pad), (0, k_pad)]))  # padded keys: never attended
     query = jnp.pad(query, [(0, 0), (0, q_pad), (0, 0), (0, 0)])
     key, value = (jnp.pad(x, [(0, 0), (0, k_pad), (0, 0), (0, 0)]) for x in (key, value))
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")[:, :q_len]

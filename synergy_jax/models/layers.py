@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from synergy_jax.models.attention import dot_product_attention
 from synergy_jax.models import matmul
+from synergy_jax.models.platform import batch_sharded
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -305,21 +306,6 @@ class Encoder(nn.Module):
         for i in range(self.num_layers):
             x = block_cls(self.spec, self.dtype, name=f"layer_{i}")(batch_sharded(x), mask, deterministic)
         return batch_sharded(x)
-
-
-def batch_sharded(x: jax.Array) -> jax.Array:
-    """`x` split over the mesh's 'data' axis along its batch dimension, under a mesh context (`parallel.on_mesh`
-    sets one for every job's step and evaluation forward); unchanged without one.
-
-    Under FSDP the weights are split over 'data' too, and nothing else tells XLA which of the two to gather for a
-    matmul: left alone it gathered the whole global batch's activations onto every chip (Large on a v5e-8:
-    out of memory whatever the batch). Pinned here, it gathers the weights, as FSDP means."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "data" not in mesh.axis_names:
-        return x
-    if mesh.axis_types[mesh.axis_names.index("data")] != jax.sharding.AxisType.Auto:
-        return x  # inside a shard_map 'data' is a manual axis: there is no split to pin
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
 
 
 def transformer_forward_flops(num_tokens: int, hidden: int, mlp_dim: int, num_layers: int) -> int:
