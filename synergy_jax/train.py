@@ -189,8 +189,8 @@ def create_train_state(
     """
     shardings = state_shardings(model, tx, mesh, rules, example)
     init_rng, state_rng = jax.random.split(rng)
-    placed = _placed_pretrained(pretrained or {}, abstract_train_state(model, tx, example, shardings).params,
-                                shardings.params)  # fmt: skip
+    abstract = abstract_train_state(model, tx, example, shardings).params if pretrained else {}
+    placed = _placed_pretrained(pretrained or {}, abstract, shardings.params)
     init = initialiser(model, tx, example, state_rng)
     return jax.jit(init, out_shardings=shardings)(init_rng, placed), shardings
 
