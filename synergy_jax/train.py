@@ -189,7 +189,7 @@ def create_train_state(
     """
     shardings = state_shardings(model, tx, mesh, rules, example)
     init_rng, state_rng = jax.random.split(rng)
-    abstract = abstract_train_state(model, tx, example, shardings).params if pretrained else {}
+    abstract = abstract_train_state(model, tx, example).params if pretrained else {}  # shapes, for the check
     placed = _placed_pretrained(pretrained or {}, abstract, shardings.params)
     init = initialiser(model, tx, example, state_rng)
     return jax.jit(init, out_shardings=shardings)(init_rng, placed), shardings

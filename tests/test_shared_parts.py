@@ -73,35 +73,38 @@ def test_compile_cache_folder_is_the_flag_then_jax_then_the_user_cache():
     assert cli.compile_cache_directory("", {}) == os.path.join(os.path.expanduser("~"), ".cache", "synergy_jax", "xla")
 
 
-def test_an_unwritable_default_compile_cache_warns_and_runs_without(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def compile_cache_settings():
+    """JAX's compilation-cache settings as they were before the test, put back after it (`use_compile_cache`
+    changes them process-wide)."""
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    before = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
+def test_an_unwritable_default_compile_cache_warns_and_runs_without(tmp_path, monkeypatch, capsys,
+                                                                    compile_cache_settings):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "a_file" / "xla"))
-    before = jax.config.jax_enable_compilation_cache
-    try:
-        assert cli.use_compile_cache("") is None and not jax.config.jax_enable_compilation_cache
-        assert "warning: no compilation cache" in capsys.readouterr().err
-        with pytest.raises(SetupError, match="--compile_cache=.*--compile_cache=off"):
-            cli.use_compile_cache(str(tmp_path / "a_file" / "xla"))
-    finally:
-        jax.config.update("jax_enable_compilation_cache", before)
+    assert cli.use_compile_cache("") is None and not jax.config.jax_enable_compilation_cache
+    assert "warning: no compilation cache" in capsys.readouterr().err
+    with pytest.raises(SetupError, match="--compile_cache=.*--compile_cache=off"):
+        cli.use_compile_cache(str(tmp_path / "a_file" / "xla"))
 
 
-def test_a_bucket_compile_cache_is_neither_created_here_nor_size_bounded(tmp_path, monkeypatch):
+def test_a_bucket_compile_cache_is_neither_created_here_nor_size_bounded(tmp_path, monkeypatch,
+                                                                         compile_cache_settings):
     """A gs:// folder is JAX's to reach; the size bound's lock would be a local file, so a bucket is left unbounded."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_compilation_cache_max_size")
-    before = {name: getattr(jax.config, name) for name in names}
-    try:
-        jax.config.update("jax_compilation_cache_max_size", -1)
-        assert cli.use_compile_cache("gs://bucket/xla") == "gs://bucket/xla"
-        assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
-        assert jax.config.jax_compilation_cache_max_size == -1 and not any(tmp_path.iterdir())
-        assert cli.use_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
-        assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES  # the control: local
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    assert cli.use_compile_cache("gs://bucket/xla") == "gs://bucket/xla"
+    assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+    assert jax.config.jax_compilation_cache_max_size == -1 and not any(tmp_path.iterdir())
+    assert cli.use_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+    assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES  # the control: local
 
 
 def test_embed_split_drops_padding_and_restores_row_order():
