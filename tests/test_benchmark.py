@@ -170,3 +170,24 @@ def test_the_benchmark_refuses_bad_flags_in_one_line(flags, message, tmp_path):
                              cwd=tmp_path, timeout=300)  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+
+
+def test_the_attention_benchmark_times_each_implementation_against_exact_gradients(tmp_path):
+    """One row per length and mask, one cell per implementation, each with a time and a gradient error small
+    enough for float32 (the error is measured, so a wrong kernel shows as a large one)."""
+    command = [sys.executable, str(SCRIPT.parent / "benchmark_attention.py"), "--lengths=9,40", "--batch=2",
+               "--heads=2", "--head_dim=8", "--dtype=float32", "--repeats=2",
+               "--implementations=xla,heads_first"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\s+(\d+)\s+(yes|no)\s+xla\s+[\d.]+ ms \(grad error ([\d.]+) %\)\s+heads_first\s+[\d.]+ ms "
+                      r"\(grad error ([\d.]+) %\)$", result.stdout, re.M)  # fmt: skip
+    assert [(length, masked) for length, masked, *_ in rows] == [("9", "yes"), ("9", "no"), ("40", "yes"), ("40", "no")]
+    assert all(float(error) < 0.01 for *_, xla, ours in rows for error in (xla, ours)), result.stdout
+
+
+def test_the_attention_benchmark_refuses_an_unknown_implementation(tmp_path):
+    command = [sys.executable, str(SCRIPT.parent / "benchmark_attention.py"), "--implementations=xla,flash"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "unknown attention implementation 'flash'" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr

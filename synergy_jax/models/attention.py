@@ -7,16 +7,17 @@ All take `(batch, length, heads, head_dim)` query/key/value and an optional bool
 - `heads_first`: the same math as batched matmuls over `(batch, heads, length, head_dim)` (`matmul.batch_matmul`).
   XLA:CPU runs long sequences faster this way (docs/performance.md).
 - `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only,
-  bfloat16 / float16; odd lengths are padded by one masked token (cuDNN trains on even lengths only).
+  bfloat16 / float16; odd lengths are padded by one token no query attends (cuDNN trains on even lengths only).
 - `splash`: Pallas' TPU splash-attention kernel (flash attention in blocks of 128, padding handled as segment
   ids), for AST's long sequences. Under a mesh context (`jax.set_mesh`) it runs per shard (`shard_map` over the
   batch on 'data' and the heads on 'model'); elsewhere it needs a single device. Off TPU it runs in Pallas'
   interpret mode (slow; what the tests use).
 - `auto`: on CPU `heads_first` from `HEADS_FIRST_MIN_LENGTH` tokens (CLIP's 197 and AST's; at 197 its forward
   and backward take 11.0 against 15.1 ms), else `xla` (RoBERTa's 32: the two run equally fast); on GPU `cudnn`
-  in bfloat16 / float16, else `xla`; on TPU `splash` from `SPLASH_MIN_LENGTH` tokens where it can run (one
-  device, or a mesh context), else `xla`. The platform is the mesh context's when there is
-  one (so a step traced for a TPU topology on a CPU host picks TPU kernels), else JAX's default backend.
+  in bfloat16 / float16 from `CUDNN_MIN_LENGTH` tokens, else `xla` (at RoBERTa's 32 XLA's fusion is faster on an
+  H200); on TPU `splash` from `SPLASH_MIN_LENGTH` tokens where it can run (one device, or a mesh context), else
+  `xla`. The platform is the mesh context's when there is one (so a step traced for a TPU topology on a CPU host
+  picks TPU kernels), else JAX's default backend.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ IMPLEMENTATIONS = ("auto", "xla", "heads_first", "cudnn", "splash")
 SPLASH_BLOCK = 128
 SPLASH_MIN_LENGTH = 512
 HEADS_FIRST_MIN_LENGTH = 64
+CUDNN_MIN_LENGTH = 128  # below it XLA's fusion was faster on an H200 (docs/performance.md)
 
 
 def resolve(implementation: str, dtype, length: int) -> str:
@@ -43,7 +45,8 @@ def resolve(implementation: str, dtype, length: int) -> str:
         return implementation
     backend = traced_platform()
     if backend == "gpu":
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if half and length >= CUDNN_MIN_LENGTH else "xla"
     if backend == "tpu":
         runnable = jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
         return "splash" if length >= SPLASH_MIN_LENGTH and runnable else "xla"
@@ -63,21 +66,26 @@ def dot_product_attention(query, key, value, mask, implementation: str = "auto")
 
 
 def _cudnn(query, key, value, mask) -> jax.Array:
-    """cuDNN trains with a bias only at even lengths, and jax passes it a (possibly empty) bias on every call: on an
-    H200, jax 0.11.2 refused CLIP's 197 and 257 tokens with no mask. So an odd length gets one padding key that no
-    query attends, and the padded query's row is dropped. cuDNN applies a mask as an additive bias that must span
-    every query and key, so the mask is broadcast over the batch and the queries (heads stay broadcast: the shape
-    seen to work on an H200) and split over the batch as the activations are. A query row with no real key to
-    attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away."""
-    q_len, k_len = query.shape[1], key.shape[1]
+    """cuDNN trains only at even lengths once jax passes it a bias, and jax passes one (possibly empty) on every
+    call: on an H200, jax 0.11.2 refused CLIP's 197 and 257 tokens with no mask. So an odd length is padded by one
+    token, and the padded query's row is dropped. Without a mask the padding key is excluded by cuDNN's own
+    padding mask (per-example lengths): a bias costs more (on an H200, at 197 tokens, 0.65 against 0.48 ms forward
+    and backward; docs/performance.md). A key mask reaches cuDNN as an additive bias that must span every query
+    and key, so it is broadcast over the batch and the queries (heads stay broadcast: the shape seen to work on an
+    H200), the padding key masked, and split over the batch as the activations are. A query row with no real key
+    to attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away."""
+    (batch, q_len), k_len = query.shape[:2], key.shape[1]
     q_pad, k_pad = q_len % 2, k_len % 2
-    if mask is not None or k_pad:
-        mask = jnp.ones((1, 1, 1, k_len), bool) if mask is None else mask
-        mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (query.shape[0], 1, q_len, k_len)))
+    lengths = {}
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (batch, 1, q_len, k_len)))
         mask = batch_sharded(jnp.pad(mask, [(0, 0), (0, 0), (0, q_pad), (0, k_pad)]))  # padded keys: never attended
+    elif q_pad or k_pad:
+        lengths = {"query_seq_lengths": batch_sharded(jnp.full((batch,), q_len, jnp.int32)),
+                   "key_value_seq_lengths": batch_sharded(jnp.full((batch,), k_len, jnp.int32))}  # fmt: skip
     query = jnp.pad(query, [(0, 0), (0, q_pad), (0, 0), (0, 0)])
     key, value = (jnp.pad(x, [(0, 0), (0, k_pad), (0, 0), (0, 0)]) for x in (key, value))
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")[:, :q_len]
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn", **lengths)[:, :q_len]
 
 
 def _heads_first(query, key, value, mask) -> jax.Array:
@@ -152,6 +160,14 @@ def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _make_kernel(heads: int, length: int, interpret: bool):
+    """One kernel per shape, kept: building it turns the mask into block tables. They are built eagerly even when
+    the first call comes from inside a trace, so that the kept kernel holds arrays, not that trace's tracers (a
+    second jitted function at the same shape, the evaluators' forward beside the train step, failed on them)."""
+    with jax.ensure_compile_time_eval():
+        return _new_kernel(heads, length, interpret)
+
+
+def _new_kernel(heads: int, length: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
