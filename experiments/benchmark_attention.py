@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+
+from synergy_jax import cli, errors
+from synergy_jax.models import attention
 
 flags.DEFINE_list("lengths", ["32", "197", "1214"], "Sequence lengths (queries = keys).")
 flags.DEFINE_integer("batch", 64, "Examples per call.")
@@ -31,14 +37,11 @@ FLAGS = flags.FLAGS
 BACKEND_OWN = {"cpu": "heads_first", "gpu": "cudnn", "tpu": "splash"}
 
 
-def fwd_bwd(implementation: str, mask, cotangent):
-    """The jitted value and gradients (q, k, v) of sum(attention * cotangent)."""
-    import jax
-    import jax.numpy as jnp
+def fwd_bwd(implementation: str, mask):
+    """The jitted value and gradients (q, k, v) of sum(attention * cotangent); the cotangent is an argument, not a
+    constant XLA would fold into the program."""
 
-    from synergy_jax.models import attention
-
-    def loss(q, k, v):
+    def loss(q, k, v, cotangent):
         out = attention.dot_product_attention(q, k, v, mask, implementation).astype(jnp.float32)
         return jnp.sum(out * cotangent)
 
@@ -46,9 +49,6 @@ def fwd_bwd(implementation: str, mask, cotangent):
 
 
 def median_ms(run, *args) -> tuple[float, list]:
-    import jax
-    import numpy as np
-
     result = jax.block_until_ready(run(*args))
     times = []
     for _ in range(FLAGS.repeats):
@@ -60,10 +60,6 @@ def median_ms(run, *args) -> tuple[float, list]:
 
 def row(length: int, masked: bool, implementations: list[str]) -> str:
     """One length: every implementation's time and gradient error; a failure (cuDNN refusing a shape) is shown."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     rng = np.random.default_rng(length)
     shape = (FLAGS.batch, length, FLAGS.heads, FLAGS.head_dim)
     q, k, v, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
@@ -72,12 +68,12 @@ def row(length: int, masked: bool, implementations: list[str]) -> str:
         valid = rng.integers(length // 2, length + 1, FLAGS.batch)
         mask = jnp.asarray(np.arange(length)[None, :] < valid[:, None])[:, None, None, :]
     with jax.default_matmul_precision("highest"):
-        exact = fwd_bwd("xla", mask, cotangent)(q, k, v)[1]
+        exact = fwd_bwd("xla", mask)(q, k, v, cotangent)[1]
     largest = max(float(jnp.abs(g).max()) for g in exact)
     cells = []
     for implementation in implementations:
         try:
-            ms, grads = median_ms(fwd_bwd(implementation, mask, cotangent), *(x.astype(FLAGS.dtype) for x in (q, k, v)))
+            ms, grads = median_ms(fwd_bwd(implementation, mask), *(x.astype(FLAGS.dtype) for x in (q, k, v)), cotangent)
         except Exception as error:  # noqa: BLE001 - a refused shape is a result worth printing, not a crash
             cells.append(f"{implementation}: failed ({type(error).__name__}: {str(error).splitlines()[0][:80]})")
             continue
@@ -88,18 +84,11 @@ def row(length: int, masked: bool, implementations: list[str]) -> str:
 
 def main(argv: list[str]) -> None:
     """An unknown implementation or a bad length exits 2 in one line, before anything is timed."""
-    from synergy_jax import cli
-
     cli.refuse_positional(argv)
     cli.exit_on_setup_error(benchmark)
 
 
 def benchmark() -> None:
-    import jax
-
-    from synergy_jax import errors
-    from synergy_jax.models import attention
-
     implementations = FLAGS.implementations or ["xla", BACKEND_OWN.get(jax.default_backend(), "heads_first")]
     try:
         lengths = [int(x) for x in FLAGS.lengths]
