@@ -48,7 +48,8 @@ def fwd_bwd(implementation: str, mask):
     return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
 
-def median_ms(run, *args) -> tuple[float, list]:
+def median_ms(run, *args) -> tuple[float, tuple]:
+    """The median time of `--repeats` calls after one untimed (which compiles), and the first call's gradients."""
     result = jax.block_until_ready(run(*args))
     times = []
     for _ in range(FLAGS.repeats):
@@ -92,11 +93,13 @@ def benchmark() -> None:
     implementations = FLAGS.implementations or ["xla", BACKEND_OWN.get(jax.default_backend(), "heads_first")]
     try:
         lengths = [int(x) for x in FLAGS.lengths]
+        if min(lengths) < 1:
+            raise ValueError(f"--lengths={','.join(FLAGS.lengths)}: every length must be at least 1")
         for name in implementations:
             attention.resolve(name, FLAGS.dtype, 1)
     except ValueError as error:
-        raise errors.SetupError(f"{error} (--lengths takes whole numbers, --implementations "
-                                f"{', '.join(attention.IMPLEMENTATIONS[1:])})") from None
+        raise errors.SetupError(f"{error} (--lengths takes whole numbers from 1, --implementations "
+                                f"{', '.join(attention.IMPLEMENTATIONS)})") from None
     print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}: batch {FLAGS.batch}, "
           f"{FLAGS.heads} heads x {FLAGS.head_dim}, {FLAGS.dtype}, forward + backward, median of {FLAGS.repeats}")
     print(f"{'tokens':>6s} {'masked':>6s}")

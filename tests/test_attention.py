@@ -117,6 +117,20 @@ def test_cudnn_pads_odd_lengths_and_masks_the_padding(xla_as_cudnn, q_len, k_len
     assert xla_as_cudnn == [("cudnn", q_even, k_even, (2, 1, q_even, k_even) if masked else None, lengths)]
 
 
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 197), (1, 1, 1, 197), (2, 1, 197, 197)])
+def test_cudnn_padding_leaves_the_gradients_exact(xla_as_cudnn, mask_shape):
+    """The padding token gets no gradient and changes none: q, k and v's gradients at 197 tokens equal XLA's
+    unpadded ones, with no mask and with masks over the batch, broadcast over it, and per query."""
+    q, k, v, _ = cudnn_inputs(197, 197, False)
+    mask = None
+    if mask_shape:
+        mask = jnp.asarray(np.random.default_rng(1).random(mask_shape) < 0.8).at[..., 0].set(True)
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
+    for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=2e-5)
+    assert [call[:3] for call in xla_as_cudnn if call[0] == "cudnn"] == [("cudnn", 198, 198)]
+
+
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="a 2x1 mesh needs two devices")
 @pytest.mark.parametrize("q_len, k_len, masked", [(197, 197, False), (199, 200, True), (200, 200, True)])
 def test_cudnn_splits_its_mask_and_lengths_over_the_batch(xla_as_cudnn, q_len, k_len, masked):
@@ -154,17 +168,23 @@ def test_cpu_heads_first_has_no_windowed_reduction():
     assert windows(lambda *a: attention.dot_product_attention(*a, "heads_first"), q, k, v, mask) == 0
 
 
-def test_splash_serves_two_jitted_functions_of_one_shape():
-    """The kernel is built once per shape and kept. Built inside the first function's trace, it once kept that
-    trace's tracers, and a second function at the same shape (the evaluators' forward beside the train step)
-    failed with an UnexpectedTracerError."""
+def test_splash_kernel_serves_every_later_trace_mesh_and_device():
+    """The kernel is built once per shape and kept for the process, so the first caller must not leave its mark
+    on it. Built inside a jitted function's trace, it once kept that trace's tracers: a second function at the
+    same shape (the evaluators' forward beside the train step) failed with an UnexpectedTracerError. Built under
+    a mesh, it kept arrays committed to that mesh's devices: calls off the mesh failed."""
     attention._make_kernel.cache_clear()
-    q, k, v, mask = inputs(length=136)
-    first = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, None, "splash"))
-    second = jax.jit(lambda q, k, v: 2 * attention.dot_product_attention(q, k, v, None, "splash"))
+    q, k, v, _ = inputs(length=136)
     want = reference(q, k, v, None)
-    np.testing.assert_allclose(np.asarray(first(q, k, v)), want, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(second(q, k, v)), 2 * want, atol=4e-5)
+    splash = lambda q, k, v: attention.dot_product_attention(q, k, v, None, "splash")  # noqa: E731
+    mesh = parallel.make_mesh("2x1", jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        on_mesh = jax.jit(splash)(*(jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(on_mesh), want, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(splash)(q, k, v)), want, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda *a: 2 * splash(*a))(q, k, v)), 2 * want, atol=4e-5)
+    elsewhere = [jax.device_put(x, jax.devices()[5]) for x in (q, k, v)]
+    np.testing.assert_allclose(np.asarray(splash(*elsewhere)), want, atol=2e-5)
 
 
 def test_splash_gradients_and_a_sharded_batch():

@@ -186,8 +186,10 @@ def test_the_attention_benchmark_times_each_implementation_against_exact_gradien
     assert all(float(error) < 0.01 for *_, xla, ours in rows for error in (xla, ours)), result.stdout
 
 
-def test_the_attention_benchmark_refuses_an_unknown_implementation(tmp_path):
-    command = [sys.executable, str(SCRIPT.parent / "benchmark_attention.py"), "--implementations=xla,flash"]
+@pytest.mark.parametrize("flag, message", [("--implementations=xla,flash", "unknown attention implementation 'flash'"),
+                                           ("--lengths=32,0", "every length must be at least 1")])
+def test_the_attention_benchmark_refuses_bad_flags_in_one_line(flag, message, tmp_path):
+    command = [sys.executable, str(SCRIPT.parent / "benchmark_attention.py"), flag]
     refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert refused.returncode == 2 and "unknown attention implementation 'flash'" in refused.stderr, refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not refused.stdout, refused.stdout

@@ -136,6 +136,17 @@ def test_augmentation_on_the_device_trains_and_resumes_to_the_same_losses(refere
     np.testing.assert_allclose([resumed[s] for s in (3, 4)], [losses[s] for s in (3, 4)], rtol=1e-5)
 
 
+def test_splash_attention_trains_and_evaluates_as_the_cpu_default(reference, data_root, tmp_path):
+    """TPU's kernel (`attention=splash`, Pallas interpret mode here) through a whole job: the initialiser, the
+    step and the evaluators' forward each trace it at the same shapes, under the 8x1 mesh. The same losses and
+    evaluation as the default attention."""
+    summary = run_pretrain(tiny_config(data_root, **{"model.attention": "splash"}), tmp_path, "8x1")
+    expected, losses = train_losses(reference[0]), train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [expected[s] for s in sorted(losses)], rtol=1e-5)
+    assert summary["eval/loss"] == pytest.approx(reference[1]["eval/loss"], rel=1e-5)
+
+
 def test_checkpoint_restores_onto_other_meshes(reference):
     workdir, _ = reference
     mesh_8x1 = parallel.make_mesh("8x1")

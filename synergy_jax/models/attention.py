@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synergy_jax.models import matmul
 from synergy_jax.models.platform import batch_sharded, traced_platform
@@ -73,7 +74,9 @@ def _cudnn(query, key, value, mask) -> jax.Array:
     and backward; docs/performance.md). A key mask reaches cuDNN as an additive bias that must span every query
     and key, so it is broadcast over the batch and the queries (heads stay broadcast: the shape seen to work on an
     H200), the padding key masked, and split over the batch as the activations are. A query row with no real key
-    to attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away."""
+    to attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away.
+    jax's partitioning of cuDNN's call does not tie the lengths' split to the query's: it relies on the query
+    being split over 'data' along the batch, as the towers' activations are (`batch_sharded` at every block)."""
     (batch, q_len), k_len = query.shape[:2], key.shape[1]
     q_pad, k_pad = q_len % 2, k_len % 2
     lengths = {}
@@ -160,14 +163,18 @@ def _splash_kernel(q, k, v, q_segments, kv_segments) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _make_kernel(heads: int, length: int, interpret: bool):
-    """One kernel per shape, kept: building it turns the mask into block tables. They are built eagerly even when
-    the first call comes from inside a trace, so that the kept kernel holds arrays, not that trace's tracers (a
-    second jitted function at the same shape, the evaluators' forward beside the train step, failed on them)."""
+    """One kernel per shape, kept for the process: building it turns the mask into block tables. The kept kernel
+    must serve any later trace, mesh and device, so its tables are kept as host numpy arrays. Built inside the
+    first caller's trace they were that trace's tracers, and the next function traced at the same shape failed
+    (a pre-training job with `attention=splash` stopped at its second trace); built eagerly under a mesh they
+    were arrays committed to that mesh's devices."""
     with jax.ensure_compile_time_eval():
-        return _new_kernel(heads, length, interpret)
+        return jax.tree.map(np.asarray, _build_kernel(heads, length, interpret))
 
 
-def _new_kernel(heads: int, length: int, interpret: bool):
+def _build_kernel(heads: int, length: int, interpret: bool):
+    """Pallas' splash kernel over `heads` heads of `length` tokens (whole blocks), every query seeing every key
+    (padding is left to the segment ids)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
