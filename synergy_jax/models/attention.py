@@ -70,13 +70,13 @@ def _cudnn(query, key, value, mask) -> jax.Array:
     """cuDNN trains only at even lengths once jax passes it a bias, and jax passes one (possibly empty) on every
     call: on an H200, jax 0.11.2 refused CLIP's 197 and 257 tokens with no mask. So an odd length is padded by one
     token, and the padded query's row is dropped. Without a mask the padding key is excluded by cuDNN's own
-    padding mask (per-example lengths): a bias costs more (on an H200, at 197 tokens, 0.65 against 0.48 ms forward
-    and backward; docs/performance.md). A key mask reaches cuDNN as an additive bias that must span every query
-    and key, so it is broadcast over the batch and the queries (heads stay broadcast: the shape seen to work on an
-    H200), the padding key masked, and split over the batch as the activations are. A query row with no real key
-    to attend averages the values, now the padding key's zeros too: such rows are padding, and are thrown away.
-    jax's partitioning of cuDNN's call does not tie the lengths' split to the query's: it relies on the query
-    being split over 'data' along the batch, as the towers' activations are (`batch_sharded` at every block)."""
+    padding mask (per-example lengths), which an H200 ran faster than a bias (docs/performance.md). A key mask
+    reaches cuDNN as an additive bias that must span every query and key, so it is broadcast over the batch and
+    the queries (heads stay broadcast: the shape seen to work on an H200), the padding key masked, and split over
+    the batch as the activations are. A query row with no real key to attend averages the values, now the padding
+    key's zeros too: such rows are padding, and are thrown away. jax's partitioning of cuDNN's call does not tie
+    the lengths' split to the query's: it relies on the query being split over 'data' along the batch, as the
+    towers' activations are (`batch_sharded` at every block)."""
     (batch, q_len), k_len = query.shape[:2], key.shape[1]
     q_pad, k_pad = q_len % 2, k_len % 2
     lengths = {}
