@@ -28,6 +28,14 @@ def reference(query, key, value, mask) -> np.ndarray:
     return ((probs / probs.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
 
 
+def gradients(implementation: str, mask, q, k, v) -> tuple:
+    """The gradients of sum(sin(attention)) in q, k and v: every output element gets its own cotangent."""
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, implementation)))
+
+    return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+
 def inputs(batch=2, length=200, heads=2, head_dim=64, padded_from=150):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32) for _ in range(3))
@@ -46,8 +54,7 @@ def test_implementations_compute_attention(implementation, masked):
 
 def test_heads_first_equals_xla_in_value_and_gradient():
     q, k, v, mask = inputs()
-    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
-    for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("heads_first"), (0, 1, 2))(q, k, v)):
+    for xla, ours in zip(gradients("xla", mask, q, k, v), gradients("heads_first", mask, q, k, v)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
 
 
@@ -125,8 +132,7 @@ def test_cudnn_padding_leaves_the_gradients_exact(xla_as_cudnn, mask_shape):
     mask = None
     if mask_shape:
         mask = jnp.asarray(np.random.default_rng(1).random(mask_shape) < 0.8).at[..., 0].set(True)
-    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
-    for xla, ours in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v)):
+    for xla, ours in zip(gradients("xla", mask, q, k, v), gradients("cudnn", mask, q, k, v)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=2e-5)
     assert [call[:3] for call in xla_as_cudnn if call[0] == "cudnn"] == [("cudnn", 198, 198)]
 
@@ -191,8 +197,7 @@ def test_splash_gradients_and_a_sharded_batch():
     """The kernel's own backward, and under a mesh context the kernel runs per shard (batch on 'data', heads on
     'model') with the same result."""
     q, k, v, mask = inputs(batch=4, length=136, heads=2)
-    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, impl)))  # noqa: E731
-    for xla, splash in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v), jax.grad(loss("splash"), (0, 1, 2))(q, k, v)):
+    for xla, splash in zip(gradients("xla", mask, q, k, v), gradients("splash", mask, q, k, v)):
         np.testing.assert_allclose(np.asarray(splash), np.asarray(xla), atol=2e-5)
     mesh = parallel.make_mesh("2x2", jax.devices()[:4])
     placed = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, mask)]
