@@ -23,7 +23,7 @@ from synergy_jax import cli, errors
 from synergy_jax.models import attention
 
 flags.DEFINE_list("lengths", ["32", "197", "1214"], "Sequence lengths (queries = keys).")
-flags.DEFINE_integer("batch", 64, "Examples per call.")
+flags.DEFINE_integer("batch", 0, "Examples per call (0: 64 on GPU and TPU, 8 on CPU).")
 flags.DEFINE_integer("heads", 12, "Attention heads.")
 flags.DEFINE_integer("head_dim", 64, "Width of each head.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype of queries, keys and values.")
@@ -31,10 +31,16 @@ flags.DEFINE_enum("masked", "both", ["yes", "no", "both"], "With a key-padding m
                   "padded at the end, as the text tower's), without, or both.")
 flags.DEFINE_list("implementations", [], "Implementations to time (default: xla and this backend's own: "
                   "heads_first on CPU, cudnn on GPU, splash on TPU).")
-flags.DEFINE_integer("repeats", 20, "Timed calls per cell, after one untimed.")
+flags.DEFINE_integer("repeats", 0, "Timed calls per cell, after one untimed (0: 20 on GPU and TPU, 3 on CPU).")
 FLAGS = flags.FLAGS
 
 BACKEND_OWN = {"cpu": "heads_first", "gpu": "cudnn", "tpu": "splash"}
+
+
+def on_cpu(accelerator: int, cpu: int) -> int:
+    """A default sized for the backend: a bare run on CPU (AST's 1214 tokens, both masks) takes minutes, not an
+    hour."""
+    return cpu if jax.default_backend() == "cpu" else accelerator
 
 
 def fwd_bwd(implementation: str, mask):
@@ -52,7 +58,7 @@ def median_ms(run, *args) -> tuple[float, tuple]:
     """The median time of `--repeats` calls after one untimed (which compiles), and the first call's gradients."""
     result = jax.block_until_ready(run(*args))
     times = []
-    for _ in range(FLAGS.repeats):
+    for _ in range(FLAGS.repeats or on_cpu(20, 3)):
         start = time.perf_counter()
         jax.block_until_ready(run(*args))
         times.append(time.perf_counter() - start)
@@ -62,11 +68,12 @@ def median_ms(run, *args) -> tuple[float, tuple]:
 def row(length: int, masked: bool, implementations: list[str]) -> str:
     """One length: every implementation's time and gradient error; a failure (cuDNN refusing a shape) is shown."""
     rng = np.random.default_rng(length)
-    shape = (FLAGS.batch, length, FLAGS.heads, FLAGS.head_dim)
+    batch = FLAGS.batch or on_cpu(64, 8)
+    shape = (batch, length, FLAGS.heads, FLAGS.head_dim)
     q, k, v, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
     mask = None
     if masked:
-        valid = rng.integers(length // 2, length + 1, FLAGS.batch)
+        valid = rng.integers(length // 2, length + 1, batch)
         mask = jnp.asarray(np.arange(length)[None, :] < valid[:, None])[:, None, None, :]
     with jax.default_matmul_precision("highest"):
         exact = fwd_bwd("xla", mask)(q, k, v, cotangent)[1]
@@ -100,8 +107,9 @@ def benchmark() -> None:
     except ValueError as error:
         raise errors.SetupError(f"{error} (--lengths takes whole numbers from 1, --implementations "
                                 f"{', '.join(attention.IMPLEMENTATIONS)})") from None
-    print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}: batch {FLAGS.batch}, "
-          f"{FLAGS.heads} heads x {FLAGS.head_dim}, {FLAGS.dtype}, forward + backward, median of {FLAGS.repeats}")
+    print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}: batch "
+          f"{FLAGS.batch or on_cpu(64, 8)}, {FLAGS.heads} heads x {FLAGS.head_dim}, {FLAGS.dtype}, forward + backward, "
+          f"median of {FLAGS.repeats or on_cpu(20, 3)}")
     print(f"{'tokens':>6s} {'masked':>6s}")
     for length in lengths:
         for masked in {"yes": [True], "no": [False], "both": [True, False]}[FLAGS.masked]:
