@@ -37,10 +37,10 @@ FLAGS = flags.FLAGS
 BACKEND_OWN = {"cpu": "heads_first", "gpu": "cudnn", "tpu": "splash"}
 
 
-def on_cpu(accelerator: int, cpu: int) -> int:
-    """A default sized for the backend: a bare run on CPU (AST's 1214 tokens, both masks) takes minutes, not an
-    hour."""
-    return cpu if jax.default_backend() == "cpu" else accelerator
+def for_backend(flag_value: int, accelerator: int, cpu: int) -> int:
+    """The flag's value, or (0) a default sized for the backend: a bare run on CPU (AST's 1214 tokens, both masks)
+    takes a minute, not an hour."""
+    return flag_value or (cpu if jax.default_backend() == "cpu" else accelerator)
 
 
 def fwd_bwd(implementation: str, mask):
@@ -54,21 +54,20 @@ def fwd_bwd(implementation: str, mask):
     return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
 
-def median_ms(run, *args) -> tuple[float, tuple]:
-    """The median time of `--repeats` calls after one untimed (which compiles), and the first call's gradients."""
+def median_ms(repeats: int, run, *args) -> tuple[float, tuple]:
+    """The median time of `repeats` calls after one untimed (which compiles), and the first call's gradients."""
     result = jax.block_until_ready(run(*args))
     times = []
-    for _ in range(FLAGS.repeats or on_cpu(20, 3)):
+    for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times)), result[1]
 
 
-def row(length: int, masked: bool, implementations: list[str]) -> str:
+def row(length: int, masked: bool, implementations: list[str], batch: int, repeats: int) -> str:
     """One length: every implementation's time and gradient error; a failure (cuDNN refusing a shape) is shown."""
     rng = np.random.default_rng(length)
-    batch = FLAGS.batch or on_cpu(64, 8)
     shape = (batch, length, FLAGS.heads, FLAGS.head_dim)
     q, k, v, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
     mask = None
@@ -81,7 +80,8 @@ def row(length: int, masked: bool, implementations: list[str]) -> str:
     cells = []
     for implementation in implementations:
         try:
-            ms, grads = median_ms(fwd_bwd(implementation, mask), *(x.astype(FLAGS.dtype) for x in (q, k, v)), cotangent)
+            inputs = (x.astype(FLAGS.dtype) for x in (q, k, v))
+            ms, grads = median_ms(repeats, fwd_bwd(implementation, mask), *inputs, cotangent)
         except Exception as error:  # noqa: BLE001 - a refused shape is a result worth printing, not a crash
             cells.append(f"{implementation}: failed ({type(error).__name__}: {str(error).splitlines()[0][:80]})")
             continue
@@ -107,13 +107,13 @@ def benchmark() -> None:
     except ValueError as error:
         raise errors.SetupError(f"{error} (--lengths takes whole numbers from 1, --implementations "
                                 f"{', '.join(attention.IMPLEMENTATIONS)})") from None
-    print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}: batch "
-          f"{FLAGS.batch or on_cpu(64, 8)}, {FLAGS.heads} heads x {FLAGS.head_dim}, {FLAGS.dtype}, forward + backward, "
-          f"median of {FLAGS.repeats or on_cpu(20, 3)}")
+    batch, repeats = for_backend(FLAGS.batch, 64, 8), for_backend(FLAGS.repeats, 20, 3)
+    print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}: batch {batch}, "
+          f"{FLAGS.heads} heads x {FLAGS.head_dim}, {FLAGS.dtype}, forward + backward, median of {repeats}")
     print(f"{'tokens':>6s} {'masked':>6s}")
     for length in lengths:
         for masked in {"yes": [True], "no": [False], "both": [True, False]}[FLAGS.masked]:
-            print(row(length, masked, implementations), flush=True)
+            print(row(length, masked, implementations, batch, repeats), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Ctrl-C (the first one saves at the next step, like a preemption; a second one st
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import traceback
@@ -274,7 +275,7 @@ def use_compile_cache(flag_value: str) -> str | None:
         try:
             Path(directory).mkdir(parents=True, exist_ok=True)
             if not os.access(directory, os.W_OK):
-                raise PermissionError(f"[Errno 13] Permission denied: '{directory}'")
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
         except OSError as error:
             if flag_value:
                 raise SetupError(f"--compile_cache={flag_value}: {error}; name a folder this user can write, or "
