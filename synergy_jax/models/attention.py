@@ -74,9 +74,10 @@ def _cudnn(query, key, value, mask) -> jax.Array:
     reaches cuDNN as an additive bias that must span every query and key, so it is broadcast over the batch and
     the queries (heads stay broadcast: the shape seen to work on an H200), the padding key masked, and split over
     the batch as the activations are. A query row with no real key to attend averages the values, now the padding
-    key's zeros too: such rows are padding, and are thrown away. jax's partitioning of cuDNN's call does not tie
-    the lengths' split to the query's: it relies on the query being split over 'data' along the batch, as the
-    towers' activations are (`batch_sharded` at every block)."""
+    key's zeros too: such rows are padding, and are thrown away. jax's partitioning of cuDNN's call keeps each
+    operand's split as it comes and does not tie the lengths' to the query's (a query less split than the lengths
+    would make every device read past its lengths, silently), so q, k and v are pinned to the same batch split,
+    their other dimensions left free: a no-op where the towers' activations are split as usual."""
     (batch, q_len), k_len = query.shape[:2], key.shape[1]
     q_pad, k_pad = q_len % 2, k_len % 2
     lengths = {}
@@ -86,8 +87,9 @@ def _cudnn(query, key, value, mask) -> jax.Array:
     elif q_pad or k_pad:
         lengths = {"query_seq_lengths": batch_sharded(jnp.full((batch,), q_len, jnp.int32)),
                    "key_value_seq_lengths": batch_sharded(jnp.full((batch,), k_len, jnp.int32))}  # fmt: skip
-    query = jnp.pad(query, [(0, 0), (0, q_pad), (0, 0), (0, 0)])
-    key, value = (jnp.pad(x, [(0, 0), (0, k_pad), (0, 0), (0, 0)]) for x in (key, value))
+    query = batch_sharded(jnp.pad(query, [(0, 0), (0, q_pad), (0, 0), (0, 0)]), others_free=True)
+    key, value = (batch_sharded(jnp.pad(x, [(0, 0), (0, k_pad), (0, 0), (0, 0)]), others_free=True)
+                  for x in (key, value))
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn", **lengths)[:, :q_len]
 
 

@@ -14,9 +14,11 @@ def traced_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
-def batch_sharded(x: jax.Array) -> jax.Array:
+def batch_sharded(x: jax.Array, *, others_free: bool = False) -> jax.Array:
     """`x` split over the mesh's 'data' axis along its batch dimension, under a mesh context (`parallel.on_mesh`
-    sets one for every job's step and evaluation forward); unchanged without one.
+    sets one for every job's step and evaluation forward); unchanged without one. Its other dimensions are
+    replicated, or with `others_free` left to XLA (attention's heads stay split over 'model' under tensor
+    parallelism).
 
     Under FSDP the weights are split over 'data' too, and nothing else tells XLA which of the two to gather for a
     matmul: left alone it gathered the whole global batch's activations onto every chip (Large on a v5e-8:
@@ -26,4 +28,5 @@ def batch_sharded(x: jax.Array) -> jax.Array:
         return x
     if mesh.axis_types[mesh.axis_names.index("data")] != jax.sharding.AxisType.Auto:
         return x  # inside a shard_map 'data' is a manual axis: there is no split to pin
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
+    rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1) if others_free else ()
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data", *rest))
