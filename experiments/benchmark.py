@@ -147,7 +147,8 @@ def benchmark() -> None:
                                      FLAGS.accum)  # fmt: skip
         compiled = step.lower(state_shapes, batch_shapes).compile()
         flops_per_sample = flops.train_flops_per_sample(config.forward_flops(FLAGS.text_length), FLAGS.remat)
-    print(f"parameters                     {sum(x.size for x in jax.tree.leaves(state_shapes.params)) / 1e6:10.2f} M")
+    count = sum(x.size for x in jax.tree.leaves(state_shapes.params))
+    print(f"parameters                     {count / 1e6:10.2f} M  ({count})")
     print(f"compile time                   {time.perf_counter() - start:10.1f} s")
     samples_per_device = global_batch / mesh.size  # tensor parallelism shares a sample's work over 'model'
     print_compiled(compiled, config, flops_per_sample, samples_per_device)

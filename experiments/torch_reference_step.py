@@ -132,6 +132,7 @@ def time_steps(towers: dict, args: argparse.Namespace) -> None:
     seconds = float(np.median(each))
     print(f"torch {torch.__version__} transformers {transformers.__version__} threads={torch.get_num_threads()} "
           f"batch={args.batch} attention={model.audio_model.config._attn_implementation}")
+    print(f"parameters  {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     print(f"step time   {seconds * 1e3:10.1f} ms  (median of {args.steps} after {args.warmup} warm-up; "
           f"mean {np.mean(each) * 1e3:.1f} ms)")
     print(f"throughput  {args.batch / seconds:10.1f} samples/s")

@@ -1,5 +1,6 @@
 """experiments/benchmark.py compiles the real step and runs it on the tiny config (numbers are not asserted)."""
 
+import json
 import math
 import os
 import re
@@ -193,3 +194,76 @@ def test_the_attention_benchmark_refuses_bad_flags_in_one_line(flag, message, tm
     refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and not refused.stdout, refused.stdout
+
+
+TINY_TOWERS = ["--model=tiny", "--layers=1", "--width=48", "--heads=2", "--projection=16", "--batch=2"]
+TINY_TOWERS_PARAMETERS = 121347  # what the pinned reference (torch 2.0.1, transformers 4.39.2) builds from them
+
+
+def _fake_reference_step(folder: Path, step_ms: float, fail: str = "", parameters: int = TINY_TOWERS_PARAMETERS
+                         ) -> Path:  # fmt: skip
+    """Stands in for the pinned reference venv's python running torch_reference_step.py: prints its parameter
+    count and step-time lines (`step_ms`) and records its arguments, the towers it was given and the cores it may
+    use; or fails as a venv without torch does (`fail="raise"`)."""
+    script = folder / f"python{fail}{parameters}"
+    script.write_text(f"""#!{sys.executable}
+import json, os, sys
+if "{fail}" == "raise":
+    raise ModuleNotFoundError("No module named 'torch'")
+assert sys.argv[1].endswith("torch_reference_step.py"), sys.argv
+configs = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--configs="))
+seen = {{"argv": sys.argv[2:], "towers": json.load(open(configs)), "cores": sorted(os.sched_getaffinity(0))}}
+with open("{folder}/seen.jsonl", "a") as log:
+    log.write(json.dumps(seen) + "\\n")
+print("torch 2.0.1 transformers 4.39.2 threads=1")
+print("parameters  {parameters}")
+print("step time   {step_ms:10.1f} ms  (median of 1 after 1 warm-up; mean {step_ms:.1f} ms)")
+""")
+    script.chmod(0o755)
+    return script
+
+
+VS_REFERENCE = SCRIPT.parent / "benchmark_vs_reference.py"
+
+
+def test_the_side_by_side_runs_both_steps_on_the_same_towers_and_cores(tmp_path):
+    """Each round runs the reference (here a stand-in taking 900 ms a step) and our real step on the same towers,
+    batch and steps, each pinned to the first N cores (N threads for torch); the ratio is the reference's time
+    over ours."""
+    fake = _fake_reference_step(tmp_path, step_ms=900.0)
+    counts = [1, 2] if len(os.sched_getaffinity(0)) >= 2 else [1]
+    result = subprocess.run([sys.executable, str(VS_REFERENCE), f"--reference_python={fake}", *TINY_TOWERS,
+                             "--steps=2", "--warmup=1", "--rounds=1", f"--cores={','.join(map(str, counts))}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\s+(\d)\s+1\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)x$", result.stdout, re.M)
+    assert [int(count) for count, *_ in rows] == counts, result.stdout
+    for count, reference, ours, ratio in ((int(c), *map(float, rest)) for c, *rest in rows):
+        assert reference == 900.0 and 0 < ours < 900 and abs(ratio - reference / ours) <= 0.006 * ratio + 0.005
+        assert re.search(rf"{count} core\(s\): ours at {ratio:.2f}x the reference's throughput \(median of 1 "
+                         "rounds", result.stdout), result.stdout  # fmt: skip
+    seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    assert [run["cores"] for run in seen] == [sorted(os.sched_getaffinity(0))[:count] for count in counts]
+    for run, count in zip(seen, counts):
+        assert {"--batch=2", f"--threads={count}", "--steps=2", "--warmup=1"} <= set(run["argv"]), run["argv"]
+        towers = run["towers"]
+        assert [towers[name]["num_hidden_layers"] for name in ("vision", "text", "audio")] == [1, 1, 1]
+        assert [towers[name]["hidden_size"] for name in ("vision", "text", "audio")] == [48, 48, 48]
+        assert towers["projection_dim"] == 16
+
+
+def test_the_side_by_side_refuses_bad_input_in_one_line(tmp_path):
+    cases = ((["--cores=1,99"], "--cores=1,99: each count must be 1 to"),
+             ([f"--reference_python={tmp_path / 'absent'}"], "cannot be run"),
+             ([f"--reference_python={_fake_reference_step(tmp_path, 1.0, fail='raise')}"],
+              "the reference step failed (exit 1): ModuleNotFoundError: No module named 'torch'; run it alone"),
+             ([f"--reference_python={_fake_reference_step(tmp_path, 1.0, parameters=121346)}", "--cores=1"],
+              "the two sides built different towers: the reference 121346 parameters, ours 121347"),
+             ([], "Flag --reference_python must have a value other than None"))  # fmt: skip
+    for flags, message in cases:
+        if flags and not flags[0].startswith("--reference_python"):
+            flags = [*flags, f"--reference_python={_fake_reference_step(tmp_path, 1.0)}"]
+        result = subprocess.run([sys.executable, str(VS_REFERENCE), *TINY_TOWERS, *flags], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+        assert result.returncode == 2, (flags, result.stderr[-3000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (flags, result.stderr[-3000:])
