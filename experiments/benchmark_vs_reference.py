@@ -31,7 +31,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from synergy_jax import cli, errors
+from synergy_jax import cli, errors, host_memory
 
 FOLDER = Path(__file__).resolve().parent
 REFERENCE_SCRIPT, OUR_SCRIPT = FOLDER / "torch_reference_step.py", FOLDER / "benchmark.py"
@@ -56,6 +56,8 @@ PARAMETERS = re.compile(r"^parameters\s+(?:[\d.]+ M\s+\()?(\d+)\)?$", re.M)  # b
 
 def pinned_cores(counts: list[str]) -> dict[int, list[int]]:
     """The first N cores this process may use, for every N asked for; refuses counts the machine lacks."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise errors.SetupError("pinning each side to its cores needs Linux (os.sched_setaffinity)")
     available = sorted(os.sched_getaffinity(0))
     cores = {}
     for count in counts:
@@ -89,10 +91,11 @@ def commands(towers: Path, threads: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def one_device_environment() -> dict[str, str]:
-    """This process's environment without a fake CPU device count, which would keep `benchmark.py` from making
-    the one device its 1x1 mesh needs."""
-    environment = dict(os.environ)
+def child_environment() -> dict[str, str]:
+    """The environment this process was started with (before any malloc restart: the reference runs as its users
+    start it, and `benchmark.py` makes its own restart), without a fake CPU device count, which would keep
+    `benchmark.py` from making the one device its 1x1 mesh needs."""
+    environment = host_memory.as_shipped(os.environ)
     kept = [flag for flag in environment.get("XLA_FLAGS", "").split()
             if not flag.startswith("--xla_force_host_platform_device_count")]  # fmt: skip
     environment["XLA_FLAGS"] = " ".join(kept)
@@ -103,7 +106,7 @@ def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float
     """The median step time and the parameter count one side prints, run in a process pinned to `cores`."""
     name = "the reference" if side == "reference" else "our"
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, env=one_device_environment(),
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=child_environment(),
                                 preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
     except OSError as error:
         raise errors.SetupError(f"{name} step: {command[0]} cannot be run ({error})") from error
