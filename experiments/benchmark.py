@@ -54,10 +54,14 @@ FLAGS = flags.FLAGS
 
 
 def fake_cpu_devices(argv: list[str]) -> None:
-    """Before jax is imported: give a CPU run several devices, so that meshes like 8x1 compile here."""
-    count = next((a.split("=", 1)[1] for a in argv if a.startswith("--cpu_devices=")), "8")
-    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    """Before jax is imported: give a CPU run several devices, so that meshes like 8x1 compile here. An explicit
+    `--cpu_devices` replaces a count already in XLA_FLAGS; without one, such a count is kept (default 8)."""
+    flag = "--xla_force_host_platform_device_count"
+    count = next((a.split("=", 1)[1] for a in argv if a.startswith("--cpu_devices=")), None)
+    kept = [x for x in os.environ.get("XLA_FLAGS", "").split() if count is None or not x.startswith(flag)]
+    if not any(x.startswith(flag) for x in kept):
+        kept.append(f"{flag}={count or 8}")
+    os.environ["XLA_FLAGS"] = " ".join(kept)
 
 
 fake_cpu_devices(sys.argv)

@@ -91,22 +91,14 @@ def commands(towers: Path, threads: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def child_environment() -> dict[str, str]:
-    """The environment this process was started with (before any malloc restart: the reference runs as its users
-    start it, and `benchmark.py` makes its own restart), without a fake CPU device count, which would keep
-    `benchmark.py` from making the one device its 1x1 mesh needs."""
-    environment = host_memory.as_shipped(os.environ)
-    kept = [flag for flag in environment.get("XLA_FLAGS", "").split()
-            if not flag.startswith("--xla_force_host_platform_device_count")]  # fmt: skip
-    environment["XLA_FLAGS"] = " ".join(kept)
-    return environment
-
-
 def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float, int]:
-    """The median step time and the parameter count one side prints, run in a process pinned to `cores`."""
+    """The median step time and the parameter count one side prints, run in a process pinned to `cores` and
+    started with this process's environment as it was started (the reference runs as its users start it;
+    `benchmark.py` makes its own malloc restart, and its `--cpu_devices=1` wins over a device count in XLA_FLAGS)."""
     name = "the reference" if side == "reference" else "our"
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, env=child_environment(),
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                env=host_memory.as_shipped(os.environ),
                                 preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
     except OSError as error:
         raise errors.SetupError(f"{name} step: {command[0]} cannot be run ({error})") from error
