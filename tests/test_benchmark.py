@@ -74,9 +74,7 @@ def _fake_reference_python(folder: Path, seconds_per_clip: float, fail: str = ""
     it is given, at `seconds_per_clip` for the audio path and twice that for the whole example, with the glibc
     tunables it was started with among the versions; or fails with a traceback (`fail="raise"`) or prints
     something else (`fail="garbage"`)."""
-    script = folder / f"python{fail}"
-    script.write_text(f"""#!{sys.executable}
-import csv, json, os, sys
+    return _python_script(folder / f"python{fail}", f"""import csv, json, os, sys
 if "{fail}" == "raise":
     raise ModuleNotFoundError("No module named 'torchaudio'")
 if "{fail}" == "garbage":
@@ -88,8 +86,13 @@ seconds = {{"audio": rows * {seconds_per_clip}, "example": rows * {2 * seconds_p
 tunables = os.environ.get("GLIBC_TUNABLES", "none")
 print(json.dumps({{"rows": rows, "seconds": seconds, "versions": {{"torch": "2.0.1", "tunables": tunables}}}}))
 """)
-    script.chmod(0o755)
-    return script
+
+
+def _python_script(path: Path, source: str) -> Path:
+    """An executable file that runs `source` with this interpreter: a stand-in for another venv's python."""
+    path.write_text(f"#!{sys.executable}\n{source}")
+    path.chmod(0o755)
+    return path
 
 
 def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
@@ -205,9 +208,7 @@ def _fake_reference_step(folder: Path, step_ms: float, fail: str = "", parameter
     """Stands in for the pinned reference venv's python running torch_reference_step.py: prints its parameter
     count and step-time lines (`step_ms`) and records its arguments, the towers it was given and the cores it may
     use; or fails as a venv without torch does (`fail="raise"`)."""
-    script = folder / f"python{fail}{parameters}"
-    script.write_text(f"""#!{sys.executable}
-import json, os, sys
+    return _python_script(folder / f"python{fail}{parameters}", f"""import json, os, sys
 if "{fail}" == "raise":
     raise ModuleNotFoundError("No module named 'torch'")
 assert sys.argv[1].endswith("torch_reference_step.py"), sys.argv
@@ -219,8 +220,6 @@ print("torch 2.0.1 transformers 4.39.2 threads=1")
 print("parameters  {parameters}")
 print("step time   {step_ms:10.1f} ms  (median of 1 after 1 warm-up; mean {step_ms:.1f} ms)")
 """)
-    script.chmod(0o755)
-    return script
 
 
 VS_REFERENCE = SCRIPT.parent / "benchmark_vs_reference.py"
