@@ -94,7 +94,8 @@ def create_state(
         return MMRState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                         batch_stats=stats)
 
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    with parallel.random_draws_as_kernels():
+        return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
 
 def abstract_state(

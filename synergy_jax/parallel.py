@@ -18,6 +18,7 @@ mesh axis is used at most once per parameter. Under `tp` a matrix whose rule-nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -187,6 +188,24 @@ def jit_on_mesh(function: Callable, mesh: Mesh, **jit_kwargs: Any) -> Callable:
     """`jax.jit` of `function` traced under `mesh` (`on_mesh`) and compiled with its platform's options: how the
     jobs' steps and per-mesh forwards are jitted."""
     return jax.jit(on_mesh(function, mesh), compiler_options=compiler_options(mesh), **jit_kwargs)
+
+
+@contextlib.contextmanager
+def random_draws_as_kernels():
+    """Inside: threefry draws lowered to one GPU kernel each, for compiling and running an initialiser.
+
+    An initialiser draws every parameter with threefry, and XLA:GPU compiles each draw into its own fusions: that
+    made the initialiser's compile the bulk of a GPU job's start (Base on an H200: 88-91 s to create the state,
+    11.7 s with the kernels; docs/performance.md). The kernels compute the same bits (checked there, every value).
+    Scoped rather than set for the process: in a train step (dropout) a kernel would write out bits that XLA
+    otherwise fuses into their use. The setting is part of jax.jit's cache key, so the call must run inside too.
+    It changes nothing on CPU or TPU."""
+    previous = jax.config.jax_threefry_gpu_kernel_lowering
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", previous)
 
 
 def mesh_of(tree: Any) -> Mesh | None:

@@ -192,7 +192,8 @@ def create_train_state(
     abstract = abstract_train_state(model, tx, example).params if pretrained else {}  # shapes, for the check
     placed = _placed_pretrained(pretrained or {}, abstract, shardings.params)
     init = initialiser(model, tx, example, state_rng)
-    return jax.jit(init, out_shardings=shardings)(init_rng, placed), shardings
+    with parallel.random_draws_as_kernels():
+        return jax.jit(init, out_shardings=shardings)(init_rng, placed), shardings
 
 
 def initialiser(model: SynergyCLIP, tx: optax.GradientTransformation, example: Batch, state_rng: jax.Array):

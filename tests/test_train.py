@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from synergy_jax import losses, parallel, train
-from synergy_jax.models import synergy
+from synergy_jax import losses, mmr_train, parallel, train
+from synergy_jax.models import mmr, synergy
 from synthetic import TEXT_LENGTH, random_batch, tiny_config
 
 # Meshes differ only in reduction order (float32 sums of different shapes). AdamW's step m/(sqrt(v)+eps) is
@@ -276,3 +276,37 @@ def test_compiler_options_are_the_cpu_ones_only_on_cpu():
     assert parallel.compiler_options(Mesh("cpu")) == parallel.CPU_COMPILER_OPTIONS
     assert parallel.compiler_options(Mesh("tpu")) is None
     assert parallel.compiler_options(Mesh("gpu")) is None
+
+
+def test_initialisers_draw_with_gpu_kernels_and_leave_the_setting_as_it_was(monkeypatch):
+    """Each initialiser (pre-training's and MMR's) is traced with threefry lowered to GPU kernels, which cut Base's
+    state creation on an H200 from 88-91 s to 11.7 s with the same bits (docs/performance.md); afterwards the
+    setting is back as it was, so a train step's dropout keeps XLA's fused draws."""
+    seen = []
+
+    def record(name):
+        def setting_then(function):
+            def traced(*args):
+                seen.append((name, jax.config.jax_threefry_gpu_kernel_lowering))
+                return function(*args)
+
+            return traced
+
+        return setting_then
+
+    initialiser, init_variables = train.initialiser, mmr_train.init_variables
+    monkeypatch.setattr(train, "initialiser", lambda *args: record("pretrain")(initialiser(*args)))
+    monkeypatch.setattr(mmr_train, "init_variables", record("mmr")(init_variables))
+    config = tiny_config()
+    model, tx = synergy.SynergyCLIP(config), train.make_optimizer(train.optimizer_config())
+    example = synergy.example_batch(config, 1, TEXT_LENGTH)
+    mesh = parallel.make_mesh("2x4")
+    train.create_train_state(model, tx, mesh, "replicate", example, jax.random.PRNGKey(0))
+    mmr_config = mmr.MMRConfig(encoder_bottleneck_dim=8, decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                               decoder_ff_dim=32, txt_tokens=8, text_length=TEXT_LENGTH, vocab_size=config.text.vocab_size)
+    mmr_train.create_state(mmr.MMRModel(mmr_config, "text"), tx, config, mesh, jax.random.PRNGKey(0))
+    assert seen == [("pretrain", True), ("mmr", True)]
+    assert jax.config.jax_threefry_gpu_kernel_lowering is False
+    with pytest.raises(RuntimeError), parallel.random_draws_as_kernels():
+        raise RuntimeError("an initialiser that fails")
+    assert jax.config.jax_threefry_gpu_kernel_lowering is False
