@@ -280,23 +280,20 @@ def test_compiler_options_are_the_cpu_ones_only_on_cpu():
 
 def test_initialisers_draw_with_gpu_kernels_and_leave_the_setting_as_it_was(monkeypatch):
     """Each initialiser (pre-training's and MMR's) is traced with threefry lowered to GPU kernels, which cut Base's
-    state creation on an H200 from 88-91 s to 11.7 s with the same bits (docs/performance.md); afterwards the
+    state creation on an H200 from 88-91 s to 11.7-12.7 s with the same bits (docs/performance.md); afterwards the
     setting is back as it was, so a train step's dropout keeps XLA's fused draws."""
     seen = []
 
-    def record(name):
-        def setting_then(function):
-            def traced(*args):
-                seen.append((name, jax.config.jax_threefry_gpu_kernel_lowering))
-                return function(*args)
+    def recording(name, function):
+        def traced(*args):
+            seen.append((name, jax.config.jax_threefry_gpu_kernel_lowering))
+            return function(*args)
 
-            return traced
-
-        return setting_then
+        return traced
 
     initialiser, init_variables = train.initialiser, mmr_train.init_variables
-    monkeypatch.setattr(train, "initialiser", lambda *args: record("pretrain")(initialiser(*args)))
-    monkeypatch.setattr(mmr_train, "init_variables", record("mmr")(init_variables))
+    monkeypatch.setattr(train, "initialiser", lambda *args: recording("pretrain", initialiser(*args)))
+    monkeypatch.setattr(mmr_train, "init_variables", recording("mmr", init_variables))
     config = tiny_config()
     model, tx = synergy.SynergyCLIP(config), train.make_optimizer(train.optimizer_config())
     example = synergy.example_batch(config, 1, TEXT_LENGTH)
