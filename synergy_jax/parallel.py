@@ -197,9 +197,10 @@ def random_draws_as_kernels():
     An initialiser draws every parameter with threefry, and XLA:GPU compiles each draw into its own fusions: that
     made the initialiser's compile the bulk of a GPU job's start (Base on an H200: 88-91 s to create the state,
     11.7-12.7 s with the kernels; docs/performance.md). The kernels compute the same bits (checked there, every
-    value). Scoped rather than set for the process: in a train step (dropout) a kernel writes out the bits that XLA
-    otherwise fuses into their use, jax's documented memory cost. The setting is part of jax.jit's cache key, so the call must run inside too.
-    It changes nothing on CPU or TPU."""
+    value). Scoped to initialisers: in a train step (dropout) a kernel writes out the bits that XLA otherwise fuses
+    into their use, jax's documented memory cost. The setting is part of jax.jit's cache key, so the call runs
+    inside too. It is the process's while inside (jax.config has no public per-thread form); the jobs create their
+    state before any other thread compiles. It changes nothing on CPU or TPU."""
     previous = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     try:
