@@ -299,8 +299,9 @@ def test_initialisers_draw_with_gpu_kernels_and_leave_the_setting_as_it_was(monk
     example = synergy.example_batch(config, 1, TEXT_LENGTH)
     mesh = parallel.make_mesh("2x4")
     train.create_train_state(model, tx, mesh, "replicate", example, jax.random.PRNGKey(0))
-    mmr_config = mmr.MMRConfig(encoder_bottleneck_dim=8, decoder_dim=16, decoder_depth=1, decoder_heads=2,
-                               decoder_ff_dim=32, txt_tokens=8, text_length=TEXT_LENGTH, vocab_size=config.text.vocab_size)
+    decoder = dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_ff_dim=32, txt_tokens=8)
+    mmr_config = mmr.MMRConfig(encoder_bottleneck_dim=8, text_length=TEXT_LENGTH, vocab_size=config.text.vocab_size,
+                               **decoder)
     mmr_train.create_state(mmr.MMRModel(mmr_config, "text"), tx, config, mesh, jax.random.PRNGKey(0))
     assert seen == [("pretrain", True), ("mmr", True)]
     assert jax.config.jax_threefry_gpu_kernel_lowering is False
