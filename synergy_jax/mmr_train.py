@@ -94,8 +94,7 @@ def create_state(
         return MMRState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                         batch_stats=stats)
 
-    with parallel.random_draws_as_kernels():
-        return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    return parallel.initialise(init, parallel.replicated(mesh))
 
 
 def abstract_state(

@@ -18,7 +18,6 @@ mesh axis is used at most once per parameter. Under `tp` a matrix whose rule-nam
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -190,21 +189,21 @@ def jit_on_mesh(function: Callable, mesh: Mesh, **jit_kwargs: Any) -> Callable:
     return jax.jit(on_mesh(function, mesh), compiler_options=compiler_options(mesh), **jit_kwargs)
 
 
-@contextlib.contextmanager
-def random_draws_as_kernels():
-    """Inside: threefry draws lowered to one GPU kernel each, for compiling and running an initialiser.
+def initialise(init: Callable, out_shardings: Any, *args: Any) -> Any:
+    """`jax.jit(init, out_shardings=out_shardings)(*args)` with threefry draws lowered to one GPU kernel each: how
+    the jobs create a train state.
 
     An initialiser draws every parameter with threefry, and XLA:GPU compiles each draw into its own fusions: that
     made the initialiser's compile the bulk of a GPU job's start (Base on an H200: 88-91 s to create the state,
     11.7-12.7 s with the kernels; docs/performance.md). The kernels compute the same bits (checked there, every
-    value). Scoped to initialisers: in a train step (dropout) a kernel writes out the bits that XLA otherwise fuses
-    into their use, jax's documented memory cost. The setting is part of jax.jit's cache key, so the call runs
-    inside too. It is the process's while inside (jax.config has no public per-thread form); the jobs create their
-    state before any other thread compiles. It changes nothing on CPU or TPU."""
+    value). Only for initialisers: in a train step (dropout) a kernel writes out the bits that XLA otherwise fuses
+    into their use, jax's documented memory cost. The setting is part of jax.jit's cache key, so compiling and
+    calling both happen here. It is the process's while this runs (jax.config has no public per-thread form); the
+    jobs create their state before any other thread compiles. It changes nothing on CPU or TPU."""
     previous = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     try:
-        yield
+        return jax.jit(init, out_shardings=out_shardings)(*args)
     finally:
         jax.config.update("jax_threefry_gpu_kernel_lowering", previous)
 

@@ -3,7 +3,8 @@
 A job hands `make_step` its loss function (pre-training: `contrastive_loss`; MMR: `mmr_train`'s reconstruction
 loss); the step is one pure function `(state, batch[, frozen]) -> (state, metrics)`, jitted once with explicit
 in/out shardings and a donated state. Parameters and optimizer state are born sharded: shapes come from `jax.eval_shape`, shardings from
-the parameters' logical axis names and a rule set, and `jax.jit(init, out_shardings=...)` creates them in place.
+the parameters' logical axis names and a rule set, and `parallel.initialise` (a jit with those `out_shardings`)
+creates them in place.
 
 Gradient accumulation runs inside the step under `lax.scan`. Microbatch i takes rows i, i+k, i+2k, ... of the
 batch, so every device keeps its own rows (no data movement). The contrastive batch is the microbatch: with `global`
@@ -192,8 +193,7 @@ def create_train_state(
     abstract = abstract_train_state(model, tx, example).params if pretrained else {}  # shapes, for the check
     placed = _placed_pretrained(pretrained or {}, abstract, shardings.params)
     init = initialiser(model, tx, example, state_rng)
-    with parallel.random_draws_as_kernels():
-        return jax.jit(init, out_shardings=shardings)(init_rng, placed), shardings
+    return parallel.initialise(init, shardings, init_rng, placed), shardings
 
 
 def initialiser(model: SynergyCLIP, tx: optax.GradientTransformation, example: Batch, state_rng: jax.Array):

@@ -305,6 +305,10 @@ def test_initialisers_draw_with_gpu_kernels_and_leave_the_setting_as_it_was(monk
     mmr_train.create_state(mmr.MMRModel(mmr_config, "text"), tx, config, mesh, jax.random.PRNGKey(0))
     assert seen == [("pretrain", True), ("mmr", True)]
     assert jax.config.jax_threefry_gpu_kernel_lowering is False
-    with pytest.raises(RuntimeError), parallel.random_draws_as_kernels():
+
+    def failing_initialiser():
         raise RuntimeError("an initialiser that fails")
+
+    with pytest.raises(RuntimeError, match="an initialiser that fails"):
+        parallel.initialise(failing_initialiser, None)
     assert jax.config.jax_threefry_gpu_kernel_lowering is False
