@@ -101,7 +101,7 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     environment = host_memory.as_shipped(os.environ)  # as users start it: tests/conftest.py chose the jobs' malloc
     result = subprocess.run(
         [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=3", "--seconds=1", "--workers=1",
-         "--threads=2", f"--reference_python={pinned}"],
+         "--threads=2", "--read_seconds=0.5", f"--reference_python={pinned}"],
         capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300, env=environment,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,6 +120,9 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
               *(f"read path, 1 process, {threads} thread(s), augmentation on the {on}"
                 for on in ("host", "device") for threads in (1, 2))]  # fmt: skip
     rows = {label: next(value for key, value in table.items() if label in key) for label in labels}
+    read_windows = [float(seconds) for seconds in re.findall(r"^read path per epoch .*\(\s*([\d.]+) s for \d+\)$",
+                                                              result.stdout, re.M)]  # fmt: skip
+    assert len(read_windows) == 4 and min(read_windows) >= 0.5, read_windows  # --read_seconds: a steady window
     assert rows["its pinned venv"] == (4.0, 1.0), rows
     for label, (rate, ratio) in rows.items():
         assert abs(rate / 4.0 - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
