@@ -240,6 +240,7 @@ def test_worker_processes_and_threads_give_the_same_shards(tmp_path):
     serial = precompute.precompute(manifest, tmp_path / "serial", TINY, workers=0, progress=False)
     parallel = precompute.precompute(manifest, tmp_path / "parallel", TINY, workers=2, progress=False)
     threaded = precompute.precompute(manifest, tmp_path / "threads", TINY, workers=0, threads=3, progress=False)
+    assert serial["shards"] and sum(shard["num_records"] for shard in serial["shards"]) == 7, serial["shards"]
     assert parallel["shards"] == serial["shards"] == threaded["shards"]  # sizes and sha256: same bytes, same order
 
 

@@ -168,7 +168,7 @@ def test_sharded_dense_layer_matches_one_device():
     kernel = NamedSharding(mesh, P(None, "model"))
     placed = jax.device_put(params, {"params": {"kernel": kernel, "bias": NamedSharding(mesh, P("model"))}})
     sharded = jax.jit(parallel.on_mesh(grad, mesh))(placed, jax.device_put(x, NamedSharding(mesh, P("data"))))
-    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -293,6 +293,7 @@ def test_layer_norm_has_flax_parameters_and_values():
                                    atol=tolerance)  # fmt: skip
         cost = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))  # noqa: E731
         for mine, wanted in zip(jax.tree.leaves(jax.grad(cost(ours), (0, 1))(params, inputs)),
-                                jax.tree.leaves(jax.grad(cost(theirs), (0, 1))(params, inputs))):  # fmt: skip
+                                jax.tree.leaves(jax.grad(cost(theirs), (0, 1))(params, inputs)),
+                                strict=True):  # fmt: skip
             scale = tolerance * float(jnp.abs(wanted).max())
             np.testing.assert_allclose(mine, wanted, rtol=tolerance * 10, atol=scale)

@@ -77,12 +77,33 @@ def test_pixel_shuffle_is_torch_channel_order():
                 np.testing.assert_array_equal(y[:, i::2, j::2, c], x[..., c * 4 + i * 2 + j])
 
 
-def test_sigmoid_of_sum_differs_from_reference_gate():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 32))
-    reference = mmr.CBAM(16, "sum_of_sigmoids")
-    params = reference.init(jax.random.PRNGKey(1), x)
-    standard = mmr.CBAM(16, "sigmoid_of_sum")
-    assert not np.allclose(reference.apply(params, x), standard.apply(params, x))
+def _cbam_in_numpy(x: np.ndarray, params: dict, channel_gate: str) -> np.ndarray:
+    """CBAM written out from its definition (docs/reference.md bug 8), float64: the channel gate from the max- and
+    average-pooled MLP outputs, then a 7x7 convolution (zero padding 3) over the channel max and mean."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    mlp = lambda pooled: np.maximum(pooled @ p["fc1"]["kernel"], 0) @ p["fc2"]["kernel"]  # noqa: E731
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    at_max, at_mean = mlp(x.max(axis=(1, 2), keepdims=True)), mlp(x.mean(axis=(1, 2), keepdims=True))
+    gate = sigmoid(at_max) + sigmoid(at_mean) if channel_gate == "sum_of_sigmoids" else sigmoid(at_max + at_mean)
+    x = x * gate
+    maps = np.pad(np.concatenate([x.max(-1, keepdims=True), x.mean(-1, keepdims=True)], -1), [(0, 0), (3, 3),
+                                                                                               (3, 3), (0, 0)])
+    kernel, (height, width) = p["spatial"]["kernel"][..., 0], x.shape[1:3]  # (7, 7, 2)
+    logits = np.stack([np.stack([np.einsum("bijc,ijc->b", maps[:, i : i + 7, j : j + 7], kernel)
+                                 for j in range(width)], -1) for i in range(height)], -2)  # fmt: skip
+    return x * sigmoid(logits)[..., None]
+
+
+@pytest.mark.parametrize("channel_gate", ["sum_of_sigmoids", "sigmoid_of_sum"])
+def test_cbam_gates_match_their_definitions(channel_gate):
+    """Both channel gates against the formula, with weights under which the two differ (checked as well)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 32))
+    module = mmr.CBAM(16, channel_gate)
+    params = module.init(jax.random.PRNGKey(1), x)
+    expected = _cbam_in_numpy(np.asarray(x, np.float64), params, channel_gate)
+    np.testing.assert_allclose(module.apply(params, x), expected, atol=1e-5, rtol=1e-5)
+    other = "sigmoid_of_sum" if channel_gate == "sum_of_sigmoids" else "sum_of_sigmoids"
+    assert np.abs(expected - _cbam_in_numpy(np.asarray(x, np.float64), params, other)).max() > 1e-2
 
 
 @pytest.mark.parametrize("case", ["rgb", "spectrogram", "large"])

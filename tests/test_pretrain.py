@@ -168,7 +168,7 @@ def test_checkpoint_restores_onto_other_meshes(reference):
     state = checkpoint.restore_train_state(manager, train.abstract_train_state(model, tx, example, shardings))
     assert int(state.step) == STEPS
     assert {leaf.sharding.mesh.shape["data"] for leaf in jax.tree.leaves(state.params)} == {4}
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(full)):
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

@@ -158,7 +158,7 @@ def test_make_step_threads_mutable_fields_and_frozen_parameters():
     before = jax.device_get(state)
     state, metrics = step(state, batch, {"scale": jnp.float32(np.inf)})
     assert float(metrics["nonfinite"]) == 1.0
-    for got, want in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
+    for got, want in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(got, want)
 
 

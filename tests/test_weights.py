@@ -158,7 +158,7 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     _, reference = load_hf_tower(FIXTURES / "roberta")
     leaves, reference_leaves = jax.tree.leaves(params), jax.tree.leaves(reference)
     assert all(leaf.dtype == np.float32 for leaf in leaves)
-    for leaf, ref in zip(leaves, reference_leaves):  # the bf16-rounded fp32 values, exactly
+    for leaf, ref in zip(leaves, reference_leaves, strict=True):  # the bf16-rounded fp32 values, exactly
         np.testing.assert_array_equal(leaf, np.asarray(ref).astype(ml_dtypes.bfloat16).astype(np.float32))
 
 

@@ -290,6 +290,7 @@ def test_precomputed_manifest_split_retrieval_and_zero_shot(run_dir, reference, 
                               prompts="single"))  # fmt: skip
     assert results["num_examples"] == 20 and results["retrieval_text_mode"] == "caption"
     expected = retrieval.retrieval_metrics(embeddings)
+    assert expected and results["retrieval"].keys() == expected.keys()
     for key, value in expected.items():
         assert results["retrieval"][key] == pytest.approx(value, abs=1e-12), key
     names = [[w.strip() for w in label.split(",")] for label in labels]  # every synonym, averaged
