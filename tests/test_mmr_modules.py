@@ -86,8 +86,8 @@ def _cbam_in_numpy(x: np.ndarray, params: dict, channel_gate: str) -> np.ndarray
     at_max, at_mean = mlp(x.max(axis=(1, 2), keepdims=True)), mlp(x.mean(axis=(1, 2), keepdims=True))
     gate = sigmoid(at_max) + sigmoid(at_mean) if channel_gate == "sum_of_sigmoids" else sigmoid(at_max + at_mean)
     x = x * gate
-    maps = np.pad(np.concatenate([x.max(-1, keepdims=True), x.mean(-1, keepdims=True)], -1), [(0, 0), (3, 3),
-                                                                                               (3, 3), (0, 0)])
+    maps = np.concatenate([x.max(-1, keepdims=True), x.mean(-1, keepdims=True)], -1)
+    maps = np.pad(maps, [(0, 0), (3, 3), (3, 3), (0, 0)])
     kernel, (height, width) = p["spatial"]["kernel"][..., 0], x.shape[1:3]  # (7, 7, 2)
     logits = np.stack([np.stack([np.einsum("bijc,ijc->b", maps[:, i : i + 7, j : j + 7], kernel)
                                  for j in range(width)], -1) for i in range(height)], -2)  # fmt: skip
