@@ -182,7 +182,7 @@ def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int,
     return timings
 
 
-def time_read_path(work: Path, rows, threads: int, augment_on: str = "host", min_seconds: float = 0.0) -> float:
+def time_read_path(work: Path, rows, threads: int, augment_on: str, min_seconds: float) -> float:
     """Clips/s of the Grain training pipeline over the first precompute's shards, in this process, read for two
     epochs of the clips and at least `min_seconds`; with `augment_on='device'` the examples leave the host
     unaugmented (the train step augments them)."""
@@ -201,15 +201,15 @@ def time_read_path(work: Path, rows, threads: int, augment_on: str = "host", min
     iterator = iter(pipeline.build_dataset(config, source=DatasetSized(records, READ_PATH_INDEX_SPACE)))
     next(iterator)
     batches, seconds = _read_for(iterator, max(4, 2 * len(rows) // config.batch_size), min_seconds)
-    rate = batches * config.batch_size / seconds
+    examples = batches * config.batch_size
     print(f"read path per epoch (Grain: decode + augment on the {augment_on} + tokenise), 1 process, {threads} "
-          f"thread(s): {_rate(batches * config.batch_size, seconds)}")
-    return rate
+          f"thread(s): {_rate(examples, seconds)}")
+    return examples / seconds
 
 
 def _read_for(iterator, batches: int, min_seconds: float) -> tuple[int, float]:
     """Takes at least `batches` batches from `iterator`, and more until `min_seconds` have passed: two epochs of
-    the benchmark's clips take under 0.1 s when the device augments, too short a window for a steady rate
+    the benchmark's few clips are too short a window for a steady rate when the device augments
     (docs/performance.md). Returns the batches taken and the seconds they took."""
     start, taken = time.perf_counter(), 0
     while taken < batches or time.perf_counter() - start < min_seconds:
