@@ -25,10 +25,11 @@ frames), it times
               and at least --read_seconds, its shuffle spanning a VGGSound-sized split of the clips repeated
               (see DatasetSized); and with the augmentation
               left to the train step (`augment_on='device'`), whose cost on this machine's JAX device is printed
-and prints clips/s for each beside the reference's, then the feed a Base step needs on a v5e-8 host at 45 % MFU
-(from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one thread per process for
-every path (fair on small machines). This process restarts once with precompute's malloc (glibc keeping freed
-memory, `host_memory`); the pinned reference runs without it, as its users start it.
+Every other path runs over the clips repeated: as many passes as make the fastest of them last about
+`--pass_seconds` (1 s). It prints clips/s for each beside the reference's, then the feed a Base step needs on a
+v5e-8 host at 45 % MFU (from its FLOP count) and how many read-path processes reach it. BLAS is pinned to one
+thread per process for every path (fair on small machines). This process restarts once with precompute's malloc
+(glibc keeping freed memory, `host_memory`); the pinned reference runs without it, as its users start it.
 """
 
 from __future__ import annotations
@@ -140,6 +141,18 @@ def _timed(function, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def passes_needed(rows, threads: int, seconds: float) -> int:
+    """Passes over the clips that make the fastest path (our audio path on `threads` threads) take about
+    `seconds`, from the faster of two passes timed here (the first pays first touches of memory). One pass over a
+    few dozen clips is over in 0.1-0.5 s for our paths and precompute, a window in which thread start-up and first
+    touches of memory move the rate by up to 50 % from run to run (docs/performance.md). Every path but the read
+    path (which reads on for --read_seconds) runs these passes, the reference's included, as a manifest of the
+    clips repeated would."""
+    audio.ast_features(audio_io.load_audio(rows[0].audio_path))  # first-call caches (filter bank, FFT plans)
+    one_pass = min(_timed(lambda: list(precompute._threaded_map(our_audio_path, rows, threads))) for _ in range(2))
+    return max(1, math.ceil(seconds / one_pass))
+
+
 def time_per_clip_paths(rows, threads: int) -> dict[str, float]:
     """Seconds, over every row in this process, for: the reference's per-sample audio path, its whole training
     example, our audio decode + fbank (on one thread, and on `threads` as precompute runs it: the per-process
@@ -151,7 +164,7 @@ def time_per_clip_paths(rows, threads: int) -> dict[str, float]:
     reference_audio_path(rows[0].audio_path)  # librosa's numba compilation is not part of the per-clip cost
     librosa.effects.time_stretch(np.zeros(16_000, np.float32), rate=augmentation.STRETCH_RATE)
     audio.ast_features(audio_io.load_audio(rows[0].audio_path))  # first-call caches (filter bank, FFT plans)
-    return {
+    timings = {
         "reference": _timed(lambda: [reference_audio_path(row.audio_path) for row in rows]),
         "reference example": _timed(lambda: [reference_training_example(row, rng) for row in rows]),
         "ours": _timed(lambda: [our_audio_path(row) for row in rows]),
@@ -159,6 +172,9 @@ def time_per_clip_paths(rows, threads: int) -> dict[str, float]:
         "decoding": _timed(lambda: [(precompute.load_image(row.image_path, 224), audio_io.load_audio(row.audio_path))
                                     for row in rows]),  # fmt: skip
     }
+    for path, seconds in timings.items():
+        print(f"per clip, {path}: {_rate(len(rows), seconds)}")
+    return timings
 
 
 def our_audio_path(row) -> np.ndarray:
@@ -179,6 +195,8 @@ def time_precompute(subset: Path, rows, work: Path, workers: int, threads: int,
         timings[label] = _timed(precompute.precompute, subset, out, precompute.PrecomputeConfig(), **options,
                                 progress=False, compression=compression)  # fmt: skip
         print(f"precompute once (audio + image + write), {label}: {_rate(len(rows), timings[label])}")
+        if out.name != "shards":
+            shutil.rmtree(out)
     return timings
 
 
@@ -336,17 +354,20 @@ def benchmark(options) -> None:
                                                                              options.rate)  # fmt: skip
         rows, _ = manifest_lib.read_manifest(manifest)
         rows = rows[: options.limit] if options.limit else rows
+        passes = passes_needed(rows, options.threads, options.pass_seconds)
+        timed = rows * passes
         subset = work / "subset.csv"
         manifest_lib.write_manifest(subset, [{"img_path": r.image_path, "wav_path": r.audio_path, "label": r.label,
-                                              "caption": r.caption} for r in rows])  # fmt: skip
-        print(f"{len(rows)} clips from {manifest}; this process's malloc: {host_memory.describe()}; shards: "
-              f"{options.compression}")
-        pinned = time_pinned_reference(options.reference_python, subset, len(rows)) if options.reference_python else None
-        seconds = time_per_clip_paths(rows, options.threads)
-        timings = time_precompute(subset, rows, work, options.workers, options.threads, options.compression)
+                                              "caption": r.caption} for r in timed])  # fmt: skip
+        print(f"{len(rows)} clips from {manifest}, {passes} passes over them ({len(timed)} rows) for every path but "
+              f"the read path; this process's malloc: {host_memory.describe()}; shards: {options.compression}")
+        pinned = time_pinned_reference(options.reference_python, subset, len(timed)) if options.reference_python \
+            else None
+        seconds = time_per_clip_paths(timed, options.threads)
+        timings = time_precompute(subset, timed, work, options.workers, options.threads, options.compression)
         reads = {(on, threads): time_read_path(work, rows, threads, on, options.read_seconds)
                  for on in ("host", "device") for threads in sorted({1, options.threads})}  # fmt: skip
-        report(len(rows), seconds, timings, reads, pinned, time_device_augmentation(), options.threads)
+        report(len(timed), seconds, timings, reads, pinned, time_device_augmentation(), options.threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -370,6 +391,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("rate", 44_100, "Generated clips' sample rate.")
     flags.DEFINE_integer("workers", 2, "Precompute worker processes.")
     flags.DEFINE_integer("threads", 2, "Threads of one precompute process, and Grain read threads.")
+    flags.DEFINE_float("pass_seconds", 1.0, "Repeat the clips until the fastest per-clip path takes about this "
+                       "long over them; every path but the read path times those passes.", lower_bound=0.0)
     flags.DEFINE_float("read_seconds", 3.0, "Time each read-path row over at least this many seconds.",
                        lower_bound=0.0)
     flags.DEFINE_enum("compression", "none", list(precompute.WRITER_OPTIONS), "Precompute's shard compression.")

@@ -101,7 +101,7 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     environment = host_memory.as_shipped(os.environ)  # as users start it: tests/conftest.py chose the jobs' malloc
     result = subprocess.run(
         [sys.executable, "-m", "data_pipelines.benchmark_precompute", "--clips=3", "--seconds=1", "--workers=1",
-         "--threads=2", "--read_seconds=0.5", f"--reference_python={pinned}"],
+         "--threads=2", "--pass_seconds=0.3", "--read_seconds=0.5", f"--reference_python={pinned}"],
         capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=300, env=environment,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -123,6 +123,13 @@ def test_the_feed_benchmark_prints_every_path_against_the_reference(tmp_path):
     read_windows = [float(seconds) for seconds in re.findall(r"^read path per epoch .*\(\s*([\d.]+) s for \d+\)$",
                                                               result.stdout, re.M)]  # fmt: skip
     assert len(read_windows) == 4 and min(read_windows) >= 0.5, read_windows  # --read_seconds: a steady window
+    passes = int(re.search(r"^3 clips from .*, (\d+) passes over them \((\d+) rows\)", result.stdout, re.M).group(1))
+    precomputes = re.findall(r"^precompute once .*\(\s*([\d.]+) s for (\d+)\)$", result.stdout, re.M)
+    assert passes > 1 and len(precomputes) == 3, (passes, precomputes)  # one pass of 3 one-second clips: 0.01 s
+    # --pass_seconds: the fastest per-clip path takes 0.3 s over the passes, and precompute does more work per clip
+    assert all(int(rows) == 3 * passes and float(seconds) >= 0.3 for seconds, rows in precomputes), precomputes
+    per_clip = re.findall(r"^per clip, .*\(\s*[\d.]+ s for (\d+)\)$", result.stdout, re.M)
+    assert per_clip == [str(3 * passes)] * 5, per_clip  # the per-clip paths time the same passes
     assert rows["its pinned venv"] == (4.0, 1.0), rows
     for label, (rate, ratio) in rows.items():
         assert abs(rate / 4.0 - ratio) <= 0.01 + 0.01 * ratio, (label, rate, ratio)
