@@ -11,7 +11,9 @@ to a file that both sides build from. For every round and every count N in `--co
 (`torch_reference_step.py --threads=N`) and ours (`benchmark.py`, a 1x1 mesh on one CPU device), each in its own
 process pinned to the first N cores this process may use, one after the other (who goes first alternates by
 round, so that neither always runs on a machine the other has just warmed or heated), and prints both median step
-times and the ratio of throughputs (the reference's time over ours), then each core count's median ratio.
+times, the ratio of throughputs (the reference's time over ours) and each side's rate in GFLOP/s of the step's
+analytic FLOP count (`benchmark.py`'s, for the same towers and batch on both sides: how close each gets to the
+machine's matmul speed), then each core count's median ratio.
 Both sides take the median of `--steps` steps after `--warmup` untimed ones; ours restarts with the jobs' malloc,
 the reference runs as its users start it. Nothing else should run meanwhile: the ratio is only as steady as the
 machine.
@@ -45,13 +47,15 @@ flags.DEFINE_integer("heads", 4, "Attention heads of every tower (0: the preset'
 flags.DEFINE_integer("projection", 256, "Projection width (0: the preset's).")
 flags.DEFINE_integer("batch", 8, "Examples per step, on both sides.")
 flags.DEFINE_list("cores", ["1", "2"], "Core counts to compare on (each side pinned to the first N cores).")
-flags.DEFINE_integer("rounds", 3, "Rounds of every core count.")
+flags.DEFINE_integer("rounds", 3, "Rounds of every core count.", lower_bound=1)
 flags.DEFINE_integer("steps", 5, "Timed steps of each run (the median is taken).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before them.")
 FLAGS = flags.FLAGS
 
 STEP_TIME = re.compile(r"^step time\s+([\d.]+) ms", re.M)
 PARAMETERS = re.compile(r"^parameters\s+(?:[\d.]+ M\s+\()?(\d+)\)?$", re.M)  # both sides print the exact count
+STEP_FLOPS = re.compile(r"^analytic train FLOPs/device\s+([\d.]+) (PFLOP|TFLOP|GFLOP|MFLOP|FLOP) per step", re.M)
+FLOP_UNITS = {"PFLOP": 1e15, "TFLOP": 1e12, "GFLOP": 1e9, "MFLOP": 1e6, "FLOP": 1.0}
 
 
 def pinned_cores(counts: list[str]) -> dict[int, list[int]]:
@@ -59,6 +63,8 @@ def pinned_cores(counts: list[str]) -> dict[int, list[int]]:
     if not hasattr(os, "sched_setaffinity"):
         raise errors.SetupError("pinning each side to its cores needs Linux (os.sched_setaffinity)")
     available = sorted(os.sched_getaffinity(0))
+    if not counts:
+        raise errors.SetupError("--cores is empty: give one or more core counts, e.g. --cores=1,2")
     cores = {}
     for count in counts:
         if not count.isdigit() or not 1 <= int(count) <= len(available):
@@ -91,10 +97,11 @@ def commands(towers: Path, threads: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float, int]:
-    """The median step time and the parameter count one side prints, run in a process pinned to `cores` and
-    started with this process's environment as it was started (the reference runs as its users start it;
-    `benchmark.py` makes its own malloc restart, and its `--cpu_devices=1` wins over a device count in XLA_FLAGS)."""
+def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float, int, float | None]:
+    """The median step time, the parameter count and the step's analytic FLOPs (only ours prints them) one side
+    prints, run in a process pinned to `cores` and started with this process's environment as it was started (the
+    reference runs as its users start it; `benchmark.py` makes its own malloc restart, and its `--cpu_devices=1`
+    wins over a device count in XLA_FLAGS)."""
     name = "the reference" if side == "reference" else "our"
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -103,11 +110,13 @@ def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float
     except OSError as error:
         raise errors.SetupError(f"{name} step: {command[0]} cannot be run ({error})") from error
     found, parameters = STEP_TIME.search(result.stdout), PARAMETERS.search(result.stdout)
-    if result.returncode or not found or not parameters:
+    flops = STEP_FLOPS.search(result.stdout)
+    if result.returncode or not found or not parameters or (side == "ours" and not flops):
         lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
         raise errors.SetupError(f"{name} step failed (exit {result.returncode}): {lines[-1]}; run it alone to see "
                                 f"why: {' '.join(command)}")  # fmt: skip
-    return float(found.group(1)) / 1e3, int(parameters.group(1))
+    step_flops = float(flops.group(1)) * FLOP_UNITS[flops.group(2)] if flops else None
+    return float(found.group(1)) / 1e3, int(parameters.group(1)), step_flops
 
 
 def same_towers(parameters: dict[str, int]) -> None:
@@ -116,6 +125,16 @@ def same_towers(parameters: dict[str, int]) -> None:
     if parameters["reference"] != parameters["ours"]:
         raise errors.SetupError(f"the two sides built different towers: the reference {parameters['reference']} "
                                 f"parameters, ours {parameters['ours']}")  # fmt: skip
+
+
+def time_pair(towers: Path, round_index: int, count: int, cores: list[int]) -> tuple[dict[str, float], float]:
+    """Both sides' median step times on `cores` (`count` threads), in the order this round takes (it alternates),
+    and the step's analytic FLOPs."""
+    runs = commands(towers, count)
+    order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
+    timed = {side: step_seconds(side, runs[side], cores) for side in order}
+    same_towers({side: parameters for side, (_, parameters, _) in timed.items()})
+    return {side: step for side, (step, _, _) in timed.items()}, timed["ours"][2]
 
 
 def benchmark() -> None:
@@ -129,19 +148,17 @@ def benchmark() -> None:
         towers = write_towers(Path(folder))
         print(f"towers: {FLAGS.model} resized to {FLAGS.layers} layers, width {FLAGS.width}, {FLAGS.heads} heads, "
               f"projection {FLAGS.projection}; batch {FLAGS.batch}; median of {FLAGS.steps} steps after "
-              f"{FLAGS.warmup}\n{'cores':>5s} {'round':>5s} {'reference':>12s} {'ours':>12s} {'ratio':>7s}",
-              flush=True)  # fmt: skip
+              f"{FLAGS.warmup}\n{'cores':>5s} {'round':>5s} {'reference':>12s} {'ours':>12s} {'ratio':>7s} "
+              f"{'GFLOP/s: reference':>19s} {'ours':>6s}", flush=True)  # fmt: skip
         for round_index in range(FLAGS.rounds):
             for count, pinned in cores.items():
-                runs = commands(towers, count)
-                order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
-                timed = {side: step_seconds(side, runs[side], pinned) for side in order}
-                same_towers({side: parameters for side, (_, parameters) in timed.items()})
-                seconds = {side: step for side, (step, _) in timed.items()}
+                seconds, step_flops = time_pair(towers, round_index, count, pinned)
                 ratios[count].append(seconds["reference"] / seconds["ours"])
                 print(f"{count:5d} {round_index + 1:5d} {1e3 * seconds['reference']:9.1f} ms "
-                      f"{1e3 * seconds['ours']:9.1f} ms "
-                      f"{ratios[count][-1]:6.2f}x", flush=True)  # fmt: skip
+                      f"{1e3 * seconds['ours']:9.1f} ms {ratios[count][-1]:6.2f}x "
+                      f"{step_flops / seconds['reference'] / 1e9:19.2f} {step_flops / seconds['ours'] / 1e9:6.2f}",
+                      flush=True)  # fmt: skip
+    print(f"the step: {step_flops / 1e9:.3f} GFLOP (benchmark.py's analytic count: forward x 3, batch {FLAGS.batch})")
     for count, values in ratios.items():
         print(f"{count} core(s): ours at {statistics.median(values):.2f}x the reference's throughput (median of "
               f"{len(values)} rounds; {min(values):.2f}-{max(values):.2f}x)")

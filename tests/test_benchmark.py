@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import glibc_reads_every_tunable
-from synergy_jax import host_memory
+from synergy_jax import flops, host_memory
+from synergy_jax.models import synergy
 
 SCRIPT = Path(__file__).parents[1] / "experiments" / "benchmark.py"
 
@@ -249,10 +250,17 @@ def test_the_side_by_side_runs_both_steps_on_the_same_towers_and_cores(tmp_path)
                              "--steps=2", "--warmup=1", "--rounds=1", f"--cores={','.join(map(str, counts))}"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = re.findall(r"^\s+(\d)\s+1\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)x$", result.stdout, re.M)
+    rows = re.findall(r"^\s+(\d)\s+1\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)$",
+                      result.stdout, re.M)  # fmt: skip
     assert [int(count) for count, *_ in rows] == counts, result.stdout
-    for count, reference, ours, ratio in ((int(c), *map(float, rest)) for c, *rest in rows):
+    config = synergy.resized(synergy.preset_config("tiny"), layers=1, width=48, heads=2, projection=16)
+    gflop = 2 * flops.train_flops_per_sample(config.forward_flops(32), remat=False) / 1e9  # --batch=2
+    assert f"the step: {gflop:.3f} GFLOP (benchmark.py's analytic count" in result.stdout, (gflop, result.stdout)
+    for count, reference, ours, ratio, reference_rate, our_rate in ((int(c), *map(float, rest)) for c, *rest in rows):
         assert reference == 900.0 and 0 < ours < 900 and abs(ratio - reference / ours) <= 0.006 * ratio + 0.005
+        # each side's GFLOP/s: the step's FLOPs over its time (the printed times are rounded to 0.1 ms)
+        assert abs(reference_rate - gflop / 0.9) <= 0.006 + 0.01 * reference_rate, (reference_rate, gflop)
+        assert abs(our_rate - gflop / (ours / 1e3)) <= 0.006 + 0.01 * our_rate, (our_rate, gflop, ours)
         assert re.search(rf"{count} core\(s\): ours at {ratio:.2f}x the reference's throughput \(median of 1 "
                          "rounds", result.stdout), result.stdout  # fmt: skip
     seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
@@ -267,6 +275,7 @@ def test_the_side_by_side_runs_both_steps_on_the_same_towers_and_cores(tmp_path)
 
 def test_the_side_by_side_refuses_bad_input_in_one_line(tmp_path):
     cases = ((["--cores=1,99"], "--cores=1,99: each count must be 1 to"),
+             (["--cores="], "--cores is empty: give one or more core counts"),
              ([f"--reference_python={tmp_path / 'absent'}"], "cannot be run"),
              ([f"--reference_python={_fake_reference_step(tmp_path, 1.0, fail='raise')}"],
               "the reference step failed (exit 1): ModuleNotFoundError: No module named 'torch'; run it alone"),
