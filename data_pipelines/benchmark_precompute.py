@@ -148,9 +148,10 @@ def passes_needed(rows, threads: int, seconds: float) -> int:
     The pass is timed twice unless the first already lasts `seconds`, and the faster counts: the first pays the
     first touches."""
     our_audio_path(rows[0])  # first-call caches (filter bank, FFT plans)
-    one_pass = _timed(_drain, precompute._threaded_map(our_audio_path, rows, threads))
+    timed_pass = lambda: _timed(_drain, precompute._threaded_map(our_audio_path, rows, threads))  # noqa: E731
+    one_pass = timed_pass()
     if one_pass < seconds:
-        one_pass = min(one_pass, _timed(_drain, precompute._threaded_map(our_audio_path, rows, threads)))
+        one_pass = min(one_pass, timed_pass())
     return max(1, math.ceil(seconds / one_pass))
 
 

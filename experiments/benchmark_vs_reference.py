@@ -54,8 +54,6 @@ FLAGS = flags.FLAGS
 
 STEP_TIME = re.compile(r"^step time\s+([\d.]+) ms", re.M)
 PARAMETERS = re.compile(r"^parameters\s+(?:[\d.]+ M\s+\()?(\d+)\)?$", re.M)  # both sides print the exact count
-STEP_FLOPS = re.compile(r"^analytic train FLOPs/device\s+([\d.]+) (PFLOP|TFLOP|GFLOP|MFLOP|FLOP) per step", re.M)
-FLOP_UNITS = {"PFLOP": 1e15, "TFLOP": 1e12, "GFLOP": 1e9, "MFLOP": 1e6, "FLOP": 1.0}
 
 
 def pinned_cores(counts: list[str]) -> dict[int, list[int]]:
@@ -97,11 +95,10 @@ def commands(towers: Path, threads: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float, int, float | None]:
-    """The median step time, the parameter count and the step's analytic FLOPs (only ours prints them) one side
-    prints, run in a process pinned to `cores` and started with this process's environment as it was started (the
-    reference runs as its users start it; `benchmark.py` makes its own malloc restart, and its `--cpu_devices=1`
-    wins over a device count in XLA_FLAGS)."""
+def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float, int]:
+    """The median step time and the parameter count one side prints, run in a process pinned to `cores` and
+    started with this process's environment as it was started (the reference runs as its users start it;
+    `benchmark.py` makes its own malloc restart, and its `--cpu_devices=1` wins over a device count in XLA_FLAGS)."""
     name = "the reference" if side == "reference" else "our"
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -110,13 +107,11 @@ def step_seconds(side: str, command: list[str], cores: list[int]) -> tuple[float
     except OSError as error:
         raise errors.SetupError(f"{name} step: {command[0]} cannot be run ({error})") from error
     found, parameters = STEP_TIME.search(result.stdout), PARAMETERS.search(result.stdout)
-    flops = STEP_FLOPS.search(result.stdout)
-    if result.returncode or not found or not parameters or (side == "ours" and not flops):
+    if result.returncode or not found or not parameters:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
         raise errors.SetupError(f"{name} step failed (exit {result.returncode}): {lines[-1]}; run it alone to see "
                                 f"why: {' '.join(command)}")  # fmt: skip
-    step_flops = float(flops.group(1)) * FLOP_UNITS[flops.group(2)] if flops else None
-    return float(found.group(1)) / 1e3, int(parameters.group(1)), step_flops
+    return float(found.group(1)) / 1e3, int(parameters.group(1))
 
 
 def same_towers(parameters: dict[str, int]) -> None:
@@ -127,14 +122,24 @@ def same_towers(parameters: dict[str, int]) -> None:
                                 f"parameters, ours {parameters['ours']}")  # fmt: skip
 
 
-def time_pair(towers: Path, round_index: int, count: int, cores: list[int]) -> tuple[dict[str, float], float]:
-    """Both sides' median step times on `cores` (`count` threads), in the order this round takes (it alternates),
-    and the step's analytic FLOPs."""
+def time_pair(towers: Path, round_index: int, count: int, cores: list[int]) -> dict[str, float]:
+    """Both sides' median step times on `cores` (`count` threads), in the order this round takes (it alternates)."""
     runs = commands(towers, count)
     order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
     timed = {side: step_seconds(side, runs[side], cores) for side in order}
-    same_towers({side: parameters for side, (_, parameters, _) in timed.items()})
-    return {side: step for side, (step, _, _) in timed.items()}, timed["ours"][2]
+    same_towers({side: parameters for side, (_, parameters) in timed.items()})
+    return {side: step for side, (step, _) in timed.items()}
+
+
+def analytic_step_flops() -> int:
+    """The step's FLOPs as `benchmark.py` counts them (forward x 3, no recomputation) for these towers and
+    batch: the same work on both sides."""
+    from synergy_jax import flops
+    from synergy_jax.models import synergy
+
+    config = synergy.resized(synergy.preset_config(FLAGS.model), FLAGS.layers, FLAGS.width, FLAGS.heads,
+                             FLAGS.projection)  # fmt: skip
+    return FLAGS.batch * flops.train_flops_per_sample(config.forward_flops(), remat=False)
 
 
 def benchmark() -> None:
@@ -144,6 +149,7 @@ def benchmark() -> None:
         raise errors.SetupError(f"--reference_python={FLAGS.reference_python} cannot be run: give the python of a "
                                 "venv with the reference's packages (experiments/torch_reference_step.py)")  # fmt: skip
     ratios: dict[int, list[float]] = {count: [] for count in cores}
+    step_flops = analytic_step_flops()
     with tempfile.TemporaryDirectory(prefix="vs_reference_") as folder:
         towers = write_towers(Path(folder))
         print(f"towers: {FLAGS.model} resized to {FLAGS.layers} layers, width {FLAGS.width}, {FLAGS.heads} heads, "
@@ -152,7 +158,7 @@ def benchmark() -> None:
               f"{'GFLOP/s: reference':>19s} {'ours':>6s}", flush=True)  # fmt: skip
         for round_index in range(FLAGS.rounds):
             for count, pinned in cores.items():
-                seconds, step_flops = time_pair(towers, round_index, count, pinned)
+                seconds = time_pair(towers, round_index, count, pinned)
                 ratios[count].append(seconds["reference"] / seconds["ours"])
                 print(f"{count:5d} {round_index + 1:5d} {1e3 * seconds['reference']:9.1f} ms "
                       f"{1e3 * seconds['ours']:9.1f} ms {ratios[count][-1]:6.2f}x "

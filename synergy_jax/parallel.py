@@ -195,10 +195,11 @@ def initialise(init: Callable, out_shardings: Any, *args: Any) -> Any:
 
     An initialiser draws every parameter with threefry, and XLA:GPU compiles each draw into its own fusions: that
     made the initialiser's compile the bulk of a GPU job's start (docs/performance.md). The kernels compute the
-    same bits (checked there, every value). Only for initialisers: in a train step (dropout) a kernel writes out the bits that XLA otherwise fuses
-    into their use, jax's documented memory cost. The setting is part of jax.jit's cache key, so compiling and
-    calling both happen here. It is the process's while this runs (jax.config has no public per-thread form); the
-    jobs create their state before any other thread compiles. It changes nothing on CPU or TPU."""
+    same bits (checked there, every value). Only for initialisers: in a train step (dropout) a kernel writes out
+    the bits that XLA otherwise fuses into their use, jax's documented memory cost. The setting is part of
+    jax.jit's cache key, so compiling and calling both happen here. It is the process's while this runs (jax.config
+    has no public per-thread form); the jobs create their state before any other thread compiles. It changes
+    nothing on CPU or TPU."""
     previous = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     try:
